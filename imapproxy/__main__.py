@@ -1,0 +1,3 @@
+from imapproxy.cli import main
+
+raise SystemExit(main())

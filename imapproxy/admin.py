@@ -1,0 +1,86 @@
+"""The XPROXY_* administrative commands, before login, with up-imapproxy's exact responses.
+
+Only with ``enable_admin_commands yes`` and only from ``admin_allow`` addresses (loopback by
+default): the commands have no authentication, so the port open to all would be a hole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING
+
+from imapproxy import __version__
+from imapproxy.config import Config
+
+if TYPE_CHECKING:
+    from imapproxy.server import Proxy
+    from imapproxy.session import AdminRequested
+
+
+def allowed(config: Config, address: tuple[object, ...]) -> bool:
+    if not config.enable_admin_commands:
+        return False
+    try:
+        client = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped is not None:
+        client = client.ipv4_mapped
+    return any(client in network for network in config.admin_allow)
+
+
+def execute(proxy: Proxy, request: AdminRequested) -> bytes:
+    handler = _HANDLERS[request.name]
+    return handler(proxy, request.tag, request.argument)
+
+
+def _dumpicc(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+    lines = [
+        b"* XPROXY_DUMPICC %d %s %s\r\n" % (slot.session.sd if slot.session else -1,
+                                            slot.username, slot.state.value.encode())
+        for slot in proxy.cache.in_use()
+    ]  # fmt: skip
+    return b"".join(lines) + tag + b" OK Completed\r\n"
+
+
+def _trace(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+    tracer = proxy.tracer
+    if tracer is None:
+        return tag + b" NO internal server error\r\n"
+    if argument is None:
+        tracer.disable()
+        return tag + b" OK Tracing disabled\r\n"
+    if tracer.user is not None:
+        return tag + b" BAD Tracing already enabled for user " + tracer.user + b"\r\n"
+    tracer.enable(argument)
+    return tag + b" OK Tracing enabled for user " + argument + b".\r\n"
+
+
+def _newlog(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+    if proxy.tracer is None:
+        return tag + b" NO internal server error\r\n"
+    try:
+        proxy.tracer.truncate()
+    except OSError:
+        return tag + b" NO internal server error\r\n"
+    return tag + b" OK Logfile cleared\r\n"
+
+
+def _resetcounters(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+    import time
+
+    proxy.counters.reset(int(time.time()))
+    return tag + b" OK Counters reset\r\n"
+
+
+def _version(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+    return b"* XPROXY_VERSION %s\r\n%s OK Completed\r\n" % (__version__.encode(), tag)
+
+
+_HANDLERS = {
+    b"XPROXY_DUMPICC": _dumpicc,
+    b"XPROXY_TRACE": _trace,
+    b"XPROXY_NEWLOG": _newlog,
+    b"XPROXY_RESETCOUNTERS": _resetcounters,
+    b"XPROXY_VERSION": _version,
+}

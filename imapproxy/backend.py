@@ -1,0 +1,266 @@
+"""Backend connections: reaching the IMAP server and the control-plane talk on a session.
+
+The gevent edge for the backend side. ``Backend`` knows where the server is (``server_hostname``,
+``server_port``, ``ipversion_only``, ``dns_rr``) and how to connect (timeout, ``TCP_NODELAY``,
+``send_tcp_keepalives``); it runs ``backend_login.login_dialogue`` over a new connection.
+``BackendSession`` is one logged-in connection: it is handed to a client (the relay then reads
+its socket directly) or parked in the connection cache, and offers the few commands the proxy
+sends itself: the liveness check before reuse, the return to the authenticated state, LOGOUT.
+
+Every wait is bounded (``server_connect_timeout``, ``server_response_timeout``); every failure
+becomes a ``BackendFailure`` whose kind picks the client's reply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import socket
+
+from imapproxy.backend_login import (
+    READ,
+    START_TLS,
+    BackendPolicy,
+    LoginResult,
+    Send,
+    Steps,
+    greeting,
+    login_dialogue,
+)
+from imapproxy.config import Config
+from imapproxy.credentials import Credentials
+from imapproxy.errors import BackendFailure, BackendProtocolError, FailureKind
+from imapproxy.protocol import capability
+from imapproxy.protocol.framing import NEED_DATA
+from imapproxy.protocol.response import Response, ResponseReader
+
+RECV_BYTES = 65536
+# A cached session gets this long to answer the NOOP before reuse; a healthy backend answers in
+# well under a millisecond, and a client is waiting.
+REUSE_CHECK_TIMEOUT_S = 5.0
+LOGOUT_TIMEOUT_S = 5.0  # how long a LOGOUT to an expiring session may take before we just close
+
+Address = tuple[Any, ...]
+
+
+class BackendSession:
+    """A logged-in connection to the backend."""
+
+    __slots__ = ("sock", "sd", "address", "reader", "login", "username", "created_at",
+                 "capabilities", "selected")  # fmt: skip
+
+    def __init__(self, sock: socket.socket, address: Address, login: LoginResult) -> None:
+        self.sock = sock
+        self.sd = sock.fileno()  # the number up-imapproxy's logs call "sd"
+        self.address = address
+        self.reader = ResponseReader()
+        self.login = login
+        self.username = b""
+        self.created_at = time.monotonic()
+        self.capabilities = login.capabilities
+        self.selected = False  # a mailbox is selected (tracked by the relay)
+
+    def has_capability(self, name: bytes) -> bool | None:
+        """True/False when the post-login capabilities are known, None when they are not."""
+        return capability.has(self.capabilities, name) if self.capabilities else None
+
+    # -- control-plane I/O ----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_response(self) -> Response:
+        while True:
+            response = self.reader.next_response()
+            if response is not NEED_DATA:
+                assert isinstance(response, Response)
+                return response
+            self.reader.receive_data(self.sock.recv(RECV_BYTES))
+
+    def command(self, line: bytes, timeout: float) -> tuple[list[Response], Response]:
+        """Send ``line`` (without tag and CRLF) under a fresh tag; return untagged and tagged."""
+        tag = b"ipx" + secrets.token_hex(4).encode()
+        with _bounded(timeout, "no reply to " + line.split(b" ", 1)[0].decode()):
+            self.send(tag + b" " + line + b"\r\n")
+            untagged = []
+            while (response := self.read_response()).tag != tag:
+                if response.tag == b"*" and response.word == b"BYE":
+                    raise BackendFailure(FailureKind.PROTOCOL, "server said BYE")
+                untagged.append(response)
+            return untagged, response
+
+    def check_alive(self, client_id_args: bytes | None) -> None:
+        """Before reuse: a tagged NOOP (or the client's ID, replayed), untagged replies dropped."""
+        line = b"ID " + client_id_args if client_id_args is not None else b"NOOP"
+        _, done = self.command(line, REUSE_CHECK_TIMEOUT_S)
+        if done.word not in (b"OK", b"NO") or (client_id_args is None and done.word != b"OK"):
+            raise BackendFailure(FailureKind.PROTOCOL, "liveness check failed")
+
+    def leave_mailbox(self, timeout: float) -> list[Response]:
+        """Back to the authenticated state: UNSELECT (RFC 3691), else EXAMINE of no mailbox."""
+        if self.has_capability(b"UNSELECT") is not False:
+            untagged, done = self.command(b"UNSELECT", timeout)
+            if done.word == b"OK":
+                self.selected = False
+                return untagged
+        untagged, done = self.command(b'EXAMINE ""', timeout)
+        self.selected = False  # a failed EXAMINE leaves no mailbox selected (RFC 9051 §6.3.2)
+        return untagged
+
+    def logout(self) -> None:
+        """LOGOUT and close, within ``LOGOUT_TIMEOUT_S``; errors only mean it was already gone."""
+        try:
+            self.command(b"LOGOUT", LOGOUT_TIMEOUT_S)
+        except (OSError, BackendFailure, BackendProtocolError):
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _bounded(gevent.Timeout):
+    """A deadline for one backend exchange that ends as ``BackendFailure(TIMEOUT)``."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        super().__init__(seconds)
+        self.what = what
+
+    def __exit__(self, typ: Any, value: Any, tb: Any) -> bool:
+        self.close()
+        if value is self:
+            raise BackendFailure(FailureKind.TIMEOUT, self.what) from None
+        if isinstance(value, BackendProtocolError):
+            raise BackendFailure(FailureKind.PROTOCOL, str(value)) from None
+        if isinstance(value, OSError):
+            raise BackendFailure(FailureKind.CONNECT, f"connection lost: {value}") from None
+        return False
+
+
+class Backend:
+    """The IMAP server behind the proxy."""
+
+    def __init__(
+        self,
+        config: Config,
+        policy: BackendPolicy,
+        tls_wrap: Callable[[socket.socket], socket.socket] | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.tls_wrap = tls_wrap
+        self.addresses: list[Address] = []
+        self._rotation = itertools.count()
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.server_hostname}:{self.config.server_port}"
+
+    def resolve(self) -> list[Address]:
+        family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(self.config.ipversion_only or 0,
+                                                            socket.AF_UNSPEC)  # fmt: skip
+        try:
+            infos = socket.getaddrinfo(self.config.server_hostname, self.config.server_port,
+                                       family, socket.SOCK_STREAM)  # fmt: skip
+        except OSError as error:
+            raise BackendFailure(FailureKind.CONNECT, f"cannot resolve {self.name}: {error}") from None
+        self.addresses = [info[4] for info in infos]
+        return self.addresses
+
+    def _ordered_addresses(self) -> list[Address]:
+        """All addresses to try, starting at the next one in turn when ``dns_rr`` is on."""
+        addresses = self.addresses or self.resolve()
+        if not self.config.dns_rr or len(addresses) < 2:
+            return addresses
+        start = next(self._rotation) % len(addresses)
+        return addresses[start:] + addresses[:start]
+
+    def connect(self) -> tuple[socket.socket, Address]:
+        """A TCP connection to the first address that answers (each tried once)."""
+        last_error: OSError | None = None
+        for address in self._ordered_addresses():
+            try:
+                return self._connect_to(address), address
+            except OSError as error:
+                last_error = error
+        self.addresses = []  # resolve again next time: the names may have moved
+        raise BackendFailure(FailureKind.CONNECT, f"cannot connect to {self.name}: {last_error}")
+
+    def _connect_to(self, address: Address) -> socket.socket:
+        family = socket.AF_INET6 if len(address) == 4 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.config.server_connect_timeout)
+            sock.connect(address)
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.config.send_tcp_keepalives:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def open_session(
+        self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None
+    ) -> BackendSession:
+        """Connect and log in; the session's ``login`` holds what the backend said."""
+        sock, address = self.connect()
+        reader = ResponseReader()
+        try:
+            with _bounded(self.config.server_response_timeout, "login took too long"):
+                sock, result = self._run(login_dialogue(credentials, self.policy, client_id),
+                                         sock, reader)  # fmt: skip
+        except BaseException:
+            sock.close()
+            raise
+        session = BackendSession(sock, address, result)
+        session.reader = reader  # anything the backend sent after its login reply
+        session.username = credentials.username
+        return session
+
+    def probe(self) -> LoginResult:
+        """Connect, read greeting and capabilities, LOGOUT (start-up and health checks)."""
+        def dialogue() -> Steps[LoginResult]:
+            text, caps = yield from greeting(self.policy)
+            yield Send(b"Z0001 LOGOUT\r\n")
+            return LoginResult(text, caps, b"", (), ())
+
+        sock, _ = self.connect()
+        try:
+            with _bounded(self.config.server_response_timeout, "no greeting"):
+                return self._run(dialogue(), sock, ResponseReader())[1]
+        finally:
+            sock.close()
+
+    def _run(self, dialogue: Steps[LoginResult], sock: socket.socket,
+             reader: ResponseReader) -> tuple[socket.socket, LoginResult]:  # fmt: skip
+        """Drive a sans-I/O dialogue over ``sock`` (which STARTTLS may replace)."""
+        value: Response | None = None
+        try:
+            while True:
+                step = dialogue.send(value)
+                value = None
+                if step is READ:
+                    while (response := reader.next_response()) is NEED_DATA:
+                        reader.receive_data(sock.recv(RECV_BYTES))
+                    value = response  # type: ignore[assignment]
+                elif isinstance(step, Send):
+                    sock.sendall(step.data)
+                elif step is START_TLS:
+                    sock = self._start_tls(sock, reader)
+        except StopIteration as done:
+            return sock, done.value
+
+    def _start_tls(self, sock: socket.socket, reader: ResponseReader) -> socket.socket:
+        if reader.take_buffered():  # RFC 9051 §6.2.1: nothing may follow the STARTTLS reply
+            raise BackendFailure(FailureKind.TLS, "data after STARTTLS reply")
+        if self.tls_wrap is None:
+            raise BackendFailure(FailureKind.TLS, "TLS is not configured")
+        return self.tls_wrap(sock)

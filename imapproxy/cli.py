@@ -1,0 +1,208 @@
+"""The ``in.imapproxyd`` / ``imapproxyd`` command: options, start-up, signals, exit codes.
+
+Options as up-imapproxy's (``-f CONFIG``, ``-p PIDFILE``, ``-h``) plus ``--foreground`` and
+``--check-config``. Exit status: 0 after a clean stop, 78 (``EX_CONFIG``) for a configuration
+error, 69 (``EX_UNAVAILABLE``) when the IMAP server cannot be reached at start-up after
+``connect_retries`` rounds ``connect_delay`` seconds apart, 71 (``EX_OSERR``) when a listening
+socket, the statistics file or the trace file cannot be set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import gevent
+from gevent import socket
+from gevent.event import Event
+
+from imapproxy import __version__, config as config_module, log
+from imapproxy.backend import Backend
+from imapproxy.backend_login import BackendPolicy, LoginResult
+from imapproxy.config import Config
+from imapproxy.errors import BackendFailure, ConfigError
+from imapproxy.server import Proxy
+from imapproxy.stats import Counters, create_file
+from imapproxy.trace import Tracer
+
+LOGGER = logging.getLogger("imapproxy")
+
+EX_UNAVAILABLE = 69
+EX_OSERR = 71
+SHUTDOWN_GRACE_S = 10.0  # active clients get this long to finish on SIGTERM
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="in.imapproxyd",
+        description="imapproxy: a connection-caching IMAP proxy (drop-in for up-imapproxy)",
+    )
+    parser.add_argument("-f", dest="config", default=config_module.DEFAULT_CONFIG_PATH,
+                        metavar="CONFIG", help="configuration file (default: %(default)s)")  # fmt: skip
+    parser.add_argument("-p", dest="pidfile", metavar="PIDFILE", help="write the process id here")
+    parser.add_argument("--foreground", action="store_true",
+                        help="stay attached and log to stderr (overrides foreground_mode)")  # fmt: skip
+    parser.add_argument("--check-config", action="store_true",
+                        help="print the effective settings and exit (0, or 78 on an error)")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"imapproxy {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = config_module.load(args.config)
+    except ConfigError as error:
+        print(f"in.imapproxyd: {error}", file=sys.stderr)
+        return config_module.EX_CONFIG
+    if args.check_config:
+        sys.stdout.write(config_module.describe(config))
+        return 0
+    foreground = args.foreground or config.foreground_mode
+    log.setup(config, foreground=foreground)
+    try:
+        return run(config, args.pidfile)
+    except StartupError as error:
+        LOGGER.error("%s", error)
+        if not foreground:
+            print(f"in.imapproxyd: {error}", file=sys.stderr)
+        return error.status
+
+
+def backend_policy(config: Config) -> BackendPolicy:
+    static = None
+    if config.auth_sasl_plain_username and config.auth_sasl_plain_password:
+        static = (config.auth_sasl_plain_username.encode(), config.auth_sasl_plain_password.encode())
+    return BackendPolicy(
+        force_tls=config.force_tls,
+        preauth_command=config.preauth_command.encode() if config.preauth_command else None,
+        sasl_plain=config.auth_sasl_mech == "plain",
+        static_identity=static,
+    )
+
+
+def wait_for_backend(backend: Backend, config: Config) -> LoginResult:
+    """Start-up: try the server for ``connect_retries`` more rounds, ``connect_delay`` apart."""
+    for attempt in range(config.connect_retries + 1):
+        try:
+            backend.resolve()
+            return backend.probe()
+        except BackendFailure as error:
+            LOGGER.warning("IMAP server %s not usable (attempt %d of %d): %s", backend.name,
+                           attempt + 1, config.connect_retries + 1, error.detail)  # fmt: skip
+            if attempt < config.connect_retries:
+                gevent.sleep(config.connect_delay)
+    raise StartupError(f"giving up: IMAP server {backend.name} is unreachable", EX_UNAVAILABLE)
+
+
+def bind_listeners(config: Config) -> list[socket.socket]:
+    hosts: Sequence[str | None] = config.listen_address or (None,)
+    listeners = []
+    for host in hosts:
+        for family, address in _listen_addresses(host, config.listen_port):
+            listeners.append(_listen(family, address, config, dual_stack=host is None))
+    return listeners
+
+
+def _listen_addresses(host: str | None, port: int) -> list[tuple[int, tuple[object, ...]]]:
+    if host is None:  # all addresses: one dual-stack socket where IPv6 exists (RFC 3493 §5.3)
+        if socket.has_ipv6:
+            return [(socket.AF_INET6, ("::", port))]
+        return [(socket.AF_INET, ("0.0.0.0", port))]
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)  # fmt: skip
+    except OSError as error:
+        raise StartupError(f"listen_address {host}: {error}", EX_OSERR) from None
+    unique = dict.fromkeys((info[0], info[4][:2]) for info in infos)
+    return list(unique)
+
+
+def _listen(family: int, address: tuple[object, ...], config: Config, *, dual_stack: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        if config.send_tcp_keepalives:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # accepted sockets inherit it
+        sock.bind(address)
+        sock.listen(config.listen_backlog)
+    except OSError as error:
+        sock.close()
+        raise StartupError(f"cannot listen on {address[0]} port {address[1]}: {error.strerror}",
+                           EX_OSERR) from None  # fmt: skip
+    return sock
+
+
+def open_counters(config: Config) -> Counters:
+    if not config.stat_filename:
+        return Counters.in_memory()
+    try:
+        return create_file(config.stat_filename)
+    except OSError as error:
+        raise StartupError(f"cannot create stat_filename {config.stat_filename}: {error.strerror}",
+                           EX_OSERR) from None  # fmt: skip
+
+
+def open_tracer(config: Config) -> Tracer | None:
+    if not config.protocol_log_filename:
+        return None
+    try:
+        return Tracer(config.protocol_log_filename)
+    except OSError as error:
+        raise StartupError(f"cannot open protocol_log_filename {config.protocol_log_filename}: "
+                           f"{error.strerror}", EX_OSERR) from None  # fmt: skip
+
+
+def write_pidfile(path: str) -> None:
+    try:
+        with open(path, "w", encoding="ascii") as file:
+            file.write(f"{os.getpid()}\n")
+    except OSError as error:
+        raise StartupError(f"cannot write pid file {path}: {error.strerror}", EX_OSERR) from None
+
+
+def run(config: Config, pidfile: str | None) -> int:
+    LOGGER.info("imapproxy %s starting; SELECT caching %s, admin commands %s", __version__,
+                "enabled" if config.enable_select_cache else "disabled",
+                "enabled" if config.enable_admin_commands else "disabled")  # fmt: skip
+    counters = open_counters(config)
+    backend = Backend(config, backend_policy(config))
+    first_contact = wait_for_backend(backend, config)
+    listeners = bind_listeners(config)
+    proxy = Proxy(config, backend, counters)
+    proxy.tracer = open_tracer(config)
+    proxy.refresh(first_contact)
+    if pidfile:
+        write_pidfile(pidfile)
+    stop = Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, stop.set)
+    proxy.start(listeners)
+    names = ", ".join(f"{s.getsockname()[0]} port {s.getsockname()[1]}" for s in listeners)
+    LOGGER.info("normal server startup: listening on %s, proxying to %s", names, backend.name)
+    stop.wait()
+    LOGGER.info("shutting down: logging out cached sessions")
+    proxy.stop(SHUTDOWN_GRACE_S)
+    if pidfile:
+        _remove(pidfile)
+    LOGGER.info("stopped")
+    return 0
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

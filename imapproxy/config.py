@@ -1,0 +1,268 @@
+"""The configuration: up-imapproxy's ``imapproxy.conf``, same keys, same meaning, checked strictly.
+
+One declarative table: every setting is a field of ``Config`` whose metadata holds its
+parser, its file key (attribute names keep up-imapproxy's key names verbatim, except that the
+dot of ``tls_no_tlsv1.1`` becomes ``_``) and a one-line description. Defaults are the documented
+ones (up-imapproxy's shipped ``imapproxy.conf`` and README), not its accidental zeros.
+
+File syntax, as up-imapproxy reads it: one ``keyword value`` per line, keyword case-insensitive,
+``#`` starts a comment anywhere on a line (so no value can contain ``#``), key and value
+separated by spaces or tabs, the value being the rest of the line. Unlike up-imapproxy, an
+unknown key, a malformed number or an impossible value is an error naming file and line
+(``ConfigError``), and the program exits with status 78 (``EX_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from imapproxy.errors import ConfigError
+
+EX_CONFIG = 78  # sysexits.h
+
+DEFAULT_CONFIG_PATH = "/etc/imapproxy.conf"
+
+Parser = Callable[[str], Any]
+
+
+def _quoted(value: str) -> str:
+    return '"' + value + '"'
+
+
+def string(value: str) -> str | None:
+    return value or None
+
+
+def boolean(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("yes", "true", "y"):
+        return True
+    if lowered in ("no", "false", "n"):
+        return False
+    raise ValueError(f"expected yes or no, got {_quoted(value)}")
+
+
+def _integer(value: str, minimum: int, what: str) -> int:
+    try:
+        number = int(value, 10)
+    except ValueError:
+        raise ValueError(f"expected {what}, got {_quoted(value)}") from None
+    if number < minimum:
+        raise ValueError(f"expected {what}, got {_quoted(value)}")
+    return number
+
+
+def positive_int(value: str) -> int:
+    return _integer(value, 1, "a positive integer")
+
+
+def non_negative_int(value: str) -> int:
+    return _integer(value, 0, "a non-negative integer")
+
+
+def port(value: str) -> int:
+    """A TCP port number, or a service name from /etc/services as getaddrinfo takes."""
+    if not value.isdigit():
+        try:
+            return socket.getservbyname(value, "tcp")
+        except OSError:
+            raise ValueError(f"expected a port number or service name, got {_quoted(value)}") from None
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise ValueError(f"expected a port number from 1 to 65535, got {_quoted(value)}")
+    return number
+
+
+SYSLOG_FACILITIES = tuple(
+    ["LOG_USER", "LOG_MAIL", "LOG_DAEMON", "LOG_AUTH", "LOG_LPR", "LOG_NEWS", "LOG_UUCP"]
+    + ["LOG_CRON", "LOG_AUTHPRIV", "LOG_SYSLOG", "LOG_FTP"]
+    + [f"LOG_LOCAL{n}" for n in range(8)]
+)
+SYSLOG_PRIORITIES = (
+    "LOG_EMERG", "LOG_ALERT", "LOG_CRIT", "LOG_ERR", "LOG_WARNING", "LOG_NOTICE", "LOG_INFO",
+    "LOG_DEBUG",
+)  # fmt: skip
+
+
+def _one_of(choices: tuple[str, ...], what: str) -> Parser:
+    def parse(value: str) -> str:
+        if value.upper() in choices:
+            return value.upper()
+        raise ValueError(f"expected {what} ({', '.join(choices)}), got {_quoted(value)}")
+
+    return parse
+
+
+syslog_facility = _one_of(SYSLOG_FACILITIES, "a syslog facility")
+syslog_priority = _one_of(SYSLOG_PRIORITIES, "a syslog priority")
+
+
+def ip_version(value: str) -> int:
+    if value in ("4", "6"):
+        return int(value)
+    raise ValueError(f'expected 4 or 6, got {_quoted(value)}')
+
+
+def sasl_mech(value: str) -> str:
+    if value.lower() in ("plain", "login"):
+        return value.lower()
+    raise ValueError(f'expected "plain" or "login", got {_quoted(value)}')
+
+
+def host_list(value: str) -> tuple[str, ...]:
+    return tuple(value.split())
+
+
+def network_list(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in value.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"expected addresses or networks, got {_quoted(item)}") from None
+    return tuple(networks)
+
+
+def setting(default: Any, parse: Parser, doc: str, *, key: str | None = None) -> Any:
+    """A ``Config`` field: its default, parser, description and (if not its name) file key."""
+    return field(default=default, metadata={"parse": parse, "doc": doc, "key": key})
+
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Effective settings. Field order is the order of ``--check-config`` output."""
+
+    # -- up-imapproxy 1.2.8 keys ----------------------------------------------------------------
+    server_hostname: str | None = setting(None, string, "IMAP server to proxy to (required)")
+    server_port: int = setting(143, port, "its port")
+    listen_address: tuple[str, ...] = setting((), host_list, "addresses to listen on (all if unset)")
+    listen_port: int = setting(143, port, "port to listen on")
+    connect_retries: int = setting(10, non_negative_int, "start-up: extra rounds of connect tries")
+    connect_delay: int = setting(5, non_negative_int, "start-up: seconds between rounds")
+    cache_size: int = setting(3072, positive_int, "backend sessions, active plus cached")
+    cache_expiration_time: int = setting(300, non_negative_int, "seconds a logged-out session is kept")
+    proc_username: str | None = setting(None, string, "user to run as")
+    proc_groupname: str | None = setting(None, string, "group to run as")
+    stat_filename: str = setting("/var/run/pimpstats", string, "mmap'd statistics file")
+    protocol_log_filename: str = setting(
+        "/var/log/imapproxy_protocol.log", string, "protocol trace file (XPROXY_TRACE)"
+    )
+    syslog_facility: str = setting("LOG_MAIL", syslog_facility, "syslog facility")
+    syslog_prioritymask: str | None = setting(None, syslog_priority, "log up to this priority")
+    send_tcp_keepalives: bool = setting(False, boolean, "SO_KEEPALIVE on all sockets")
+    enable_select_cache: bool = setting(False, boolean, "answer repeated SELECTs from a cache")
+    foreground_mode: bool = setting(False, boolean, "do not detach")
+    force_tls: bool = setting(False, boolean, "always STARTTLS to the backend")
+    chroot_directory: str | None = setting(None, string, "chroot here after start-up")
+    preauth_command: str | None = setting(None, string, "command sent before each backend login")
+    enable_admin_commands: bool = setting(False, boolean, "allow the XPROXY_* commands")
+    tls_ca_file: str | None = setting(None, string, "CA certificates to verify the backend")
+    tls_ca_path: str | None = setting(None, string, "CA directory (hashed names)")
+    tls_cert_file: str | None = setting(None, string, "client certificate for the backend")
+    tls_key_file: str | None = setting(None, string, "its key (default: the certificate file)")
+    tls_verify_server: bool = setting(False, boolean, "verify the backend's certificate and name")
+    tls_ciphers: str | None = setting(None, string, "OpenSSL cipher list towards the backend")
+    tls_no_tlsv1: bool = setting(False, boolean, "refuse TLS 1.0 to the backend")
+    tls_no_tlsv1_1: bool = setting(False, boolean, "refuse TLS 1.1", key="tls_no_tlsv1.1")
+    tls_no_tlsv1_2: bool = setting(False, boolean, "refuse TLS 1.2", key="tls_no_tlsv1.2")
+    auth_sasl_plain_username: str | None = setting(None, string, "static SASL identity: user")
+    auth_sasl_plain_password: str | None = setting(None, string, "static SASL identity: password")
+    auth_shared_secret: str | None = setting(None, string, "password clients give in that mode")
+    auth_sasl_mech: str | None = setting(None, sasl_mech, '"plain": AUTHENTICATE PLAIN to backend')
+    dns_rr: bool = setting(False, boolean, "rotate through the backend's addresses")
+    ipversion_only: int | None = setting(None, ip_version, "4 or 6: backend address family")
+
+    # -- keys imapproxy adds --------------------------------------------------------------------
+    listen_backlog: int = setting(1024, positive_int, "listen queue length (up-imapproxy: 5)")
+    client_login_timeout: int = setting(60, positive_int, "seconds a client has to log in")
+    client_idle_timeout: int = setting(1800, positive_int, "seconds of client silence after login")
+    server_connect_timeout: int = setting(10, positive_int, "seconds to connect to the backend")
+    server_response_timeout: int = setting(30, positive_int, "seconds to wait for a backend reply")
+    admin_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may use XPROXY_* commands")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+SECRET_KEYS = frozenset({"auth_sasl_plain_password", "auth_shared_secret"})
+
+
+def file_key(spec: dataclasses.Field[Any]) -> str:
+    return spec.metadata["key"] or spec.name
+
+
+SETTINGS: dict[str, dataclasses.Field[Any]] = {file_key(f): f for f in dataclasses.fields(Config)}
+
+
+def parse_lines(lines: Iterator[str], path: str) -> Config:
+    """Build a ``Config`` from the lines of a file; raise ``ConfigError`` on the first problem."""
+    values: dict[str, Any] = {}
+    for lineno, raw in enumerate(lines, start=1):
+        text = raw.split("#", 1)[0].strip()
+        if not text:
+            continue
+        parts = text.split(None, 1)
+        key = parts[0].lower()
+        spec = SETTINGS.get(key)
+        if spec is None:
+            raise ConfigError(path, lineno, parts[0], "unknown key")
+        try:
+            values[spec.name] = spec.metadata["parse"](parts[1] if len(parts) > 1 else "")
+        except ValueError as error:
+            raise ConfigError(path, lineno, key, str(error)) from None
+    config = Config(**values)
+    check(config, path)
+    return config
+
+
+def check(config: Config, path: str) -> None:
+    """Rules across keys."""
+    if not config.server_hostname:
+        raise ConfigError(path, None, "server_hostname", "required, but not set")
+    static = [config.auth_sasl_plain_username, config.auth_sasl_plain_password,
+              config.auth_shared_secret]  # fmt: skip
+    if any(static) and not all(static):
+        raise ConfigError(
+            path, None, "auth_sasl_plain_username",
+            "auth_sasl_plain_username, auth_sasl_plain_password and auth_shared_secret "
+            "must be set together",
+        )  # fmt: skip
+    if config.tls_key_file and not config.tls_cert_file:
+        raise ConfigError(path, None, "tls_key_file", "set, but tls_cert_file is not")
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as file:
+            return parse_lines(iter(file), path)
+    except OSError as error:
+        raise ConfigError(path, None, None, f"cannot read: {error.strerror}") from None
+
+
+def describe(config: Config) -> str:
+    """``key value`` lines of every effective setting, secrets masked (``--check-config``)."""
+    lines = []
+    for key, spec in SETTINGS.items():
+        value = getattr(config, spec.name)
+        lines.append(f"{key} {_format(value, masked=key in SECRET_KEYS)}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _format(value: Any, *, masked: bool) -> str:
+    if value is None or value == ():
+        return "(unset)"
+    if masked:
+        return "********"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return " ".join(str(item) for item in value)
+    return str(value)

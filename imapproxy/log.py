@@ -1,0 +1,74 @@
+"""Logging: syslog as up-imapproxy does it, or stderr in the foreground.
+
+The logger is ``imapproxy``. With syslog, the ident is ``in.imapproxyd`` with the pid (as
+up-imapproxy: ``openlog(PGM, LOG_PID, facility)``), the facility is ``syslog_facility`` and
+``syslog_prioritymask LOG_X`` keeps priorities up to X. In the foreground the same mask applies
+to stderr. Messages never carry passwords: callers log user names and fixed texts only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import syslog
+from typing import TextIO
+
+from imapproxy.config import Config
+
+LOGGER = logging.getLogger("imapproxy")
+SYSLOG_IDENT = "in.imapproxyd"
+NOTICE = 25
+logging.addLevelName(NOTICE, "NOTICE")
+
+# syslog priority -> the lowest logging level still shown under LOG_UPTO(priority)
+_MASK_LEVEL = {
+    "LOG_EMERG": logging.CRITICAL, "LOG_ALERT": logging.CRITICAL, "LOG_CRIT": logging.CRITICAL,
+    "LOG_ERR": logging.ERROR, "LOG_WARNING": logging.WARNING, "LOG_NOTICE": NOTICE,
+    "LOG_INFO": logging.INFO, "LOG_DEBUG": logging.DEBUG,
+}  # fmt: skip
+
+
+def _syslog_priority(level: int) -> int:
+    if level >= logging.CRITICAL:
+        return syslog.LOG_CRIT
+    if level >= logging.ERROR:
+        return syslog.LOG_ERR
+    if level >= logging.WARNING:
+        return syslog.LOG_WARNING
+    if level >= NOTICE:
+        return syslog.LOG_NOTICE
+    return syslog.LOG_INFO if level >= logging.INFO else syslog.LOG_DEBUG
+
+
+class SyslogHandler(logging.Handler):
+    """Through libc's syslog(3), like up-imapproxy (no socket handling of our own)."""
+
+    def __init__(self, facility: str) -> None:
+        super().__init__()
+        syslog.openlog(SYSLOG_IDENT, syslog.LOG_PID | syslog.LOG_NDELAY, getattr(syslog, facility))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            syslog.syslog(_syslog_priority(record.levelno), self.format(record))
+        except Exception:  # a logging failure must never take a client down
+            self.handleError(record)
+
+
+def setup(config: Config, *, foreground: bool, stream: TextIO | None = None) -> None:
+    """Route the ``imapproxy`` logger to syslog, or to ``stream`` (stderr) in the foreground."""
+    for handler in list(LOGGER.handlers):
+        LOGGER.removeHandler(handler)
+        handler.close()
+    handler: logging.Handler
+    if foreground:
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s {SYSLOG_IDENT}[{os.getpid()}]: %(message)s", "%Y-%m-%d %H:%M:%S"
+        ))  # fmt: skip
+    else:
+        handler = SyslogHandler(config.syslog_facility)
+    LOGGER.addHandler(handler)
+    LOGGER.propagate = False
+    mask = config.syslog_prioritymask
+    LOGGER.setLevel(_MASK_LEVEL[mask] if mask else logging.DEBUG)

@@ -1,0 +1,1 @@
+"""The sans-I/O IMAP protocol layer: no sockets, no clocks, no gevent."""

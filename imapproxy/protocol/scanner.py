@@ -1,0 +1,113 @@
+"""Finding tagged completions and continuation requests in the relayed backend stream.
+
+Sans-I/O, and the only parsing on the post-login data plane, so it is built for speed: one
+compiled regex finds the two things that matter, and everything else (untagged lines, literal
+contents) is skipped in C. Work in Python is per literal and per tagged line, never per byte.
+
+* A literal announcement (``{n}`` / ``{n+}`` / ``~{n}`` ending a line): its n bytes are skipped
+  by count, so message content can never be mistaken for protocol (a message containing
+  ``\\r\\nA1 OK`` stays data).
+* A line that starts with something other than ``*`` (RFC 9051 §2.2.2: ``+`` is a continuation
+  request, anything else begins with a tag): reported as an event.
+
+The caller owns the buffer (``recv_into``): ``scan(buf, end)`` looks at ``buf[:end]``, whose
+first ``carry`` bytes were kept from the previous call (already reported and forwarded), and
+returns how many trailing bytes to keep in front of the next read, so that a marker split
+between two reads is still seen. The very first buffer starts with a fake ``\\r\\n`` carry
+(``INITIAL_CARRY``) so that a tagged line at stream start is found like any other.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+INITIAL_CARRY: Final = b"\r\n"
+
+# The longest marker is "{4294967295+}\r\n" (15 bytes); a "\r\n" + first byte needs 3.
+CARRY_BYTES: Final = 32
+
+# A tagged line must show "tag SP word" within this many bytes; longer is not IMAP from a
+# server we can follow (tags are bounded by the client framer's line limit anyway).
+MAX_TAGGED_PREFIX_BYTES: Final = 1024
+
+_EVENT = re.compile(rb"\{([0-9]{1,10})\+?\}\r\n|\r\n[^*]")
+_CR, _LF, _PLUS, _SP = 13, 10, 43, 32
+
+CONTINUATION: Final = b"+"
+
+
+class ResponseScanner:
+    """Tracks literal boundaries and reports ``(tag, word)`` for tagged and ``+`` lines.
+
+    After each ``scan``, ``events`` holds ``(tag, WORD)`` pairs in stream order (``(b"+", b"")``
+    for a continuation request); the caller clears it. ``at_boundary`` is True when the bytes
+    seen so far end exactly at the end of a response line. ``broken`` is set, for good, when
+    the stream stops looking like IMAP: such a session must never be cached.
+    """
+
+    __slots__ = ("events", "literal_remaining", "at_boundary", "broken")
+
+    def __init__(self) -> None:
+        self.events: list[tuple[bytes, bytes]] = []
+        self.literal_remaining = 0
+        self.at_boundary = True
+        self.broken = False
+
+    def scan(self, buf: bytearray, end: int) -> int:
+        """Scan ``buf[:end]``; return the number of trailing bytes to carry into the next call."""
+        pos = resume = 0
+        if self.literal_remaining:
+            if self.literal_remaining >= end:
+                self.literal_remaining -= end
+                self.at_boundary = False
+                return 0
+            pos = resume = self.literal_remaining
+            self.literal_remaining = 0
+        search = _EVENT.search
+        while (match := search(buf, pos, end)) is not None:
+            size = match.group(1)
+            if size is not None:
+                pos = resume = match.end() + int(size)
+                if pos > end:
+                    self.literal_remaining = pos - end
+                    self.at_boundary = False
+                    return 0
+                continue
+            line = match.start() + 2
+            if buf[line] == _PLUS:
+                self.events.append((CONTINUATION, b""))
+                pos = line
+                continue
+            word_end = self._tagged_line(buf, line, end)
+            if word_end < 0:  # "tag SP word" not complete yet: keep the line start
+                self.at_boundary = False
+                return end - match.start()
+            pos = word_end
+        self.at_boundary = end - 2 >= resume and buf[end - 2] == _CR and buf[end - 1] == _LF
+        return min(end - pos, CARRY_BYTES)
+
+    def _tagged_line(self, buf: bytearray, line: int, end: int) -> int:
+        """Record the tagged line starting at ``line``; return where its word ends, or -1."""
+        limit = min(end, line + MAX_TAGGED_PREFIX_BYTES)
+        tag_end = buf.find(b" ", line, limit)
+        word_end = -1 if tag_end < 0 else _word_end(buf, tag_end + 1, limit)
+        if word_end < 0:
+            if limit == end:
+                return -1
+            self.broken = True  # no "tag SP word" where one must be
+            return line
+        tag = bytes(buf[line:tag_end])
+        if not tag or _CR in tag or _LF in tag:
+            self.broken = True
+            return line
+        self.events.append((tag, bytes(buf[tag_end + 1 : word_end]).upper()))
+        return word_end
+
+
+def _word_end(buf: bytearray, start: int, limit: int) -> int:
+    """End of the word at ``start`` (at SP or CR), or -1 if it may go on past ``limit``."""
+    for pos in range(start, limit):
+        if buf[pos] in (_SP, _CR):
+            return pos
+    return -1

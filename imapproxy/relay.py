@@ -1,0 +1,439 @@
+"""After login: relaying one client's session to its backend session, and ending it cleanly.
+
+Two greenlets share a ``Relay``:
+
+* the *pump* (spawned) copies backend bytes to the client: ``recv_into`` one buffer, scan it
+  with ``ResponseScanner`` (tagged completions, ``+`` lines, literal lengths; no per-line work),
+  ``sendall`` the same memory. That is the whole data plane.
+* the *client side* (the connection's own greenlet) frames the client's commands
+  (``CommandFramer``), notes each tag as outstanding and forwards the bytes, one ``sendall``
+  per read. It intercepts ``LOGOUT`` and refuses ``COMPRESS``.
+
+The relay ends in one of two ways. ``Outcome.REUSABLE``: the backend session is idle and in sync
+(no command outstanding, at a response boundary, pump stopped while parked in ``recv``), and in
+the authenticated state unless the SELECT cache is on, so it can go back to the cache. Or
+``Outcome.CLOSED``: it cannot be trusted (client vanished mid-literal, protocol desync, timeout,
+backend gone) and must be closed. A session is never cached with replies still in flight: when
+a client vanishes mid-command, outstanding commands are completed first (IDLE gets ``DONE``,
+AUTHENTICATE ``*``) and their replies drained, within ``DRAIN_MAX_BYTES`` and the response
+timeout.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import socket
+from gevent.event import Event
+
+from imapproxy.backend import BackendSession
+from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
+from imapproxy.protocol.framing import (
+    AWAIT_CONTINUATION,
+    NEED_DATA,
+    ClientClosed,
+    CommandFramer,
+    Line,
+    LineTooLong,
+    LiteralData,
+)
+from imapproxy.protocol.grammar import split_command_line
+from imapproxy.protocol.scanner import (
+    CONTINUATION,
+    INITIAL_CARRY,
+    MAX_TAGGED_PREFIX_BYTES,
+    ResponseScanner,
+)
+
+LOGGER = logging.getLogger("imapproxy")
+
+# Dovecot's imap_max_line_length default (64 KiB): after login, longer client lines are refused.
+POSTLOGIN_MAX_LINE_BYTES = 65536
+PUMP_MIN_BYTES = 16384  # the pump's first buffer; small, because most sessions are webmail pages
+PUMP_MAX_BYTES = 262144  # it doubles up to this while reads keep filling it (bulk FETCH)
+CLIENT_RECV_BYTES = 65536
+# A client that vanishes mid-FETCH leaves the rest of the reply to drain before the session can
+# be reused; beyond this much it is cheaper to drop the session (a new login costs ~1.5 ms).
+DRAIN_MAX_BYTES = 16 << 20
+
+LOGOUT_REPLY = b"* BYE LOGOUT received\r\n%s OK Completed\r\n"  # up-imapproxy's texts
+COMPRESS_REFUSAL = b"%s NO [CANNOT] COMPRESS is not available through imapproxy\r\n"
+IDLE_TIMEOUT_BYE = b"* BYE Autologout; idle for too long\r\n"
+
+
+class Outcome(enum.Enum):
+    REUSABLE = "reusable"  # idle, in sync: may be cached
+    CLOSED = "closed"  # must be closed
+
+
+class _Desync(Exception):
+    """The session can no longer be trusted to be in sync."""
+
+
+class Relay:
+    """One client's logged-in session."""
+
+    def __init__(
+        self,
+        client: socket.socket,
+        session: BackendSession,
+        framer: CommandFramer,
+        *,
+        response_timeout: float,
+        idle_timeout: float,
+        keep_selected: bool,
+        trace: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.session = session
+        self.framer = framer
+        framer.max_line_bytes = POSTLOGIN_MAX_LINE_BYTES
+        self.response_timeout = response_timeout
+        self.idle_timeout = idle_timeout
+        self.keep_selected = keep_selected  # SELECT cache on: leave the mailbox selected
+        self.trace = trace
+        self.scanner = ResponseScanner()
+        self.outstanding: dict[bytes, bytes] = {}  # tag -> command name, awaiting completion
+        self.continuations = 0  # "+" lines from the backend not yet answered
+        self.idle_tag: bytes | None = None  # an IDLE awaiting the client's DONE
+        self.client_alive = True
+        self.backend_gone: str | None = None
+        self.drained = 0
+        self._pump: gevent.Greenlet | None = None
+        self._pump_parked = False  # the pump waits in recv: everything read has been sent
+        self._client_writing = False
+        self._stop_when_idle = False
+        self._wakeup = Event()
+        self._waiting = False
+
+    # -- the pump: backend -> client ------------------------------------------------------------
+
+    def _run_pump(self, initial: bytes) -> None:
+        try:
+            self._pump_loop(initial)
+        except OSError as error:
+            self._backend_lost(f"read error: {error}")
+        except _Desync as error:
+            self._backend_lost(str(error))
+        finally:
+            self._notify()
+
+    def _pump_loop(self, initial: bytes) -> None:
+        size = max(PUMP_MIN_BYTES, len(initial))
+        buf = bytearray(size + MAX_TAGGED_PREFIX_BYTES + 2)
+        view = memoryview(buf)
+        carry = len(INITIAL_CARRY)
+        buf[:carry] = INITIAL_CARRY
+        if initial:
+            buf[carry : carry + len(initial)] = initial
+            carry = self._forward(buf, view, carry, carry + len(initial))
+        recv_into = self.session.sock.recv_into
+        while True:
+            self._pump_parked = True
+            try:
+                count = recv_into(view[carry : carry + size])
+            finally:
+                self._pump_parked = False
+            if not count:
+                self._backend_lost("connection closed by server")
+                return
+            carry = self._forward(buf, view, carry, carry + count)
+            if count == size and size < PUMP_MAX_BYTES:  # bulk data: read bigger pieces
+                size *= 2
+                bigger = bytearray(size + MAX_TAGGED_PREFIX_BYTES + 2)
+                bigger[:carry] = buf[:carry]
+                buf, view = bigger, memoryview(bigger)
+            if self._stop_when_idle and self._idle():
+                return
+
+    def _forward(self, buf: bytearray, view: memoryview, start: int, end: int) -> int:
+        """Scan and send ``buf[start:end]``; return the carry for the next read."""
+        carry = self.scanner.scan(buf, end)
+        if self.scanner.events:
+            self._handle_events()
+        if self.client_alive:
+            if self._client_writing or self.trace is not None:
+                self._before_client_write(view[start:end])
+            try:
+                self.client.sendall(view[start:end])
+            except OSError:
+                self.client_alive = False
+        else:
+            self.drained += end - start
+            if self.drained > DRAIN_MAX_BYTES:
+                raise _Desync("too much to drain after client left")
+        if carry:
+            buf[:carry] = buf[end - carry : end]
+        if self._waiting:
+            self._wakeup.set()
+        return carry
+
+    def _before_client_write(self, data: memoryview) -> None:
+        while self._client_writing:  # the client side is writing a reply of its own
+            self._wait(self.response_timeout)
+        if self.trace is not None:
+            self.trace("SERVER", bytes(data))
+
+    def _handle_events(self) -> None:
+        for tag, word in self.scanner.events:
+            if tag == CONTINUATION:
+                self.continuations += 1
+                continue
+            name = self.outstanding.pop(tag, None)
+            if name is None:
+                self.scanner.broken = True  # a completion for no command of the client's
+            elif name in (b"SELECT", b"EXAMINE"):
+                self.session.selected = word == b"OK"  # failure deselects (RFC 9051 §6.3.1)
+            elif name in (b"CLOSE", b"UNSELECT") and word == b"OK":
+                self.session.selected = False
+            if name == b"IDLE" or tag == self.idle_tag:
+                self.idle_tag = None
+        self.scanner.events.clear()
+
+    def _backend_lost(self, why: str) -> None:
+        self.backend_gone = why
+        if self.client_alive:
+            _send_quietly(self.client, b"* BYE IMAP server connection lost\r\n")
+        try:
+            self.client.shutdown(socket.SHUT_RDWR)  # wakes the client side's recv with EOF
+        except OSError:
+            pass
+
+    def _idle(self) -> bool:
+        scanner = self.scanner
+        return not self.outstanding and scanner.at_boundary and not scanner.literal_remaining
+
+    # -- waiting on the pump --------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        if self._waiting:
+            self._wakeup.set()
+
+    def _wait(self, timeout: float) -> bool:
+        """Wait until the pump reports progress; False on timeout."""
+        self._wakeup.clear()
+        self._waiting = True
+        try:
+            return self._wakeup.wait(timeout)
+        finally:
+            self._waiting = False
+
+    def _wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        deadline = gevent.get_hub().loop.now() + timeout
+        while not condition():
+            remaining = deadline - gevent.get_hub().loop.now()
+            if remaining <= 0 or self.backend_gone or not self._wait(remaining):
+                return condition()
+        return True
+
+    # -- the client side: client -> backend -----------------------------------------------------
+
+    def run(self) -> Outcome:
+        """Relay until the client logs out or goes; return what may become of the session."""
+        initial = self.session.reader.take_buffered()
+        self._pump = gevent.spawn(self._run_pump, initial)
+        try:
+            return self._client_loop()
+        except (_Desync, BackendFailure) as error:
+            LOGGER.info("closing session: %s", _why(error))
+            self._close()
+            if self.client_alive and not self.backend_gone:  # the pump said BYE otherwise
+                _send_quietly(self.client, b"* BYE IMAP session failed: " + _why(error).encode() + b"\r\n")
+            return Outcome.CLOSED
+        finally:
+            if self._pump is not None:
+                self._pump.kill(block=True)
+
+    def _client_loop(self) -> Outcome:
+        self.client.settimeout(self.idle_timeout)
+        while True:
+            outcome = self._process_client_events()
+            if outcome is not None:
+                return outcome
+            try:
+                data = self.client.recv(CLIENT_RECV_BYTES)
+            except TimeoutError:
+                return self._client_timed_out()
+            except OSError:
+                data = b""
+            if self.backend_gone:
+                return self._close()
+            if self.trace is not None and data:
+                self.trace("CLIENT", data)
+            self.framer.receive_data(data)
+
+    def _process_client_events(self) -> Outcome | None:
+        out: list[bytes] = []
+        try:
+            while (event := self.framer.next_event()) is not NEED_DATA:
+                if isinstance(event, Line):
+                    outcome = self._line(event, out)
+                    if outcome is not None:
+                        return outcome
+                elif isinstance(event, LiteralData):
+                    out.append(event.data)
+                elif event is AWAIT_CONTINUATION:
+                    self._send_backend(out)
+                    self._await_literal_go_ahead()
+                elif isinstance(event, ClientClosed):
+                    self._send_backend(out)
+                    return self._client_vanished()
+        except LineTooLong as error:
+            self._send_backend(out)
+            self._reply_to_client(error.response())
+            self.client_alive = False
+            return self._client_vanished()
+        self._send_backend(out)
+        return None
+
+    def _send_backend(self, out: list[bytes]) -> None:
+        if out:
+            try:
+                self.session.sock.sendall(b"".join(out) if len(out) > 1 else out[0])
+            except OSError as error:
+                raise BackendFailure(FailureKind.CONNECT, f"write error: {error}") from None
+            out.clear()
+
+    def _line(self, line: Line, out: list[bytes]) -> Outcome | None:
+        if not line.first:
+            out.append(line.data)
+            return None
+        if self.continuations:  # the client answers a "+": not a command (IDLE's DONE, SASL)
+            self.continuations -= 1
+            self.idle_tag = None  # if it was IDLE's DONE, a vanishing client owes no other
+            out.append(line.data)
+            return None
+        try:
+            start = split_command_line(line.data)
+        except ClientProtocolError:
+            out.append(line.data)  # the backend answers it (untagged BAD, or BAD under its tag)
+            return None
+        if start.name == b"LOGOUT" and not start.rest:
+            self._send_backend(out)
+            return self._logout(start.tag)
+        if start.name == b"COMPRESS":
+            self._send_backend(out)
+            self._reply_to_client(COMPRESS_REFUSAL % start.tag)
+            return None
+        self._command_started(start.tag, start.name, start.rest)
+        out.append(line.data)
+        return None
+
+    def _command_started(self, tag: bytes, name: bytes, rest: bytes) -> None:
+        if tag in self.outstanding:  # completions would be ambiguous from now on
+            self.scanner.broken = True
+        if name == b"UID":
+            name = b"UID " + rest.split(b" ", 1)[0].upper()
+        self.outstanding[tag] = name
+        if name == b"IDLE":
+            self.idle_tag = tag
+
+    def _await_literal_go_ahead(self) -> None:
+        """A synchronising literal: pass it once the backend sent "+", or drop it if refused."""
+        spec_tag = next(reversed(self.outstanding), None)
+        if not self._wait_until(lambda: self.continuations > 0 or spec_tag not in self.outstanding,
+                                self.response_timeout):  # fmt: skip
+            raise _Desync("no reply to a literal")
+        if self.continuations > 0:
+            self.continuations -= 1
+            self.framer.accept_literal()
+        else:
+            self.framer.reject_literal()
+
+    def _reply_to_client(self, data: bytes) -> None:
+        """Send a response of the proxy's own between two of the backend's."""
+        if not self._wait_until(lambda: self._pump_parked and self.scanner.at_boundary,
+                                self.response_timeout):  # fmt: skip
+            raise _Desync("backend never reached a response boundary")
+        self._client_writing = True
+        try:
+            self.client.sendall(data)
+        except OSError:
+            self.client_alive = False
+        finally:
+            self._client_writing = False
+            self._wakeup.set()
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def _stop_pump(self) -> bool:
+        """Stop the pump once the session is idle at a response boundary; False if it never is."""
+        self._stop_when_idle = True
+        settled = self._wait_until(lambda: self._idle() and self._pump_parked or self._pump_dead(),
+                                   self.response_timeout)  # fmt: skip
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.kill(block=True)  # parked in recv_into: nothing read is lost
+        return settled and self._idle() and not self.backend_gone and not self.scanner.broken
+
+    def _pump_dead(self) -> bool:
+        return self._pump is None or self._pump.dead
+
+    def _resync(self) -> list[bytes]:
+        """Stop the pump in sync and leave the mailbox if needed; return untagged replies."""
+        if not self._stop_pump():
+            raise _Desync(self.backend_gone or "backend did not complete outstanding commands")
+        if not self.session.selected or self.keep_selected:
+            return []
+        return [r.raw for r in self.session.leave_mailbox(self.response_timeout)]
+
+    def _logout(self, tag: bytes) -> Outcome:
+        try:
+            untagged = self._resync()
+        except (_Desync, BackendFailure) as error:
+            LOGGER.info("session not reusable after LOGOUT: %s", _why(error))
+            self._final_reply(LOGOUT_REPLY % tag)
+            return self._close()
+        self._final_reply(b"".join(untagged) + LOGOUT_REPLY % tag)
+        return Outcome.REUSABLE
+
+    def _final_reply(self, data: bytes) -> None:
+        if self.client_alive and not self._pump_dead():
+            self._reply_to_client(data)
+        elif self.client_alive:
+            self.client_alive = _send_quietly(self.client, data)
+
+    def _client_vanished(self) -> Outcome:
+        """The client went mid-session: bring the backend session back in sync, or close it."""
+        self.client_alive = False
+        if self.framer.in_literal:
+            return self._close()  # the backend waits for literal bytes nobody will send
+        if self.idle_tag is not None:
+            self._send_backend([b"DONE\r\n"])
+        elif any(name == b"AUTHENTICATE" for name in self.outstanding.values()):
+            self._send_backend([b"*\r\n"])
+        try:
+            self._resync()
+        except (_Desync, BackendFailure) as error:
+            LOGGER.info("session dropped after client left: %s", _why(error))
+            return self._close()
+        return Outcome.REUSABLE
+
+    def _client_timed_out(self) -> Outcome:
+        if self.idle_tag is None and not self.outstanding:
+            self._final_reply(IDLE_TIMEOUT_BYE)
+        return self._client_vanished()
+
+    def _close(self) -> Outcome:
+        if self._pump is not None:
+            self._pump.kill(block=True)
+            self._pump = None
+        return Outcome.CLOSED
+
+
+def _why(error: BaseException) -> str:
+    return error.detail if isinstance(error, BackendFailure) else str(error)
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> bool:
+    """Send to a client that may be gone; True if it took the data."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        return False
+    return True

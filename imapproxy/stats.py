@@ -1,0 +1,192 @@
+"""THE definition of the statistics file, shared by the proxy (writer) and pimpstat (reader).
+
+Layout (native x86-64 / LP64, little-endian), bytes 0-71 exactly up-imapproxy 1.2.8's
+``struct IMAPCounter`` so that Debian's ``pimpstat`` reads our file and ours reads its file::
+
+    offset  type      field
+     0      time_t    StartTime
+     8      time_t    CountTime                      (last reset)
+    16      unsigned  CurrentClientConnections
+    20      unsigned  PeakClientConnections
+    24      unsigned  InUseServerConnections
+    28      unsigned  PeakInUseServerConnections
+    32      unsigned  RetainedServerConnections
+    36      unsigned  PeakRetainedServerConnections
+    40      unsigned  TotalClientConnectionsAccepted
+    44      unsigned  TotalClientLogins
+    48      unsigned  TotalServerConnectionsCreated
+    52      unsigned  TotalServerConnectionsReused
+    56      unsigned  TotalSelectCommands
+    60      unsigned  SelectCacheHits
+    64      unsigned  SelectCacheMisses
+    68      (4 bytes of padding: sizeof is 72)
+
+Our extension follows, marked so that a reader can tell our file from up-imapproxy's::
+
+    72      char[4]   b"IPXS"
+    76      uint32    extension version (1)
+    80      uint64    × len(EXTENSION_FIELDS), in that order
+
+The writer updates fields in place (no locks, as up-imapproxy; single-threaded under gevent, so
+our counters do not drift). The reader maps the file read-only.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from typing import Final
+
+TIME_FIELDS: Final = ("StartTime", "CountTime")
+COUNTER_FIELDS: Final = (
+    "CurrentClientConnections",
+    "PeakClientConnections",
+    "InUseServerConnections",
+    "PeakInUseServerConnections",
+    "RetainedServerConnections",
+    "PeakRetainedServerConnections",
+    "TotalClientConnectionsAccepted",
+    "TotalClientLogins",
+    "TotalServerConnectionsCreated",
+    "TotalServerConnectionsReused",
+    "TotalSelectCommands",
+    "SelectCacheHits",
+    "SelectCacheMisses",
+)
+EXTENSION_FIELDS: Final = (
+    "TotalLoginFailures",  # logins the backend (or the proxy) refused
+    "TotalServerConnectionsExpired",  # cached sessions logged out by cache_expiration_time
+    "TotalServerConnectionsDropped",  # sessions closed instead of cached (dead, out of sync)
+    "TotalClientAbortsResynced",  # clients that vanished mid-command whose session was kept
+    "TotalCapacityRefusals",  # logins refused because every slot was in use
+)
+
+UP_IMAPPROXY_STRUCT: Final = struct.Struct("=qq13I4x")  # 72 bytes
+UP_IMAPPROXY_SIZE: Final = UP_IMAPPROXY_STRUCT.size
+EXTENSION_MAGIC: Final = b"IPXS"
+EXTENSION_VERSION: Final = 1
+_EXTENSION_HEADER: Final = struct.Struct("=4sI")
+_EXTENSION_OFFSET: Final = UP_IMAPPROXY_SIZE + _EXTENSION_HEADER.size  # 80
+FILE_SIZE: Final = _EXTENSION_OFFSET + 8 * len(EXTENSION_FIELDS)
+
+assert UP_IMAPPROXY_SIZE == 72
+
+
+def _field(view_name: str, index: int) -> property:
+    def get(self: Counters) -> int:
+        return int(getattr(self, view_name)[index])
+
+    def set_(self: Counters, value: int) -> None:
+        getattr(self, view_name)[index] = value
+
+    return property(get, set_)
+
+
+class Counters:
+    """Named access to the counters in a buffer of ``FILE_SIZE`` bytes (an mmap or bytearray)."""
+
+    def __init__(self, buffer: mmap.mmap | bytearray) -> None:
+        self.buffer = buffer
+        view = memoryview(buffer)
+        self._times = view[0:16].cast("q")
+        self._counts = view[16:68].cast("I")
+        self._extension = view[_EXTENSION_OFFSET:FILE_SIZE].cast("Q")
+
+    def release(self) -> None:
+        for view in (self._times, self._counts, self._extension):
+            view.release()
+
+    @classmethod
+    def in_memory(cls) -> Counters:
+        counters = cls(bytearray(FILE_SIZE))
+        counters.mark_extension()
+        return counters
+
+    def mark_extension(self) -> None:
+        _EXTENSION_HEADER.pack_into(self.buffer, UP_IMAPPROXY_SIZE, EXTENSION_MAGIC, EXTENSION_VERSION)
+
+    def has_extension(self) -> bool:
+        if len(self.buffer) < FILE_SIZE:
+            return False
+        magic, version = _EXTENSION_HEADER.unpack_from(self.buffer, UP_IMAPPROXY_SIZE)
+        return bool(magic == EXTENSION_MAGIC and version >= EXTENSION_VERSION)
+
+    def snapshot(self) -> dict[str, int]:
+        names = TIME_FIELDS + COUNTER_FIELDS + (EXTENSION_FIELDS if self.has_extension() else ())
+        return {name: getattr(self, name) for name in names}
+
+    # -- changes that keep the peaks ------------------------------------------------------------
+
+    def client_connected(self) -> None:
+        self.TotalClientConnectionsAccepted += 1
+        self.CurrentClientConnections += 1
+        self.PeakClientConnections = max(self.PeakClientConnections, self.CurrentClientConnections)
+
+    def client_disconnected(self) -> None:
+        self.CurrentClientConnections -= 1
+
+    def set_server_connections(self, active: int, cached: int) -> None:
+        self.InUseServerConnections = active
+        self.PeakInUseServerConnections = max(self.PeakInUseServerConnections, active)
+        self.RetainedServerConnections = cached
+        self.PeakRetainedServerConnections = max(self.PeakRetainedServerConnections, cached)
+
+    def start(self, now: int) -> None:
+        """Zero everything and stamp the start (proxy start-up)."""
+        self.buffer[:FILE_SIZE] = bytes(FILE_SIZE)
+        self.mark_extension()
+        self.StartTime = self.CountTime = now
+
+    def reset(self, now: int) -> None:
+        """XPROXY_RESETCOUNTERS, as up-imapproxy: peaks and totals, not gauges or SELECT counts."""
+        self.CountTime = now
+        self.PeakClientConnections = self.CurrentClientConnections
+        self.PeakInUseServerConnections = self.InUseServerConnections
+        self.PeakRetainedServerConnections = self.RetainedServerConnections
+        for name in ("TotalClientConnectionsAccepted", "TotalServerConnectionsCreated",
+                     "TotalServerConnectionsReused", "TotalClientLogins"):  # fmt: skip
+            setattr(self, name, 0)
+
+
+for _i, _name in enumerate(TIME_FIELDS):
+    setattr(Counters, _name, _field("_times", _i))
+for _i, _name in enumerate(COUNTER_FIELDS):
+    setattr(Counters, _name, _field("_counts", _i))
+for _i, _name in enumerate(EXTENSION_FIELDS):
+    setattr(Counters, _name, _field("_extension", _i))
+
+
+def create_file(path: str) -> Counters:
+    """Create (or truncate) the statistics file, mode 0600, and map it for writing."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, FILE_SIZE)
+        buffer = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return Counters(buffer)
+
+
+def read_file(path: str) -> Counters | None:
+    """A snapshot of a statistics file (ours or up-imapproxy's), mapped read-only; None if missing
+    or short. Readers take a fresh snapshot per refresh: a live map of a file that shrinks under
+    it would fault (SIGBUS).
+
+    A file of at least 72 bytes is readable; the extension counters read as 0 without it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < UP_IMAPPROXY_SIZE:
+            return None
+        mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    buffer = bytearray(FILE_SIZE)
+    buffer[: min(size, FILE_SIZE)] = mapped[: min(size, FILE_SIZE)]
+    mapped.close()
+    return Counters(buffer)

@@ -1,0 +1,1 @@
+"""pimpstat: the curses monitor of the imapproxy statistics file."""
