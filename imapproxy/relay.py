@@ -135,6 +135,8 @@ class Relay:
         recv_into = self.session.sock.recv_into
         while True:
             self._pump_parked = True
+            if self._waiting:  # the client side waits for the pump to be parked
+                self._wakeup.set()
             try:
                 count = recv_into(view[carry : carry + size])
             finally:

@@ -1,0 +1,90 @@
+"""Fixtures: one real Dovecot per test session, a fresh proxy (subprocess) per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from tests.support.dovecot import DovecotInstance, User, make_message
+from tests.support.proxy import ProxyProcess
+
+settings.register_profile("fast", max_examples=150, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=20000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+MESSAGES_PER_USER = 5
+USER_POOL = 200
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[DovecotInstance]:
+    # Not under pytest's tmp_path: its parents are mode 0700 and the mail user must get in.
+    root = Path(tempfile.mkdtemp(prefix="ipx-dovecot-"))
+    os.chmod(root, 0o755)
+    instance = DovecotInstance(root, rawlog=True)
+    instance.write_config()
+    # Dovecot re-reads the passwd-file at most once a second, so users are made up front.
+    for number in range(1, USER_POOL + 1):
+        instance.add_user(f"user{number:04d}", f"pw-user{number:04d}-S3cret")
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_user_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def make_user(dovecot: DovecotInstance) -> Callable[..., User]:
+    """A new Dovecot user whose messages' subjects all name the user (cross-user checks)."""
+
+    def make(password: str | None = None, messages: int = MESSAGES_PER_USER) -> User:
+        name = f"user{next(_user_numbers):04d}"
+        user = dovecot.users[name]
+        if password is not None and password != user.password:
+            user = dovecot.add_user(name, password)
+            time.sleep(1.1)  # let Dovecot see the changed passwd-file
+        for index in range(1, messages + 1):
+            dovecot.deliver(name, make_message(f"{name} message {index}"))
+        return user
+
+    return make
+
+
+@pytest.fixture
+def user(make_user: Callable[..., User]) -> User:
+    return make_user()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, dovecot: DovecotInstance) -> Iterator[Callable[..., ProxyProcess]]:
+    started: list[ProxyProcess] = []
+
+    def start(backend: Any = None, **settings: Any) -> ProxyProcess:
+        root = tmp_path / f"proxy{len(started)}"
+        proxy = ProxyProcess(root, backend or dovecot, **settings)
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture
+def proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
+    return start_proxy()

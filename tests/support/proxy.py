@@ -1,0 +1,99 @@
+"""Running the real ``imapproxyd`` as a subprocess in front of a test Dovecot."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.support.dovecot import DovecotInstance, free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_config(path: Path, settings: dict[str, Any]) -> Path:
+    lines = []
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        lines.append(f"{key} {value}\n")
+    path.write_text("".join(lines))
+    return path
+
+
+class ProxyProcess:
+    """``python -m imapproxy -f <conf> --foreground`` with its stderr in a file."""
+
+    def __init__(self, root: Path, backend: DovecotInstance | tuple[str, int], **settings: Any) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        host, port = (backend.host, backend.port) if isinstance(backend, DovecotInstance) else backend
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.stat_path = root / "pimpstats"
+        self.trace_path = root / "trace.log"
+        self.log_path = root / "proxy.log"
+        self.settings: dict[str, Any] = {
+            "server_hostname": host,
+            "server_port": port,
+            "listen_address": self.host,
+            "listen_port": self.port,
+            "cache_size": 16,
+            "cache_expiration_time": 300,
+            "connect_retries": 2,
+            "connect_delay": 1,
+            "stat_filename": self.stat_path,
+            "protocol_log_filename": self.trace_path,
+            "foreground_mode": True,
+        }
+        self.settings.update(settings)
+        self.config_path = write_config(root / "imapproxy.conf", self.settings)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> ProxyProcess:
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "imapproxy", "-f", str(self.config_path), "--foreground"],
+            cwd=REPO, stdout=log, stderr=log, env=env,
+        )
+        log.close()
+        if wait:
+            try:
+                wait_for_port(self.host, self.port, timeout=30)
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"proxy did not start:\n{self.log_text()}") from None
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log_text()
+            if text in log:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in proxy log:\n{self.log_text()}")

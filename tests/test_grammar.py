@@ -1,0 +1,118 @@
+"""Arguments, tags, astrings in every form, and encoders that round-trip."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from imapproxy.errors import ClientProtocolError
+from imapproxy.protocol.grammar import (
+    Arguments,
+    build_command,
+    encode_string_list,
+    is_valid_tag,
+    quote,
+    split_command_line,
+)
+
+
+def args(*lines: bytes, literals: tuple[bytes, ...] = ()) -> Arguments:
+    start = split_command_line(lines[0])
+    return Arguments(list(lines), list(literals), start.tag)
+
+
+def login_args(*lines: bytes, literals: tuple[bytes, ...] = ()) -> tuple[bytes, bytes]:
+    a = args(*lines, literals=literals)
+    a.space()
+    user = a.astring()
+    a.space()
+    password = a.astring()
+    a.expect_end()
+    return user, password
+
+
+@pytest.mark.parametrize(("lines", "literals", "expected"), [
+    ((b"a LOGIN alice secret",), (), (b"alice", b"secret")),
+    ((b'a LOGIN "alice" "se cr\\"et\\\\"',), (), (b"alice", b'se cr"et\\')),
+    ((b"a LOGIN {5}", b" {6}", b""), (b"alice", b"s e\r\n"), (b"alice", b"s e\r\n")),
+    ((b'a LOGIN alice ~{3}', b""), (b"x\x00y",), (b"alice", b"x\x00y")),
+    ((b"a login al]ce pa]ss",), (), (b"al]ce", b"pa]ss")),
+    ((b'a LOGIN "\xc3\xa9l\xc3\xa8ve" ""',), (), ("élève".encode(), b"")),
+])
+def test_login_argument_forms(lines: tuple[bytes, ...], literals: tuple[bytes, ...],
+                              expected: tuple[bytes, bytes]) -> None:
+    assert login_args(*lines, literals=literals) == expected
+
+
+@pytest.mark.parametrize(("line", "text"), [
+    (b"a LOGIN", "Missing argument"),
+    (b"a LOGIN alice", "Missing argument"),
+    (b"a LOGIN alice secret extra", "Unexpected extra arguments"),
+    (b'a LOGIN "alice secret', "Unterminated quoted string"),
+    (b'a LOGIN "al\\ice" x', "Invalid escape in quoted string"),
+    (b"a LOGIN al(ice x", "Expected a space"),
+    (b"a LOGIN \xc3\xa9 x", "8-bit characters are not allowed in atoms; quote them"),
+    (b'a LOGIN "a\x00b" x', "NUL in quoted string"),
+])
+def test_login_errors_are_tagged_bad(line: bytes, text: str) -> None:
+    with pytest.raises(ClientProtocolError) as raised:
+        login_args(line)
+    assert raised.value.response() == b"a BAD " + text.encode() + b"\r\n"
+
+
+@pytest.mark.parametrize(("line", "response"), [
+    (b"", b"* BAD Invalid tag\r\n"),
+    (b"+ NOOP", b"* BAD Invalid tag\r\n"),
+    (b"a{ NOOP", b"* BAD Invalid tag\r\n"),
+    (b"\xff NOOP", b"* BAD Invalid tag\r\n"),
+    (b"a", b"a BAD Null command\r\n"),
+    (b"a ", b"a BAD Null command\r\n"),
+])
+def test_split_command_line_errors(line: bytes, response: bytes) -> None:
+    with pytest.raises(ClientProtocolError) as raised:
+        split_command_line(line)
+    assert raised.value.response() == response
+
+
+def test_split_command_line() -> None:
+    start = split_command_line(b"A1 uid fetch 1:* (FLAGS)\r\n")
+    assert (start.tag, start.name, start.rest) == (b"A1", b"UID", b"fetch 1:* (FLAGS)")
+
+
+def test_tags() -> None:
+    assert is_valid_tag(b"A0001") and is_valid_tag(b"a]b")
+    assert not is_valid_tag(b"a+b") and not is_valid_tag(b"a*") and not is_valid_tag(b"")
+
+
+def test_id_lists() -> None:
+    a = args(b'i ID ("name" "Roundcube" "version" NIL "x" {3})', b")", literals=(b"a b",))
+    a.space()
+    assert a.nil_or_string_list() == [b"name", b"Roundcube", b"version", None, b"x", b"a b"]
+    a.expect_end()
+    a = args(b"i ID nil")
+    a.space()
+    assert a.nil_or_string_list() is None
+
+
+@given(st.binary(max_size=200), st.binary(max_size=200), st.booleans())
+def test_build_command_round_trips(user: bytes, password: bytes, literal_plus: bool) -> None:
+    wire = build_command(b"A1", b"LOGIN", (user, password), literal_plus=literal_plus)
+    lines = [piece.rstrip(b"\r\n") for piece in wire.pieces]
+    assert login_args(*lines, literals=wire.literals) == (user, password)
+
+
+def test_encoders() -> None:
+    assert quote(b'a"b\\c') == b'"a\\"b\\\\c"'
+    assert encode_string_list([b"name", None]) == b'("name" NIL)'
+    wire = build_command(b"A1", b"LOGIN", (b"u", b"p\r\n"), literal_plus=True)
+    assert wire.pieces == (b'A1 LOGIN "u" {3+}\r\n', b"\r\n") and not wire.synchronizing
+
+
+@given(st.binary(max_size=300))
+def test_hostile_arguments_only_raise_our_errors(line: bytes) -> None:
+    line = line.replace(b"\n", b"")
+    try:
+        login_args(b"a LOGIN " + line)
+    except ClientProtocolError:
+        pass

@@ -1,0 +1,97 @@
+"""The relay's response scanner: tagged lines, continuations and literals found in any chunking."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from imapproxy.protocol.scanner import INITIAL_CARRY, MAX_TAGGED_PREFIX_BYTES, ResponseScanner
+
+
+def scan_stream(chunks: list[bytes]) -> tuple[list[tuple[bytes, bytes]], ResponseScanner]:
+    """Feed chunks the way the relay does (carry kept at the front of the next buffer)."""
+    scanner = ResponseScanner()
+    events: list[tuple[bytes, bytes]] = []
+    carry = INITIAL_CARRY
+    for chunk in chunks:
+        buf = bytearray(carry + chunk + bytes(MAX_TAGGED_PREFIX_BYTES))
+        end = len(carry) + len(chunk)
+        keep = scanner.scan(buf, end)
+        carry = bytes(buf[end - keep : end])
+        events.extend(scanner.events)
+        scanner.events.clear()
+    return events, scanner
+
+
+def split(data: bytes, step: int) -> list[bytes]:
+    return [data[i : i + step] for i in range(0, len(data), step)]
+
+
+FETCH = (b"* 1 FETCH (UID 7 BODY[] {28}\r\nSubject: x\r\n\r\nA1 OK fake\r\n)\r\n"
+         b"* 2 FETCH (BODY[] ~{3}\r\nabc)\r\n"
+         b"+ go ahead\r\n"
+         b"A1 OK FETCH done\r\n")
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5, 16, 4096])
+def test_events_in_any_chunking(step: int) -> None:
+    events, scanner = scan_stream(split(FETCH, step))
+    assert events == [(b"+", b""), (b"A1", b"OK")]
+    assert scanner.at_boundary and not scanner.broken
+
+
+def test_message_content_is_never_a_completion() -> None:
+    events, _ = scan_stream([FETCH[:60]])
+    assert events == []
+
+
+def test_tagged_line_at_stream_start() -> None:
+    events, scanner = scan_stream([b"a1 NO [TRYCREATE] no\r\n"])
+    assert events == [(b"a1", b"NO")]
+    assert scanner.at_boundary
+
+
+def test_boundary_inside_a_line_and_literal() -> None:
+    _, scanner = scan_stream([b"* 1 FETCH (BODY[] {10}\r\n01234"])
+    assert not scanner.at_boundary and scanner.literal_remaining == 5
+    _, scanner = scan_stream([b"* 1 FETCH (BODY[] {2}\r\n\r\n"])
+    assert not scanner.at_boundary  # the literal's own CRLF ends no line
+    _, scanner = scan_stream([b"* 1 EXISTS\r\n* 2 EXI"])
+    assert not scanner.at_boundary
+
+
+def test_zero_length_literal_is_mid_line() -> None:
+    _, scanner = scan_stream([b"* 1 FETCH (BODY[] {0}\r\n"])
+    assert not scanner.at_boundary
+    events, scanner = scan_stream([b"* 1 FETCH (BODY[] {0}\r\n)\r\nA2 OK x\r\n"])
+    assert events == [(b"A2", b"OK")] and scanner.at_boundary
+
+
+def test_garbage_marks_broken() -> None:
+    _, scanner = scan_stream([b"\r\n" + b"x" * 2000 + b"\r\n"])
+    assert scanner.broken
+
+
+@given(st.lists(st.one_of(
+    st.sampled_from([b"* 3 EXISTS\r\n", b"+ idling\r\n", b"t1 OK done\r\n", b"t2 NO [X] no\r\n",
+                     b"* OK [UIDNEXT 5] next\r\n"]),
+    st.binary(max_size=40).map(lambda b: b"* 1 FETCH (BODY[] {%d}\r\n" % len(b) + b + b")\r\n"),
+), max_size=30), st.integers(min_value=1, max_value=50))
+def test_chunking_never_changes_events(responses: list[bytes], step: int) -> None:
+    data = b"".join(responses)
+    whole, scanner_whole = scan_stream([data] if data else [])
+    pieces, scanner_pieces = scan_stream(split(data, step))
+    assert pieces == whole
+    expected = [(r.split(b" ")[0], r.split(b" ")[1]) for r in responses if r[:1] == b"t"]
+    expected_all = [e if e[0] != b"+" else (b"+", b"") for e in
+                    [(r.split(b" ")[0], r.split(b" ")[1]) if r[:1] != b"+" else (b"+", b"")
+                     for r in responses if r[:1] in (b"t", b"+")]]
+    assert [e for e in whole if e[0] != b"+"] == expected
+    assert whole == expected_all
+    assert scanner_pieces.at_boundary and not scanner_pieces.broken
+
+
+@given(st.binary(max_size=3000), st.integers(min_value=1, max_value=100))
+def test_hostile_stream_never_crashes(data: bytes, step: int) -> None:
+    scan_stream(split(data, step))
