@@ -48,10 +48,14 @@ deps: system-deps venv
 
 lint: venv
 	$(VENV)/bin/ruff check imapproxy pimpstat tests bench
+	$(VENV)/bin/ruff format --check imapproxy pimpstat tests bench
+
+SANS_IO := imapproxy/protocol imapproxy/cache.py imapproxy/session.py imapproxy/backend_login.py \
+	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py
 
 typecheck: venv
-	$(VENV)/bin/mypy --strict imapproxy/protocol imapproxy/cache.py imapproxy/session.py \
-	  imapproxy/backend_login.py imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py
+	$(VENV)/bin/mypy imapproxy pimpstat
+	$(VENV)/bin/mypy --strict $(SANS_IO)
 
 unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -36,10 +36,10 @@ def execute(proxy: Proxy, request: AdminRequested) -> bytes:
 
 def _dumpicc(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
     lines = [
-        b"* XPROXY_DUMPICC %d %s %s\r\n" % (slot.session.sd if slot.session else -1,
-                                            slot.username, slot.state.value.encode())
+        b"* XPROXY_DUMPICC %d %s %s\r\n"
+        % (slot.session.sd if slot.session else -1, slot.username, slot.state.value.encode())
         for slot in proxy.cache.in_use()
-    ]  # fmt: skip
+    ]
     return b"".join(lines) + tag + b" OK Completed\r\n"
 
 

@@ -51,8 +51,17 @@ Address = tuple[Any, ...]
 class BackendSession:
     """A logged-in connection to the backend."""
 
-    __slots__ = ("sock", "sd", "address", "reader", "login", "username", "created_at",
-                 "capabilities", "selected")  # fmt: skip
+    __slots__ = (
+        "sock",
+        "sd",
+        "address",
+        "reader",
+        "login",
+        "username",
+        "created_at",
+        "capabilities",
+        "selected",
+    )
 
     def __init__(self, sock: socket.socket, address: Address, login: LoginResult) -> None:
         self.sock = sock
@@ -85,7 +94,7 @@ class BackendSession:
     def command(self, line: bytes, timeout: float) -> tuple[list[Response], Response]:
         """Send ``line`` (without tag and CRLF) under a fresh tag; return untagged and tagged."""
         tag = b"ipx" + secrets.token_hex(4).encode()
-        with _bounded(timeout, "no reply to " + line.split(b" ", 1)[0].decode()):
+        with _Deadline(timeout, "no reply to " + line.split(b" ", 1)[0].decode()):
             self.send(tag + b" " + line + b"\r\n")
             untagged = []
             while (response := self.read_response()).tag != tag:
@@ -125,14 +134,14 @@ class BackendSession:
         self.sock.close()
 
 
-class _bounded(gevent.Timeout):
+class _Deadline(gevent.Timeout):
     """A deadline for one backend exchange that ends as ``BackendFailure(TIMEOUT)``."""
 
     def __init__(self, seconds: float, what: str) -> None:
         super().__init__(seconds)
         self.what = what
 
-    def __exit__(self, typ: Any, value: Any, tb: Any) -> bool:
+    def __exit__(self, typ: Any, value: Any, tb: Any) -> None:
         self.close()
         if value is self:
             raise BackendFailure(FailureKind.TIMEOUT, self.what) from None
@@ -140,7 +149,6 @@ class _bounded(gevent.Timeout):
             raise BackendFailure(FailureKind.PROTOCOL, str(value)) from None
         if isinstance(value, OSError):
             raise BackendFailure(FailureKind.CONNECT, f"connection lost: {value}") from None
-        return False
 
 
 class Backend:
@@ -163,13 +171,17 @@ class Backend:
         return f"{self.config.server_hostname}:{self.config.server_port}"
 
     def resolve(self) -> list[Address]:
-        family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(self.config.ipversion_only or 0,
-                                                            socket.AF_UNSPEC)  # fmt: skip
+        family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(
+            self.config.ipversion_only or 0, socket.AF_UNSPEC
+        )
         try:
-            infos = socket.getaddrinfo(self.config.server_hostname, self.config.server_port,
-                                       family, socket.SOCK_STREAM)  # fmt: skip
+            infos = socket.getaddrinfo(
+                self.config.server_hostname, self.config.server_port, family, socket.SOCK_STREAM
+            )
         except OSError as error:
-            raise BackendFailure(FailureKind.CONNECT, f"cannot resolve {self.name}: {error}") from None
+            raise BackendFailure(
+                FailureKind.CONNECT, f"cannot resolve {self.name}: {error}"
+            ) from None
         self.addresses = [info[4] for info in infos]
         return self.addresses
 
@@ -214,9 +226,10 @@ class Backend:
         sock, address = self.connect()
         reader = ResponseReader()
         try:
-            with _bounded(self.config.server_response_timeout, "login took too long"):
-                sock, result = self._run(login_dialogue(credentials, self.policy, client_id),
-                                         sock, reader)  # fmt: skip
+            with _Deadline(self.config.server_response_timeout, "login took too long"):
+                sock, result = self._run(
+                    login_dialogue(credentials, self.policy, client_id), sock, reader
+                )
         except BaseException:
             sock.close()
             raise
@@ -227,6 +240,7 @@ class Backend:
 
     def probe(self) -> LoginResult:
         """Connect, read greeting and capabilities, LOGOUT (start-up and health checks)."""
+
         def dialogue() -> Steps[LoginResult]:
             text, caps = yield from greeting(self.policy)
             yield Send(b"Z0001 LOGOUT\r\n")
@@ -234,13 +248,14 @@ class Backend:
 
         sock, _ = self.connect()
         try:
-            with _bounded(self.config.server_response_timeout, "no greeting"):
+            with _Deadline(self.config.server_response_timeout, "no greeting"):
                 return self._run(dialogue(), sock, ResponseReader())[1]
         finally:
             sock.close()
 
-    def _run(self, dialogue: Steps[LoginResult], sock: socket.socket,
-             reader: ResponseReader) -> tuple[socket.socket, LoginResult]:  # fmt: skip
+    def _run(
+        self, dialogue: Steps[LoginResult], sock: socket.socket, reader: ResponseReader
+    ) -> tuple[socket.socket, LoginResult]:
         """Drive a sans-I/O dialogue over ``sock`` (which STARTTLS may replace)."""
         value: Response | None = None
         try:

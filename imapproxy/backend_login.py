@@ -122,8 +122,10 @@ def capabilities_of(tag: bytes) -> Steps[tuple[bytes, ...]]:
 def starttls(policy: BackendPolicy, caps: tuple[bytes, ...]) -> Steps[tuple[bytes, ...]]:
     if not capability.has(caps, b"STARTTLS") or not policy.tls_available:
         why = "TLS is required" if policy.force_tls else "server says LOGINDISABLED"
-        raise _failure(FailureKind.TLS, f"{why} but STARTTLS is not possible; "
-                       "refusing to send a password in clear")  # fmt: skip
+        raise _failure(
+            FailureKind.TLS,
+            f"{why} but STARTTLS is not possible; refusing to send a password in clear",
+        )
     _, done = yield from command(b"S0001 STARTTLS\r\n", b"S0001")
     if done.word != b"OK":
         raise _failure(FailureKind.TLS, "STARTTLS refused: " + _text(done))
@@ -151,8 +153,11 @@ def login_dialogue(
             raise _failure(FailureKind.PROTOCOL, "preauth_command failed: " + _text(done))
     untagged, done = yield from authenticate(credentials, policy, caps)
     if done.word != b"OK":
-        raise _failure(FailureKind.AUTH_REJECTED, "server refused login: " + _text(done),
-                       reply=done.status_text)  # fmt: skip
+        raise _failure(
+            FailureKind.AUTH_REJECTED,
+            "server refused login: " + _text(done),
+            reply=done.status_text,
+        )
     reply = capability.filter_login_reply(done.status_text)
     cap_lines = tuple(r.raw for r in untagged if r.word == b"CAPABILITY")
     post = capability.from_response_code(done.code)
@@ -190,12 +195,13 @@ def authenticate_plain(message: bytes, caps: tuple[bytes, ...]) -> Steps[Exchang
 def login(credentials: Credentials, caps: tuple[bytes, ...]) -> Steps[Exchange]:
     """LOGIN with the user name and password as quoted strings or literals (RFC 9051 §6.2.3)."""
     literal_plus = capability.has(caps, b"LITERAL+")
-    wire = build_command(b"A0001", b"LOGIN", (credentials.username, credentials.password),
-                         literal_plus=literal_plus)  # fmt: skip
+    wire = build_command(
+        b"A0001", b"LOGIN", (credentials.username, credentials.password), literal_plus=literal_plus
+    )
     if not wire.synchronizing:  # LITERAL+: everything in one write
-        parts = [p for pair in zip(wire.pieces, wire.literals) for p in pair]
+        parts = [p for pair in zip(wire.pieces, wire.literals, strict=False) for p in pair]
         return (yield from command(b"".join(parts) + wire.pieces[-1], b"A0001"))
-    for piece, literal in zip(wire.pieces, wire.literals):
+    for piece, literal in zip(wire.pieces, wire.literals, strict=False):
         yield Send(piece)
         if wire.synchronizing:
             response = yield READ

@@ -152,8 +152,11 @@ class ConnectionCache(Generic[S]):
 
     def drain(self) -> list[S]:
         """Free every cached slot (shutdown); return their sessions to log out."""
-        return [session for slot in list(self._by_age.values())
-                if (session := self.release(slot)) is not None]  # fmt: skip
+        return [
+            session
+            for slot in list(self._by_age.values())
+            if (session := self.release(slot)) is not None
+        ]
 
     def _uncache(self, slot: Slot[S]) -> None:
         del self._by_age[slot.index]

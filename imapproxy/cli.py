@@ -10,6 +10,7 @@ socket, the statistics file or the trace file cannot be set up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -20,7 +21,8 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
-from imapproxy import __version__, config as config_module, log
+from imapproxy import __version__, log
+from imapproxy import config as config_module
 from imapproxy.backend import Backend
 from imapproxy.backend_login import BackendPolicy, LoginResult
 from imapproxy.config import Config
@@ -47,13 +49,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="in.imapproxyd",
         description="imapproxy: a connection-caching IMAP proxy (drop-in for up-imapproxy)",
     )
-    parser.add_argument("-f", dest="config", default=config_module.DEFAULT_CONFIG_PATH,
-                        metavar="CONFIG", help="configuration file (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "-f",
+        dest="config",
+        default=config_module.DEFAULT_CONFIG_PATH,
+        metavar="CONFIG",
+        help="configuration file (default: %(default)s)",
+    )
     parser.add_argument("-p", dest="pidfile", metavar="PIDFILE", help="write the process id here")
-    parser.add_argument("--foreground", action="store_true",
-                        help="stay attached and log to stderr (overrides foreground_mode)")  # fmt: skip
-    parser.add_argument("--check-config", action="store_true",
-                        help="print the effective settings and exit (0, or 78 on an error)")  # fmt: skip
+    parser.add_argument(
+        "--foreground",
+        action="store_true",
+        help="stay attached and log to stderr (overrides foreground_mode)",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="print the effective settings and exit (0, or 78 on an error)",
+    )
     parser.add_argument("--version", action="version", version=f"imapproxy {__version__}")
     return parser.parse_args(argv)
 
@@ -82,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def backend_policy(config: Config) -> BackendPolicy:
     static = None
     if config.auth_sasl_plain_username and config.auth_sasl_plain_password:
-        static = (config.auth_sasl_plain_username.encode(), config.auth_sasl_plain_password.encode())
+        static = (
+            config.auth_sasl_plain_username.encode(),
+            config.auth_sasl_plain_password.encode(),
+        )
     return BackendPolicy(
         force_tls=config.force_tls,
         preauth_command=config.preauth_command.encode() if config.preauth_command else None,
@@ -98,8 +114,13 @@ def wait_for_backend(backend: Backend, config: Config) -> LoginResult:
             backend.resolve()
             return backend.probe()
         except BackendFailure as error:
-            LOGGER.warning("IMAP server %s not usable (attempt %d of %d): %s", backend.name,
-                           attempt + 1, config.connect_retries + 1, error.detail)  # fmt: skip
+            LOGGER.warning(
+                "IMAP server %s not usable (attempt %d of %d): %s",
+                backend.name,
+                attempt + 1,
+                config.connect_retries + 1,
+                error.detail,
+            )
             if attempt < config.connect_retries:
                 gevent.sleep(config.connect_delay)
     raise StartupError(f"giving up: IMAP server {backend.name} is unreachable", EX_UNAVAILABLE)
@@ -120,28 +141,34 @@ def _listen_addresses(host: str | None, port: int) -> list[tuple[int, tuple[obje
             return [(socket.AF_INET6, ("::", port))]
         return [(socket.AF_INET, ("0.0.0.0", port))]
     try:
-        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                                   socket.AI_PASSIVE)  # fmt: skip
+        infos = socket.getaddrinfo(
+            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
     except OSError as error:
         raise StartupError(f"listen_address {host}: {error}", EX_OSERR) from None
     unique = dict.fromkeys((info[0], info[4][:2]) for info in infos)
     return list(unique)
 
 
-def _listen(family: int, address: tuple[object, ...], config: Config, *, dual_stack: bool) -> socket.socket:
+def _listen(
+    family: int, address: tuple[object, ...], config: Config, *, dual_stack: bool
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         if config.send_tcp_keepalives:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # accepted sockets inherit it
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1
+            )  # accepted sockets inherit it
         sock.bind(address)
         sock.listen(config.listen_backlog)
     except OSError as error:
         sock.close()
-        raise StartupError(f"cannot listen on {address[0]} port {address[1]}: {error.strerror}",
-                           EX_OSERR) from None  # fmt: skip
+        raise StartupError(
+            f"cannot listen on {address[0]} port {address[1]}: {error.strerror}", EX_OSERR
+        ) from None
     return sock
 
 
@@ -151,8 +178,9 @@ def open_counters(config: Config) -> Counters:
     try:
         return create_file(config.stat_filename)
     except OSError as error:
-        raise StartupError(f"cannot create stat_filename {config.stat_filename}: {error.strerror}",
-                           EX_OSERR) from None  # fmt: skip
+        raise StartupError(
+            f"cannot create stat_filename {config.stat_filename}: {error.strerror}", EX_OSERR
+        ) from None
 
 
 def open_tracer(config: Config) -> Tracer | None:
@@ -161,8 +189,10 @@ def open_tracer(config: Config) -> Tracer | None:
     try:
         return Tracer(config.protocol_log_filename)
     except OSError as error:
-        raise StartupError(f"cannot open protocol_log_filename {config.protocol_log_filename}: "
-                           f"{error.strerror}", EX_OSERR) from None  # fmt: skip
+        raise StartupError(
+            f"cannot open protocol_log_filename {config.protocol_log_filename}: {error.strerror}",
+            EX_OSERR,
+        ) from None
 
 
 def write_pidfile(path: str) -> None:
@@ -174,9 +204,12 @@ def write_pidfile(path: str) -> None:
 
 
 def run(config: Config, pidfile: str | None) -> int:
-    LOGGER.info("imapproxy %s starting; SELECT caching %s, admin commands %s", __version__,
-                "enabled" if config.enable_select_cache else "disabled",
-                "enabled" if config.enable_admin_commands else "disabled")  # fmt: skip
+    LOGGER.info(
+        "imapproxy %s starting; SELECT caching %s, admin commands %s",
+        __version__,
+        "enabled" if config.enable_select_cache else "disabled",
+        "enabled" if config.enable_admin_commands else "disabled",
+    )
     counters = open_counters(config)
     backend = Backend(config, backend_policy(config))
     first_contact = wait_for_backend(backend, config)
@@ -202,7 +235,5 @@ def run(config: Config, pidfile: str | None) -> int:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass

@@ -71,7 +71,9 @@ def port(value: str) -> int:
         try:
             return socket.getservbyname(value, "tcp")
         except OSError:
-            raise ValueError(f"expected a port number or service name, got {_quoted(value)}") from None
+            raise ValueError(
+                f"expected a port number or service name, got {_quoted(value)}"
+            ) from None
     number = int(value)
     if not 1 <= number <= 65535:
         raise ValueError(f"expected a port number from 1 to 65535, got {_quoted(value)}")
@@ -84,9 +86,15 @@ SYSLOG_FACILITIES = tuple(
     + [f"LOG_LOCAL{n}" for n in range(8)]
 )
 SYSLOG_PRIORITIES = (
-    "LOG_EMERG", "LOG_ALERT", "LOG_CRIT", "LOG_ERR", "LOG_WARNING", "LOG_NOTICE", "LOG_INFO",
+    "LOG_EMERG",
+    "LOG_ALERT",
+    "LOG_CRIT",
+    "LOG_ERR",
+    "LOG_WARNING",
+    "LOG_NOTICE",
+    "LOG_INFO",
     "LOG_DEBUG",
-)  # fmt: skip
+)
 
 
 def _one_of(choices: tuple[str, ...], what: str) -> Parser:
@@ -105,7 +113,7 @@ syslog_priority = _one_of(SYSLOG_PRIORITIES, "a syslog priority")
 def ip_version(value: str) -> int:
     if value in ("4", "6"):
         return int(value)
-    raise ValueError(f'expected 4 or 6, got {_quoted(value)}')
+    raise ValueError(f"expected 4 or 6, got {_quoted(value)}")
 
 
 def sasl_mech(value: str) -> str:
@@ -143,12 +151,16 @@ class Config:
     # -- up-imapproxy 1.2.8 keys ----------------------------------------------------------------
     server_hostname: str | None = setting(None, string, "IMAP server to proxy to (required)")
     server_port: int = setting(143, port, "its port")
-    listen_address: tuple[str, ...] = setting((), host_list, "addresses to listen on (all if unset)")
+    listen_address: tuple[str, ...] = setting(
+        (), host_list, "addresses to listen on (all if unset)"
+    )
     listen_port: int = setting(143, port, "port to listen on")
     connect_retries: int = setting(10, non_negative_int, "start-up: extra rounds of connect tries")
     connect_delay: int = setting(5, non_negative_int, "start-up: seconds between rounds")
     cache_size: int = setting(3072, positive_int, "backend sessions, active plus cached")
-    cache_expiration_time: int = setting(300, non_negative_int, "seconds a logged-out session is kept")
+    cache_expiration_time: int = setting(
+        300, non_negative_int, "seconds a logged-out session is kept"
+    )
     proc_username: str | None = setting(None, string, "user to run as")
     proc_groupname: str | None = setting(None, string, "group to run as")
     stat_filename: str = setting("/var/run/pimpstats", string, "mmap'd statistics file")
@@ -227,14 +239,19 @@ def check(config: Config, path: str) -> None:
     """Rules across keys."""
     if not config.server_hostname:
         raise ConfigError(path, None, "server_hostname", "required, but not set")
-    static = [config.auth_sasl_plain_username, config.auth_sasl_plain_password,
-              config.auth_shared_secret]  # fmt: skip
+    static = [
+        config.auth_sasl_plain_username,
+        config.auth_sasl_plain_password,
+        config.auth_shared_secret,
+    ]
     if any(static) and not all(static):
         raise ConfigError(
-            path, None, "auth_sasl_plain_username",
+            path,
+            None,
+            "auth_sasl_plain_username",
             "auth_sasl_plain_username, auth_sasl_plain_password and auth_shared_secret "
             "must be set together",
-        )  # fmt: skip
+        )
     if config.tls_key_file and not config.tls_cert_file:
         raise ConfigError(path, None, "tls_key_file", "set, but tls_cert_file is not")
 

@@ -23,10 +23,15 @@ logging.addLevelName(NOTICE, "NOTICE")
 
 # syslog priority -> the lowest logging level still shown under LOG_UPTO(priority)
 _MASK_LEVEL = {
-    "LOG_EMERG": logging.CRITICAL, "LOG_ALERT": logging.CRITICAL, "LOG_CRIT": logging.CRITICAL,
-    "LOG_ERR": logging.ERROR, "LOG_WARNING": logging.WARNING, "LOG_NOTICE": NOTICE,
-    "LOG_INFO": logging.INFO, "LOG_DEBUG": logging.DEBUG,
-}  # fmt: skip
+    "LOG_EMERG": logging.CRITICAL,
+    "LOG_ALERT": logging.CRITICAL,
+    "LOG_CRIT": logging.CRITICAL,
+    "LOG_ERR": logging.ERROR,
+    "LOG_WARNING": logging.WARNING,
+    "LOG_NOTICE": NOTICE,
+    "LOG_INFO": logging.INFO,
+    "LOG_DEBUG": logging.DEBUG,
+}
 
 
 def _syslog_priority(level: int) -> int:
@@ -57,15 +62,17 @@ class SyslogHandler(logging.Handler):
 
 def setup(config: Config, *, foreground: bool, stream: TextIO | None = None) -> None:
     """Route the ``imapproxy`` logger to syslog, or to ``stream`` (stderr) in the foreground."""
-    for handler in list(LOGGER.handlers):
-        LOGGER.removeHandler(handler)
-        handler.close()
+    for old in list(LOGGER.handlers):
+        LOGGER.removeHandler(old)
+        old.close()
     handler: logging.Handler
     if foreground:
         handler = logging.StreamHandler(stream or sys.stderr)
-        handler.setFormatter(logging.Formatter(
-            f"%(asctime)s {SYSLOG_IDENT}[{os.getpid()}]: %(message)s", "%Y-%m-%d %H:%M:%S"
-        ))  # fmt: skip
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s {SYSLOG_IDENT}[{os.getpid()}]: %(message)s", "%Y-%m-%d %H:%M:%S"
+            )
+        )
     else:
         handler = SyslogHandler(config.syslog_facility)
     LOGGER.addHandler(handler)

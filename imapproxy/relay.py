@@ -21,11 +21,10 @@ timeout.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
-import secrets
 from collections.abc import Callable
-from typing import Any
 
 import gevent
 from gevent import socket
@@ -67,8 +66,13 @@ IDLE_TIMEOUT_BYE = b"* BYE Autologout; idle for too long\r\n"
 
 
 class Outcome(enum.Enum):
-    REUSABLE = "reusable"  # idle, in sync: may be cached
+    REUSABLE = "reusable"  # the client logged out; the session is idle, in sync: may be cached
+    RESYNCED = "resynced"  # the client vanished, but the session was brought back in sync
     CLOSED = "closed"  # must be closed
+
+    @property
+    def reusable(self) -> bool:
+        return self is not Outcome.CLOSED
 
 
 class _Desync(Exception):
@@ -201,10 +205,8 @@ class Relay:
         self.backend_gone = why
         if self.client_alive:
             _send_quietly(self.client, b"* BYE IMAP server connection lost\r\n")
-        try:
+        with contextlib.suppress(OSError):
             self.client.shutdown(socket.SHUT_RDWR)  # wakes the client side's recv with EOF
-        except OSError:
-            pass
 
     def _idle(self) -> bool:
         scanner = self.scanner
@@ -245,7 +247,9 @@ class Relay:
             LOGGER.info("closing session: %s", _why(error))
             self._close()
             if self.client_alive and not self.backend_gone:  # the pump said BYE otherwise
-                _send_quietly(self.client, b"* BYE IMAP session failed: " + _why(error).encode() + b"\r\n")
+                _send_quietly(
+                    self.client, b"* BYE IMAP session failed: " + _why(error).encode() + b"\r\n"
+                )
             return Outcome.CLOSED
         finally:
             if self._pump is not None:
@@ -338,8 +342,10 @@ class Relay:
     def _await_literal_go_ahead(self) -> None:
         """A synchronising literal: pass it once the backend sent "+", or drop it if refused."""
         spec_tag = next(reversed(self.outstanding), None)
-        if not self._wait_until(lambda: self.continuations > 0 or spec_tag not in self.outstanding,
-                                self.response_timeout):  # fmt: skip
+        if not self._wait_until(
+            lambda: self.continuations > 0 or spec_tag not in self.outstanding,
+            self.response_timeout,
+        ):
             raise _Desync("no reply to a literal")
         if self.continuations > 0:
             self.continuations -= 1
@@ -349,8 +355,9 @@ class Relay:
 
     def _reply_to_client(self, data: bytes) -> None:
         """Send a response of the proxy's own between two of the backend's."""
-        if not self._wait_until(lambda: self._pump_parked and self.scanner.at_boundary,
-                                self.response_timeout):  # fmt: skip
+        if not self._wait_until(
+            lambda: self._pump_parked and self.scanner.at_boundary, self.response_timeout
+        ):
             raise _Desync("backend never reached a response boundary")
         self._client_writing = True
         try:
@@ -366,8 +373,9 @@ class Relay:
     def _stop_pump(self) -> bool:
         """Stop the pump once the session is idle at a response boundary; False if it never is."""
         self._stop_when_idle = True
-        settled = self._wait_until(lambda: self._idle() and self._pump_parked or self._pump_dead(),
-                                   self.response_timeout)  # fmt: skip
+        settled = self._wait_until(
+            lambda: self._idle() and self._pump_parked or self._pump_dead(), self.response_timeout
+        )
         pump, self._pump = self._pump, None
         if pump is not None:
             pump.kill(block=True)  # parked in recv_into: nothing read is lost
@@ -414,7 +422,7 @@ class Relay:
         except (_Desync, BackendFailure) as error:
             LOGGER.info("session dropped after client left: %s", _why(error))
             return self._close()
-        return Outcome.REUSABLE
+        return Outcome.RESYNCED
 
     def _client_timed_out(self) -> Outcome:
         if self.idle_tag is None and not self.outstanding:

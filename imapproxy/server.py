@@ -43,6 +43,7 @@ from imapproxy.session import (
     id_command_args,
 )
 from imapproxy.stats import Counters
+from imapproxy.trace import Tracer
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -74,8 +75,13 @@ def _now() -> float:
 class Proxy:
     """State shared by all client connections."""
 
-    def __init__(self, config: Config, backend: Backend, counters: Counters,
-                 clock: Callable[[], float] = _now) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        counters: Counters,
+        clock: Callable[[], float] = _now,
+    ) -> None:
         self.config = config
         self.backend = backend
         self.counters = counters
@@ -83,7 +89,7 @@ class Proxy:
         self.cache: ConnectionCache[BackendSession] = ConnectionCache(config.cache_size)
         self.hasher = CredentialHasher()
         self.snapshot = Snapshot()
-        self.tracer: admin.Tracer | None = None
+        self.tracer: Tracer | None = None
         self.servers: list[StreamServer] = []
         self.clients: Group = Group()
         self._logouts = gevent.pool.Pool(LOGOUT_CONCURRENCY)
@@ -96,7 +102,10 @@ class Proxy:
     def refresh(self, result: LoginResult) -> None:
         """Adopt the greeting and pre-login capabilities of a new backend connection."""
         caps = capability.for_clients(result.prelogin_capabilities)
-        if caps != self.snapshot.capabilities or result.greeting_text != self.snapshot.greeting_text:
+        if (
+            caps != self.snapshot.capabilities
+            or result.greeting_text != self.snapshot.greeting_text
+        ):
             self.snapshot = Snapshot(result.greeting_text, caps)
 
     # -- sessions -------------------------------------------------------------------------------
@@ -104,8 +113,9 @@ class Proxy:
     def _update_gauges(self) -> None:
         self.counters.set_server_connections(self.cache.active_count, self.cache.cached_count)
 
-    def checkout(self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None,
-                 where: str) -> tuple[Slot[BackendSession], bool]:  # fmt: skip
+    def checkout(
+        self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None, where: str
+    ) -> tuple[Slot[BackendSession], bool]:
         """A backend session for these credentials: a cached one if alive, else a new one."""
         digest = self.hasher.digest(credentials)
         while (slot := self.cache.take_cached(credentials.username, digest)) is not None:
@@ -115,18 +125,29 @@ class Proxy:
             try:
                 session.check_alive(id_command_args(client_id) if client_id else None)
             except (BackendFailure, OSError) as error:
-                LOGGER.info("LOGIN: '%s' (%s) cached sd [%d] is dead (%s): creating a new one",
-                            credentials.username_text, where, session.sd, _why(error))  # fmt: skip
+                LOGGER.info(
+                    "LOGIN: '%s' (%s) cached sd [%d] is dead (%s): creating a new one",
+                    credentials.username_text,
+                    where,
+                    session.sd,
+                    _why(error),
+                )
                 self.discard(slot)
                 continue
             self.counters.TotalServerConnectionsReused += 1
-            LOGGER.info("LOGIN: '%s' (%s) on existing sd [%d]", credentials.username_text,
-                        where, session.sd)  # fmt: skip
+            LOGGER.info(
+                "LOGIN: '%s' (%s) on existing sd [%d]", credentials.username_text, where, session.sd
+            )
             return slot, True
         return self._new_session(credentials, client_id, digest, where), False
 
-    def _new_session(self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None,
-                     digest: bytes, where: str) -> Slot[BackendSession]:  # fmt: skip
+    def _new_session(
+        self,
+        credentials: Credentials,
+        client_id: tuple[bytes | None, ...] | None,
+        digest: bytes,
+        where: str,
+    ) -> Slot[BackendSession]:
         slot, evicted = self.cache.acquire()
         if evicted is not None:
             self._logout_later(evicted, "Expiring server sd [%d] to make room")
@@ -153,14 +174,21 @@ class Proxy:
         """The client is done with the session: cache it, or close it."""
         session = slot.session
         assert session is not None
-        if outcome is not Outcome.REUSABLE or self.stopping or self.config.cache_expiration_time == 0:
-            if outcome is not Outcome.REUSABLE:
-                self.counters.TotalServerConnectionsDropped += 1
-                LOGGER.info("Invalidating server sd [%d]", session.sd)
-            self.discard(slot, logout=outcome is Outcome.REUSABLE)
+        if outcome is Outcome.RESYNCED:
+            self.counters.TotalClientAbortsResynced += 1
+        if not outcome.reusable:
+            self.counters.TotalServerConnectionsDropped += 1
+            LOGGER.info("Invalidating server sd [%d]", session.sd)
+            self.discard(slot)
             return
-        LOGGER.info("LOGOUT: '%s' from server sd [%d]", session.username.decode("utf-8", "replace"),
-                    session.sd)  # fmt: skip
+        if self.stopping or self.config.cache_expiration_time == 0:
+            self.discard(slot, logout=True)
+            return
+        LOGGER.info(
+            "LOGOUT: '%s' from server sd [%d]",
+            session.username.decode("utf-8", "replace"),
+            session.sd,
+        )
         was_empty = self.cache.cached_count == 0
         self.cache.cache(slot, self.clock())
         self._update_gauges()
@@ -247,10 +275,12 @@ class ClientConnection:
         self.sock = sock
         self.address = address
         self.where = format_address(address)
-        self.session = PreLoginSession(PreLoginPolicy(
-            capabilities=lambda: proxy.snapshot.capability_line(),
-            admin_enabled=lambda: admin.allowed(proxy.config, address),
-        ))  # fmt: skip
+        self.session = PreLoginSession(
+            PreLoginPolicy(
+                capabilities=lambda: proxy.snapshot.capability_line(),
+                admin_enabled=lambda: admin.allowed(proxy.config, address),
+            )
+        )
 
     def run(self) -> None:
         counters = self.proxy.counters
@@ -317,12 +347,17 @@ class ClientConnection:
     def _login(self, request: LoginRequested) -> tuple[Slot[BackendSession], bool, bytes] | None:
         self.proxy.counters.TotalClientLogins += 1
         try:
-            slot, reused = self.proxy.checkout(request.credentials, self.session.client_id,
-                                               self.where)  # fmt: skip
+            slot, reused = self.proxy.checkout(
+                request.credentials, self.session.client_id, self.where
+            )
         except BackendFailure as error:
             self.proxy.counters.TotalLoginFailures += 1
-            LOGGER.info("LOGIN: '%s' (%s) failed: %s", request.credentials.username_text,
-                        self.where, error.detail)  # fmt: skip
+            LOGGER.info(
+                "LOGIN: '%s' (%s) failed: %s",
+                request.credentials.username_text,
+                self.where,
+                error.detail,
+            )
             self._send(error.response(request.tag))
             return None
         return slot, reused, request.tag
@@ -335,15 +370,19 @@ class ClientConnection:
             login = session.login
             reply = b"".join(login.untagged) + tag + b" " + login.reply + b"\r\n"
             if not self._send(REUSE_NOTICE + reply if reused else reply):
+                outcome = Outcome.RESYNCED  # gone before its first command: still idle
                 return
             relay = Relay(
-                self.sock, session, self.session.framer,
+                self.sock,
+                session,
+                self.session.framer,
                 response_timeout=self.proxy.config.server_response_timeout,
                 idle_timeout=self.proxy.config.client_idle_timeout,
                 keep_selected=self.proxy.config.enable_select_cache,
                 trace=self.proxy.tracer.for_user(session.username, session.sd)
-                if self.proxy.tracer else None,
-            )  # fmt: skip
+                if self.proxy.tracer
+                else None,
+            )
             outcome = relay.run()
         finally:
             self.proxy.checkin(slot, outcome)

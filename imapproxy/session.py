@@ -46,9 +46,14 @@ MAX_BAD_COMMANDS = 20
 CONTINUE_LITERAL = b"+ go ahead\r\n"  # up-imapproxy's exact go-ahead text
 PROXY_ID = b'("name" "imapproxy")'
 ADMIN_COMMANDS = frozenset(
-    {b"XPROXY_DUMPICC", b"XPROXY_TRACE", b"XPROXY_NEWLOG", b"XPROXY_RESETCOUNTERS",
-     b"XPROXY_VERSION"}
-)  # fmt: skip
+    {
+        b"XPROXY_DUMPICC",
+        b"XPROXY_TRACE",
+        b"XPROXY_NEWLOG",
+        b"XPROXY_RESETCOUNTERS",
+        b"XPROXY_VERSION",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +289,9 @@ class PreLoginSession:
         if not username or len(username) > MAX_USERNAME_BYTES or b"\x00" in username:
             raise ClientProtocolError("Invalid user name", tag=tag, status="NO")
         if len(password) > MAX_PASSWORD_BYTES or b"\x00" in password:
-            raise ClientProtocolError("[AUTHENTICATIONFAILED] Invalid password", tag=tag, status="NO")
+            raise ClientProtocolError(
+                "[AUTHENTICATIONFAILED] Invalid password", tag=tag, status="NO"
+            )
         return LoginRequested(tag, Credentials(username, password, how))
 
 

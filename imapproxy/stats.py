@@ -25,7 +25,7 @@ Our extension follows, marked so that a reader can tell our file from up-imappro
 
     72      char[4]   b"IPXS"
     76      uint32    extension version (1)
-    80      uint64    × len(EXTENSION_FIELDS), in that order
+    80      uint64    × EXTENSION_COUNT, in the order of ``EXTENSION_FIELDS``
 
 The writer updates fields in place (no locks, as up-imapproxy; single-threaded under gevent, so
 our counters do not drift). The reader maps the file read-only.
@@ -38,53 +38,58 @@ import os
 import struct
 from typing import Final
 
-TIME_FIELDS: Final = ("StartTime", "CountTime")
-COUNTER_FIELDS: Final = (
-    "CurrentClientConnections",
-    "PeakClientConnections",
-    "InUseServerConnections",
-    "PeakInUseServerConnections",
-    "RetainedServerConnections",
-    "PeakRetainedServerConnections",
-    "TotalClientConnectionsAccepted",
-    "TotalClientLogins",
-    "TotalServerConnectionsCreated",
-    "TotalServerConnectionsReused",
-    "TotalSelectCommands",
-    "SelectCacheHits",
-    "SelectCacheMisses",
-)
-EXTENSION_FIELDS: Final = (
-    "TotalLoginFailures",  # logins the backend (or the proxy) refused
-    "TotalServerConnectionsExpired",  # cached sessions logged out by cache_expiration_time
-    "TotalServerConnectionsDropped",  # sessions closed instead of cached (dead, out of sync)
-    "TotalClientAbortsResynced",  # clients that vanished mid-command whose session was kept
-    "TotalCapacityRefusals",  # logins refused because every slot was in use
-)
-
 UP_IMAPPROXY_STRUCT: Final = struct.Struct("=qq13I4x")  # 72 bytes
 UP_IMAPPROXY_SIZE: Final = UP_IMAPPROXY_STRUCT.size
 EXTENSION_MAGIC: Final = b"IPXS"
 EXTENSION_VERSION: Final = 1
 _EXTENSION_HEADER: Final = struct.Struct("=4sI")
 _EXTENSION_OFFSET: Final = UP_IMAPPROXY_SIZE + _EXTENSION_HEADER.size  # 80
-FILE_SIZE: Final = _EXTENSION_OFFSET + 8 * len(EXTENSION_FIELDS)
+EXTENSION_COUNT: Final = 5
+FILE_SIZE: Final = _EXTENSION_OFFSET + 8 * EXTENSION_COUNT
 
 assert UP_IMAPPROXY_SIZE == 72
 
 
-def _field(view_name: str, index: int) -> property:
-    def get(self: Counters) -> int:
-        return int(getattr(self, view_name)[index])
+class _Field:
+    """One counter: element ``index`` of the view named ``area`` (``_times``, ``_counts``, ...)."""
 
-    def set_(self: Counters, value: int) -> None:
-        getattr(self, view_name)[index] = value
+    def __init__(self, area: str, index: int) -> None:
+        self.area, self.index = area, index
 
-    return property(get, set_)
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, counters: Counters, owner: type | None = None) -> int:
+        return int(getattr(counters, self.area)[self.index])
+
+    def __set__(self, counters: Counters, value: int) -> None:
+        getattr(counters, self.area)[self.index] = value
 
 
 class Counters:
     """Named access to the counters in a buffer of ``FILE_SIZE`` bytes (an mmap or bytearray)."""
+
+    StartTime = _Field("_times", 0)
+    CountTime = _Field("_times", 1)
+    CurrentClientConnections = _Field("_counts", 0)
+    PeakClientConnections = _Field("_counts", 1)
+    InUseServerConnections = _Field("_counts", 2)
+    PeakInUseServerConnections = _Field("_counts", 3)
+    RetainedServerConnections = _Field("_counts", 4)
+    PeakRetainedServerConnections = _Field("_counts", 5)
+    TotalClientConnectionsAccepted = _Field("_counts", 6)
+    TotalClientLogins = _Field("_counts", 7)
+    TotalServerConnectionsCreated = _Field("_counts", 8)
+    TotalServerConnectionsReused = _Field("_counts", 9)
+    TotalSelectCommands = _Field("_counts", 10)
+    SelectCacheHits = _Field("_counts", 11)
+    SelectCacheMisses = _Field("_counts", 12)
+    # the extension (version 1)
+    TotalLoginFailures = _Field("_extension", 0)  # logins the backend (or the proxy) refused
+    TotalServerConnectionsExpired = _Field("_extension", 1)  # by cache_expiration_time
+    TotalServerConnectionsDropped = _Field("_extension", 2)  # closed, not cached (dead, desync)
+    TotalClientAbortsResynced = _Field("_extension", 3)  # vanished clients whose session was kept
+    TotalCapacityRefusals = _Field("_extension", 4)  # logins refused: every slot in use
 
     def __init__(self, buffer: mmap.mmap | bytearray) -> None:
         self.buffer = buffer
@@ -104,7 +109,9 @@ class Counters:
         return counters
 
     def mark_extension(self) -> None:
-        _EXTENSION_HEADER.pack_into(self.buffer, UP_IMAPPROXY_SIZE, EXTENSION_MAGIC, EXTENSION_VERSION)
+        _EXTENSION_HEADER.pack_into(
+            self.buffer, UP_IMAPPROXY_SIZE, EXTENSION_MAGIC, EXTENSION_VERSION
+        )
 
     def has_extension(self) -> bool:
         if len(self.buffer) < FILE_SIZE:
@@ -144,17 +151,24 @@ class Counters:
         self.PeakClientConnections = self.CurrentClientConnections
         self.PeakInUseServerConnections = self.InUseServerConnections
         self.PeakRetainedServerConnections = self.RetainedServerConnections
-        for name in ("TotalClientConnectionsAccepted", "TotalServerConnectionsCreated",
-                     "TotalServerConnectionsReused", "TotalClientLogins"):  # fmt: skip
+        for name in (
+            "TotalClientConnectionsAccepted",
+            "TotalServerConnectionsCreated",
+            "TotalServerConnectionsReused",
+            "TotalClientLogins",
+        ):
             setattr(self, name, 0)
 
 
-for _i, _name in enumerate(TIME_FIELDS):
-    setattr(Counters, _name, _field("_times", _i))
-for _i, _name in enumerate(COUNTER_FIELDS):
-    setattr(Counters, _name, _field("_counts", _i))
-for _i, _name in enumerate(EXTENSION_FIELDS):
-    setattr(Counters, _name, _field("_extension", _i))
+def _names(area: str) -> tuple[str, ...]:
+    fields = [f for f in vars(Counters).values() if isinstance(f, _Field) and f.area == area]
+    return tuple(f.name for f in sorted(fields, key=lambda f: f.index))
+
+
+TIME_FIELDS: Final = _names("_times")
+COUNTER_FIELDS: Final = _names("_counts")  # up-imapproxy's order
+EXTENSION_FIELDS: Final = _names("_extension")
+assert len(TIME_FIELDS) == 2 and len(COUNTER_FIELDS) == 13
 
 
 def create_file(path: str) -> Counters:

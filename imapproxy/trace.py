@@ -38,8 +38,12 @@ class Tracer:
 
     def disable(self) -> None:
         if self.user is not None:
-            self._write(self._header(self.user, b"PROXY: user tracing disabled. "
-                                                b"Expect further output until client logout."))  # fmt: skip
+            self._write(
+                self._header(
+                    self.user,
+                    b"PROXY: user tracing disabled. Expect further output until client logout.",
+                )
+            )
         self.user = None
 
     def truncate(self) -> None:

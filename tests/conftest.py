@@ -17,10 +17,12 @@ from hypothesis import HealthCheck, settings
 from tests.support.dovecot import DovecotInstance, User, make_message
 from tests.support.proxy import ProxyProcess
 
-settings.register_profile("fast", max_examples=150, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("deep", max_examples=20000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "fast", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "deep", max_examples=20000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 MESSAGES_PER_USER = 5

@@ -7,7 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from imapproxy.backend_login import READ, START_TLS, BackendPolicy, LoginResult, Send, login_dialogue
+from imapproxy.backend_login import (
+    READ,
+    START_TLS,
+    BackendPolicy,
+    LoginResult,
+    Send,
+    login_dialogue,
+)
 from imapproxy.credentials import Credentials
 from imapproxy.errors import BackendFailure, FailureKind
 from imapproxy.protocol.framing import NEED_DATA
@@ -50,8 +57,9 @@ def creds(password: bytes = b"secret") -> Credentials:
 
 
 def test_plain_login_with_literal_plus_and_compress_filtered() -> None:
-    sent, result = drive(login_dialogue(creds(b"se\r\ncret"), BackendPolicy(), None),
-                         [GREETING, LOGGED_IN])
+    sent, result = drive(
+        login_dialogue(creds(b"se\r\ncret"), BackendPolicy(), None), [GREETING, LOGGED_IN]
+    )
     assert sent == [b'A0001 LOGIN "alice" {8+}\r\nse\r\ncret\r\n']
     assert result.reply == b"OK [CAPABILITY IMAP4rev1 IDLE UNSELECT] Logged in"
     assert result.capabilities == (b"IMAP4rev1", b"IDLE", b"UNSELECT", b"COMPRESS=DEFLATE")
@@ -60,8 +68,10 @@ def test_plain_login_with_literal_plus_and_compress_filtered() -> None:
 
 def test_synchronising_literal_waits_for_continuation() -> None:
     greeting = b"* OK [CAPABILITY IMAP4rev1] hi\r\n"
-    sent, result = drive(login_dialogue(creds(b"a\x01\r\nb"), BackendPolicy(), None),
-                         [greeting, b"+ go\r\n", b"* CAPABILITY IMAP4rev1 X\r\nA0001 OK done\r\n"])
+    sent, result = drive(
+        login_dialogue(creds(b"a\x01\r\nb"), BackendPolicy(), None),
+        [greeting, b"+ go\r\n", b"* CAPABILITY IMAP4rev1 X\r\nA0001 OK done\r\n"],
+    )
     assert sent == [b'A0001 LOGIN "alice" {5}\r\n', b"a\x01\r\nb", b"\r\n"]
     assert result.untagged == (b"* CAPABILITY IMAP4rev1 X\r\n",)
     assert result.capabilities == (b"IMAP4rev1", b"X")
@@ -69,37 +79,59 @@ def test_synchronising_literal_waits_for_continuation() -> None:
 
 def test_capability_asked_when_greeting_lacks_it_and_id_and_preauth() -> None:
     policy = BackendPolicy(preauth_command=b'ID ("GUID" "1")')
-    sent, _ = drive(login_dialogue(creds(), policy, (b"name", b"webmail")), [
-        b"* OK ready\r\n", b"* CAPABILITY IMAP4rev1\r\nC0001 OK\r\n",
-        b"* ID NIL\r\nI0001 OK\r\n", b"P0001 OK\r\n", b"A0001 OK Logged in\r\n"])
-    assert sent == [b"C0001 CAPABILITY\r\n", b'I0001 ID ("name" "webmail")\r\n',
-                    b'P0001 ID ("GUID" "1")\r\n', b'A0001 LOGIN "alice" "secret"\r\n']
+    sent, _ = drive(
+        login_dialogue(creds(), policy, (b"name", b"webmail")),
+        [
+            b"* OK ready\r\n",
+            b"* CAPABILITY IMAP4rev1\r\nC0001 OK\r\n",
+            b"* ID NIL\r\nI0001 OK\r\n",
+            b"P0001 OK\r\n",
+            b"A0001 OK Logged in\r\n",
+        ],
+    )
+    assert sent == [
+        b"C0001 CAPABILITY\r\n",
+        b'I0001 ID ("name" "webmail")\r\n',
+        b'P0001 ID ("GUID" "1")\r\n',
+        b'A0001 LOGIN "alice" "secret"\r\n',
+    ]
 
 
 def test_rejected_login_carries_backends_reply() -> None:
     with pytest.raises(BackendFailure) as raised:
-        drive(login_dialogue(creds(), BackendPolicy(), None),
-              [GREETING, b"A0001 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"])
+        drive(
+            login_dialogue(creds(), BackendPolicy(), None),
+            [GREETING, b"A0001 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"],
+        )
     assert raised.value.kind is FailureKind.AUTH_REJECTED
     assert raised.value.response(b"x") == b"x NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
 
 
 def test_sasl_plain_and_static_identity() -> None:
-    sent, _ = drive(login_dialogue(creds(), BackendPolicy(sasl_plain=True), None),
-                    [GREETING, b"A0001 OK in\r\n"])
+    sent, _ = drive(
+        login_dialogue(creds(), BackendPolicy(sasl_plain=True), None),
+        [GREETING, b"A0001 OK in\r\n"],
+    )
     assert sent == [b"A0001 AUTHENTICATE PLAIN " + base64.b64encode(b"\0alice\0secret") + b"\r\n"]
     policy = BackendPolicy(static_identity=(b"master", b"mpw"))
-    sent, _ = drive(login_dialogue(creds(), policy, None),
-                    [b"* OK [CAPABILITY IMAP4rev1] hi\r\n", b"+ \r\n", b"A0001 OK in\r\n"])
-    assert sent == [b"A0001 AUTHENTICATE PLAIN\r\n",
-                    base64.b64encode(b"alice\0master\0mpw") + b"\r\n"]
+    sent, _ = drive(
+        login_dialogue(creds(), policy, None),
+        [b"* OK [CAPABILITY IMAP4rev1] hi\r\n", b"+ \r\n", b"A0001 OK in\r\n"],
+    )
+    assert sent == [
+        b"A0001 AUTHENTICATE PLAIN\r\n",
+        base64.b64encode(b"alice\0master\0mpw") + b"\r\n",
+    ]
 
 
-@pytest.mark.parametrize(("greeting", "kind"), [
-    (b"* BYE Too many connections\r\n", FailureKind.CONNECT),
-    (b"* PREAUTH welcome\r\n", FailureKind.PROTOCOL),
-    (b"garbage here\r\n", FailureKind.PROTOCOL),
-])
+@pytest.mark.parametrize(
+    ("greeting", "kind"),
+    [
+        (b"* BYE Too many connections\r\n", FailureKind.CONNECT),
+        (b"* PREAUTH welcome\r\n", FailureKind.PROTOCOL),
+        (b"garbage here\r\n", FailureKind.PROTOCOL),
+    ],
+)
 def test_bad_greetings(greeting: bytes, kind: FailureKind) -> None:
     with pytest.raises(BackendFailure) as raised:
         drive(login_dialogue(creds(), BackendPolicy(), None), [greeting])
@@ -116,9 +148,19 @@ def test_logindisabled_without_tls_refuses_to_send_password() -> None:
 
 def test_starttls_then_capabilities_again() -> None:
     policy = BackendPolicy(force_tls=True, tls_available=True)
-    sent, result = drive(login_dialogue(creds(), policy, None), [
-        b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n", b"S0001 OK go\r\n",
-        b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC0002 OK\r\n", b"A0001 OK in\r\n"])
-    assert sent == [b"S0001 STARTTLS\r\n", b"<TLS>", b"C0002 CAPABILITY\r\n",
-                    b'A0001 LOGIN "alice" "secret"\r\n']
+    sent, result = drive(
+        login_dialogue(creds(), policy, None),
+        [
+            b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n",
+            b"S0001 OK go\r\n",
+            b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nC0002 OK\r\n",
+            b"A0001 OK in\r\n",
+        ],
+    )
+    assert sent == [
+        b"S0001 STARTTLS\r\n",
+        b"<TLS>",
+        b"C0002 CAPABILITY\r\n",
+        b'A0001 LOGIN "alice" "secret"\r\n',
+    ]
     assert result.prelogin_capabilities == (b"IMAP4rev1", b"AUTH=PLAIN")

@@ -2,14 +2,18 @@ from __future__ import annotations
 
 from imapproxy.protocol import capability
 
-DOVECOT_PRELOGIN = tuple(b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS "
-                         b"AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5 LOGINDISABLED".split())
+DOVECOT_PRELOGIN = tuple(
+    b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS "
+    b"AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5 LOGINDISABLED".split()
+)
 
 
 def test_prelogin_list_for_clients() -> None:
     caps = capability.for_clients(DOVECOT_PRELOGIN)
-    assert caps == tuple(b"IMAP4rev1 LOGIN-REFERRALS ENABLE IDLE LITERAL+ ID SASL-IR AUTH=PLAIN "
-                         b"AUTH=LOGIN XIMAPPROXY".split())
+    assert caps == tuple(
+        b"IMAP4rev1 LOGIN-REFERRALS ENABLE IDLE LITERAL+ ID SASL-IR AUTH=PLAIN "
+        b"AUTH=LOGIN XIMAPPROXY".split()
+    )
 
 
 def test_starttls_and_logindisabled_when_the_proxy_says_so() -> None:

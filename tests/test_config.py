@@ -15,13 +15,44 @@ from imapproxy.config import SETTINGS, Config, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN_CONF = Path("/etc/imapproxy.conf")
-UP_IMAPPROXY_KEYS = """server_hostname server_port listen_address listen_port connect_retries
-connect_delay cache_size cache_expiration_time proc_username proc_groupname stat_filename
-protocol_log_filename syslog_facility syslog_prioritymask send_tcp_keepalives enable_select_cache
-foreground_mode force_tls chroot_directory preauth_command enable_admin_commands tls_ca_file
-tls_ca_path tls_cert_file tls_key_file tls_verify_server tls_ciphers tls_no_tlsv1 tls_no_tlsv1.1
-tls_no_tlsv1.2 auth_sasl_plain_username auth_sasl_plain_password auth_shared_secret auth_sasl_mech
-dns_rr ipversion_only""".split()
+UP_IMAPPROXY_KEYS = [
+    "server_hostname",
+    "server_port",
+    "listen_address",
+    "listen_port",
+    "connect_retries",
+    "connect_delay",
+    "cache_size",
+    "cache_expiration_time",
+    "proc_username",
+    "proc_groupname",
+    "stat_filename",
+    "protocol_log_filename",
+    "syslog_facility",
+    "syslog_prioritymask",
+    "send_tcp_keepalives",
+    "enable_select_cache",
+    "foreground_mode",
+    "force_tls",
+    "chroot_directory",
+    "preauth_command",
+    "enable_admin_commands",
+    "tls_ca_file",
+    "tls_ca_path",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_verify_server",
+    "tls_ciphers",
+    "tls_no_tlsv1",
+    "tls_no_tlsv1.1",
+    "tls_no_tlsv1.2",
+    "auth_sasl_plain_username",
+    "auth_sasl_plain_password",
+    "auth_shared_secret",
+    "auth_sasl_mech",
+    "dns_rr",
+    "ipversion_only",
+]
 
 
 def parse(text: str) -> Config:
@@ -40,36 +71,64 @@ def test_every_up_imapproxy_key_is_known() -> None:
 
 def test_documented_defaults() -> None:
     c = parse("server_hostname imap.example.org\n")
-    assert (c.connect_retries, c.connect_delay, c.cache_size, c.cache_expiration_time) == (10, 5, 3072, 300)
+    assert (c.connect_retries, c.connect_delay, c.cache_size, c.cache_expiration_time) == (
+        10,
+        5,
+        3072,
+        300,
+    )
     assert (c.server_port, c.listen_port, c.syslog_facility) == (143, 143, "LOG_MAIL")
     assert not c.enable_select_cache and not c.enable_admin_commands and not c.force_tls
 
 
 def test_every_key_parses_a_value() -> None:
     values = {
-        "server_hostname": ("imap.example.org", "imap.example.org"), "server_port": ("993", 993),
-        "listen_address": ("127.0.0.1 ::1", ("127.0.0.1", "::1")), "listen_port": ("imap", 143),
-        "connect_retries": ("0", 0), "connect_delay": ("2", 2), "cache_size": ("10", 10),
-        "cache_expiration_time": ("0", 0), "proc_username": ("nobody", "nobody"),
-        "proc_groupname": ("nogroup", "nogroup"), "stat_filename": ("/tmp/s", "/tmp/s"),
-        "protocol_log_filename": ("/tmp/p", "/tmp/p"), "syslog_facility": ("log_local3", "LOG_LOCAL3"),
-        "syslog_prioritymask": ("LOG_WARNING", "LOG_WARNING"), "send_tcp_keepalives": ("Y", True),
-        "enable_select_cache": ("TRUE", True), "foreground_mode": ("yes", True),
-        "force_tls": ("no", False), "chroot_directory": ("/var/empty", "/var/empty"),
+        "server_hostname": ("imap.example.org", "imap.example.org"),
+        "server_port": ("993", 993),
+        "listen_address": ("127.0.0.1 ::1", ("127.0.0.1", "::1")),
+        "listen_port": ("imap", 143),
+        "connect_retries": ("0", 0),
+        "connect_delay": ("2", 2),
+        "cache_size": ("10", 10),
+        "cache_expiration_time": ("0", 0),
+        "proc_username": ("nobody", "nobody"),
+        "proc_groupname": ("nogroup", "nogroup"),
+        "stat_filename": ("/tmp/s", "/tmp/s"),
+        "protocol_log_filename": ("/tmp/p", "/tmp/p"),
+        "syslog_facility": ("log_local3", "LOG_LOCAL3"),
+        "syslog_prioritymask": ("LOG_WARNING", "LOG_WARNING"),
+        "send_tcp_keepalives": ("Y", True),
+        "enable_select_cache": ("TRUE", True),
+        "foreground_mode": ("yes", True),
+        "force_tls": ("no", False),
+        "chroot_directory": ("/var/empty", "/var/empty"),
         "preauth_command": ('ID ("GUID" "1")', 'ID ("GUID" "1")'),
-        "enable_admin_commands": ("n", False), "tls_ca_file": ("/ca.pem", "/ca.pem"),
-        "tls_ca_path": ("/etc/ssl/certs/", "/etc/ssl/certs/"), "tls_cert_file": ("/c.pem", "/c.pem"),
-        "tls_key_file": ("/k.pem", "/k.pem"), "tls_verify_server": ("yes", True),
-        "tls_ciphers": ("ALL:!aNULL:!eNULL", "ALL:!aNULL:!eNULL"), "tls_no_tlsv1": ("yes", True),
-        "tls_no_tlsv1.1": ("yes", True), "tls_no_tlsv1.2": ("false", False),
-        "auth_sasl_plain_username": ("master", "master"), "auth_sasl_plain_password": ("p w", "p w"),
-        "auth_shared_secret": ("s", "s"), "auth_sasl_mech": ("PLAIN", "plain"), "dns_rr": ("yes", True),
-        "ipversion_only": ("6", 6), "listen_backlog": ("50", 50), "client_login_timeout": ("5", 5),
-        "client_idle_timeout": ("60", 60), "server_connect_timeout": ("3", 3),
+        "enable_admin_commands": ("n", False),
+        "tls_ca_file": ("/ca.pem", "/ca.pem"),
+        "tls_ca_path": ("/etc/ssl/certs/", "/etc/ssl/certs/"),
+        "tls_cert_file": ("/c.pem", "/c.pem"),
+        "tls_key_file": ("/k.pem", "/k.pem"),
+        "tls_verify_server": ("yes", True),
+        "tls_ciphers": ("ALL:!aNULL:!eNULL", "ALL:!aNULL:!eNULL"),
+        "tls_no_tlsv1": ("yes", True),
+        "tls_no_tlsv1.1": ("yes", True),
+        "tls_no_tlsv1.2": ("false", False),
+        "auth_sasl_plain_username": ("master", "master"),
+        "auth_sasl_plain_password": ("p w", "p w"),
+        "auth_shared_secret": ("s", "s"),
+        "auth_sasl_mech": ("PLAIN", "plain"),
+        "dns_rr": ("yes", True),
+        "ipversion_only": ("6", 6),
+        "listen_backlog": ("50", 50),
+        "client_login_timeout": ("5", 5),
+        "client_idle_timeout": ("60", 60),
+        "server_connect_timeout": ("3", 3),
         "server_response_timeout": ("9", 9),
     }
-    text = "".join(f"{key.upper() if i % 2 else key}\t {raw}  # comment\n"
-                   for i, (key, (raw, _)) in enumerate(values.items()))
+    text = "".join(
+        f"{key.upper() if i % 2 else key}\t {raw}  # comment\n"
+        for i, (key, (raw, _)) in enumerate(values.items())
+    )
     c = parse(text)
     for key, (_, expected) in values.items():
         assert getattr(c, SETTINGS[key].name) == expected, key
@@ -77,19 +136,49 @@ def test_every_key_parses_a_value() -> None:
     assert not missing
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("server_hostname x\ncache_size abc\n", 'imapproxy.conf:2: cache_size: expected a positive integer, got "abc"'),
-    ("server_hostname x\ncache_size 0\n", 'imapproxy.conf:2: cache_size: expected a positive integer, got "0"'),
-    ("server_hostname x\nlisten_port 99999\n", 'imapproxy.conf:2: listen_port: expected a port number from 1 to 65535, got "99999"'),
-    ("server_hostname x\n\n# c\nfoo_bar 1\n", "imapproxy.conf:4: foo_bar: unknown key"),
-    ("server_hostname x\nforce_tls maybe\n", 'imapproxy.conf:2: force_tls: expected yes or no, got "maybe"'),
-    ("server_hostname x\nsyslog_facility LOG_KERN\n", "imapproxy.conf:2: syslog_facility: expected a syslog facility"),
-    ("server_hostname x\nipversion_only 5\n", 'imapproxy.conf:2: ipversion_only: expected 4 or 6, got "5"'),
-    ("server_hostname x\nconnect_delay\n", 'imapproxy.conf:2: connect_delay: expected a non-negative integer, got ""'),
-    ("cache_size 5\n", "imapproxy.conf: server_hostname: required, but not set"),
-    ("server_hostname x\nauth_shared_secret s\n", "imapproxy.conf: auth_sasl_plain_username: auth_sasl_plain_username, auth_sasl_plain_password and auth_shared_secret must be set together"),
-    ("server_hostname x\nadmin_allow 10.0.0.0/8 nonsense\n", 'imapproxy.conf:2: admin_allow: expected addresses or networks, got "nonsense"'),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "server_hostname x\ncache_size abc\n",
+            'imapproxy.conf:2: cache_size: expected a positive integer, got "abc"',
+        ),
+        (
+            "server_hostname x\ncache_size 0\n",
+            'imapproxy.conf:2: cache_size: expected a positive integer, got "0"',
+        ),
+        (
+            "server_hostname x\nlisten_port 99999\n",
+            'imapproxy.conf:2: listen_port: expected a port number from 1 to 65535, got "99999"',
+        ),
+        ("server_hostname x\n\n# c\nfoo_bar 1\n", "imapproxy.conf:4: foo_bar: unknown key"),
+        (
+            "server_hostname x\nforce_tls maybe\n",
+            'imapproxy.conf:2: force_tls: expected yes or no, got "maybe"',
+        ),
+        (
+            "server_hostname x\nsyslog_facility LOG_KERN\n",
+            "imapproxy.conf:2: syslog_facility: expected a syslog facility",
+        ),
+        (
+            "server_hostname x\nipversion_only 5\n",
+            'imapproxy.conf:2: ipversion_only: expected 4 or 6, got "5"',
+        ),
+        (
+            "server_hostname x\nconnect_delay\n",
+            'imapproxy.conf:2: connect_delay: expected a non-negative integer, got ""',
+        ),
+        ("cache_size 5\n", "imapproxy.conf: server_hostname: required, but not set"),
+        (
+            "server_hostname x\nauth_shared_secret s\n",
+            "imapproxy.conf: auth_sasl_plain_username: auth_sasl_plain_username, auth_sasl_plain_password and auth_shared_secret must be set together",
+        ),
+        (
+            "server_hostname x\nadmin_allow 10.0.0.0/8 nonsense\n",
+            'imapproxy.conf:2: admin_allow: expected addresses or networks, got "nonsense"',
+        ),
+    ],
+)
 def test_errors_name_file_line_and_key(text: str, message: str) -> None:
     assert error_of(text).startswith(message)
 
@@ -115,8 +204,10 @@ def test_debian_sample_loads() -> None:
 
 
 def test_describe_masks_secrets() -> None:
-    c = parse("server_hostname x\nauth_sasl_plain_username m\nauth_sasl_plain_password hunter2\n"
-              "auth_shared_secret s3cr3t\n")
+    c = parse(
+        "server_hostname x\nauth_sasl_plain_username m\nauth_sasl_plain_password hunter2\n"
+        "auth_shared_secret s3cr3t\n"
+    )
     text = config.describe(c)
     assert "hunter2" not in text and "s3cr3t" not in text
     assert "auth_sasl_plain_password ********" in text and "cache_size 3072" in text
@@ -125,15 +216,27 @@ def test_describe_masks_secrets() -> None:
 def test_check_config_command(tmp_path: Path) -> None:
     good = tmp_path / "good.conf"
     good.write_text("server_hostname localhost\ncache_size 7\n")
-    run = subprocess.run([sys.executable, "-m", "imapproxy", "-f", str(good), "--check-config"],
-                         capture_output=True, text=True, cwd=REPO, env=dict(os.environ))
+    run = subprocess.run(
+        [sys.executable, "-m", "imapproxy", "-f", str(good), "--check-config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ),
+    )
     assert run.returncode == 0 and "cache_size 7\n" in run.stdout
     bad = tmp_path / "bad.conf"
     bad.write_text("server_hostname localhost\ncache_size abc\n")
-    run = subprocess.run([sys.executable, "-m", "imapproxy", "-f", str(bad), "--check-config"],
-                         capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run(
+        [sys.executable, "-m", "imapproxy", "-f", str(bad), "--check-config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert run.returncode == 78
-    assert run.stderr.strip() == f'in.imapproxyd: {bad}:2: cache_size: expected a positive integer, got "abc"'
+    assert (
+        run.stderr.strip()
+        == f'in.imapproxyd: {bad}:2: cache_size: expected a positive integer, got "abc"'
+    )
 
 
 def test_config_is_frozen() -> None:

@@ -46,8 +46,12 @@ def feed(data: bytes, *, step: int | None = None, accept: bool = True) -> list[o
 def merge_literals(out: list[object]) -> list[object]:
     merged: list[object] = []
     for event in out:
-        if isinstance(event, LiteralData) and merged and isinstance(merged[-1], LiteralData) \
-                and not merged[-1].last:
+        if (
+            isinstance(event, LiteralData)
+            and merged
+            and isinstance(merged[-1], LiteralData)
+            and not merged[-1].last
+        ):
             merged[-1] = LiteralData(merged[-1].data + event.data, event.last)
         else:
             merged.append(event)
@@ -84,8 +88,11 @@ def test_trailing_partial_line_waits() -> None:
 
 def test_rejected_literal_starts_a_new_command() -> None:
     out = feed(b"a APPEND INBOX {99}\r\nb NOOP\r\n", accept=False)
-    assert out == [Line(b"a APPEND INBOX {99}\r\n", True, LiteralSpec(99, True, False)),
-                   AWAIT_CONTINUATION, Line(b"b NOOP\r\n", True, None)]
+    assert out == [
+        Line(b"a APPEND INBOX {99}\r\n", True, LiteralSpec(99, True, False)),
+        AWAIT_CONTINUATION,
+        Line(b"b NOOP\r\n", True, None),
+    ]
 
 
 def test_literal8_and_zero_length() -> None:
@@ -114,7 +121,9 @@ def test_line_exactly_at_limit_is_fine() -> None:
     assert framer.next_event() == Line(b"a NOOP\r\n", True, None)
 
 
-@pytest.mark.parametrize(("data", "mid"), [(b"", False), (b"a NO", True), (b"a X {3+}\r\nab", True)])
+@pytest.mark.parametrize(
+    ("data", "mid"), [(b"", False), (b"a NO", True), (b"a X {3+}\r\nab", True)]
+)
 def test_eof(data: bytes, mid: bool) -> None:
     framer = CommandFramer(1024)
     framer.receive_data(data)
@@ -127,8 +136,17 @@ def test_literal_markers(line: bytes) -> None:
     assert parse_literal_marker(line) is not None
 
 
-@pytest.mark.parametrize("line", [b"a {-5}\r\n", b"a {5}x\r\n", b"a {}\r\n", b"a {99999999999}\r\n",
-                                  b"a {4294967296}\r\n", b"a NOOP\r\n"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"a {-5}\r\n",
+        b"a {5}x\r\n",
+        b"a {}\r\n",
+        b"a {99999999999}\r\n",
+        b"a {4294967296}\r\n",
+        b"a NOOP\r\n",
+    ],
+)
 def test_not_literal_markers(line: bytes) -> None:
     assert parse_literal_marker(line) is None
 
@@ -141,19 +159,25 @@ def test_hostile_bytes_only_raise_our_errors(data: bytes, step: int) -> None:
         for i in range(0, len(data), step):
             framer.receive_data(data[i : i + step])
             for event in events(framer):
-                if isinstance(event, Line):
-                    consumed += len(event.data)
-                elif isinstance(event, LiteralData):
+                if isinstance(event, (Line, LiteralData)):
                     consumed += len(event.data)
     except ProxyError:
         return
     assert consumed <= len(data)
 
 
-@given(st.lists(st.one_of(
-    st.binary(min_size=0, max_size=40).filter(lambda b: b"\n" not in b).map(lambda b: b + b"\r\n"),
-    st.binary(max_size=30).map(lambda b: b"x {%d+}\r\n" % len(b) + b),
-), max_size=20), st.integers(min_value=1, max_value=9))
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(min_size=0, max_size=40)
+            .filter(lambda b: b"\n" not in b)
+            .map(lambda b: b + b"\r\n"),
+            st.binary(max_size=30).map(lambda b: b"x {%d+}\r\n" % len(b) + b),
+        ),
+        max_size=20,
+    ),
+    st.integers(min_value=1, max_value=9),
+)
 def test_chunking_never_changes_the_events(parts: list[bytes], step: int) -> None:
     data = b"".join(parts)
     assert feed(data, step=step) == feed(data)

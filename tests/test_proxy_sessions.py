@@ -48,7 +48,9 @@ def test_login_again_reuses_the_same_backend_session(
     assert f"LOGOUT: '{user.name}' from server sd [" in log
 
 
-def test_reuse_reply_is_one_write_with_post_login_capabilities(proxy: ProxyProcess, user: User) -> None:
+def test_reuse_reply_is_one_write_with_post_login_capabilities(
+    proxy: ProxyProcess, user: User
+) -> None:
     client, _ = login(proxy.host, proxy.port, user.name, user.password)
     client.command(b"Z", b"LOGOUT")
     client.close()
@@ -56,7 +58,9 @@ def test_reuse_reply_is_one_write_with_post_login_capabilities(proxy: ProxyProce
     client.send(b'a LOGIN %s "%s"\r\n' % (user.name.encode(), user.password.encode()))
     time.sleep(0.3)
     data = client.read_available()
-    assert data.startswith(b"* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\na OK [CAPABILITY ")
+    assert data.startswith(
+        b"* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\na OK [CAPABILITY "
+    )
     assert b" UNSELECT " in data and data.endswith(b"] Logged in\r\n")
     client.close()
 
@@ -67,7 +71,9 @@ def test_wrong_password_never_gets_the_cached_session(
     imap, _ = webmail_page(proxy, user)
     imap.logout()
     wrong = imaplib.IMAP4(proxy.host, proxy.port)
-    with pytest.raises(imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\] Authentication failed"):
+    with pytest.raises(
+        imaplib.IMAP4.error, match=r"\[AUTHENTICATIONFAILED\] Authentication failed"
+    ):
         wrong.login(user.name, user.password + "x")
     wrong.shutdown()
     imap, was_reused = webmail_page(proxy, user)  # the right password still gets the cached one
@@ -75,8 +81,9 @@ def test_wrong_password_never_gets_the_cached_session(
     imap.logout()
 
 
-def test_users_never_share_sessions(start_proxy: Callable[..., ProxyProcess],
-                                    make_user: Callable[..., User]) -> None:
+def test_users_never_share_sessions(
+    start_proxy: Callable[..., ProxyProcess], make_user: Callable[..., User]
+) -> None:
     proxy = start_proxy(cache_size=4)
     alice, bob = make_user(password="same-password"), make_user(password="same-password")
     for _ in range(3):
@@ -85,8 +92,9 @@ def test_users_never_share_sessions(start_proxy: Callable[..., ProxyProcess],
             imap.logout()
 
 
-def test_expiry_logs_the_session_out(start_proxy: Callable[..., ProxyProcess], user: User,
-                                     dovecot: DovecotInstance) -> None:
+def test_expiry_logs_the_session_out(
+    start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
+) -> None:
     proxy = start_proxy(cache_expiration_time=1)
     before = dovecot.logouts(user.name)
     imap, _ = webmail_page(proxy, user)
@@ -105,7 +113,9 @@ def test_login_with_literals_and_authenticate(proxy: ProxyProcess, user: User) -
     client = RawClient(proxy.host, proxy.port)
     client.send(b"a LOGIN {%d}\r\n" % len(user.name))
     assert client.read_line() == b"+ go ahead\r\n"
-    client.send(user.name.encode() + b" {%d+}\r\n%s\r\n" % (len(user.password), user.password.encode()))
+    client.send(
+        user.name.encode() + b" {%d+}\r\n%s\r\n" % (len(user.password), user.password.encode())
+    )
     assert client.read_until_tagged(b"a")[-1].startswith(b"a OK ")
     client.command(b"b", b"LOGOUT")
     client.close()
@@ -120,8 +130,9 @@ def test_login_with_literals_and_authenticate(proxy: ProxyProcess, user: User) -
     imap.logout()
 
 
-def test_imapclient_idle_append_and_big_fetch(proxy: ProxyProcess, user: User,
-                                              dovecot: DovecotInstance) -> None:
+def test_imapclient_idle_append_and_big_fetch(
+    proxy: ProxyProcess, user: User, dovecot: DovecotInstance
+) -> None:
     big = make_message(f"{user.name} big", size=5 * 1024 * 1024)
     with IMAPClient(proxy.host, port=proxy.port, ssl=False, timeout=30) as client:
         client.login(user.name, user.password)
@@ -150,8 +161,9 @@ def test_client_killed_mid_fetch_then_next_login_is_in_sync(
     proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")  # drained, resynced, cached
     client, replies = login(proxy.host, proxy.port, user.name, user.password)
     assert replies[0].startswith(b"* OK [XPROXYREUSE]")
-    assert client.command(b"n1", b"NOOP") == [b"n1 OK NOOP completed.\r\n"] or \
-        client.command(b"n2", b"NOOP")[-1].startswith(b"n2 OK")
+    assert client.command(b"n1", b"NOOP") == [b"n1 OK NOOP completed.\r\n"] or client.command(
+        b"n2", b"NOOP"
+    )[-1].startswith(b"n2 OK")
     select = client.command(b"s2", b"SELECT INBOX")
     assert select[-1].startswith(b"s2 OK [READ-WRITE]")
     fetched = client.command(b"f2", b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
@@ -160,9 +172,7 @@ def test_client_killed_mid_fetch_then_next_login_is_in_sync(
     client.close()
 
 
-def test_client_killed_mid_idle_then_next_login_is_in_sync(
-    proxy: ProxyProcess, user: User
-) -> None:
+def test_client_killed_mid_idle_then_next_login_is_in_sync(proxy: ProxyProcess, user: User) -> None:
     client, _ = login(proxy.host, proxy.port, user.name, user.password)
     client.command(b"s", b"SELECT INBOX")
     client.send(b"i IDLE\r\n")
@@ -176,7 +186,9 @@ def test_client_killed_mid_idle_then_next_login_is_in_sync(
     client.close()
 
 
-def test_cache_full(start_proxy: Callable[..., ProxyProcess], make_user: Callable[..., User]) -> None:
+def test_cache_full(
+    start_proxy: Callable[..., ProxyProcess], make_user: Callable[..., User]
+) -> None:
     proxy = start_proxy(cache_size=2)
     users = [make_user() for _ in range(3)]
     first, _ = login(proxy.host, proxy.port, users[0].name, users[0].password)
@@ -185,8 +197,9 @@ def test_cache_full(start_proxy: Callable[..., ProxyProcess], make_user: Callabl
     assert replies[-1].startswith(b"L1 NO [UNAVAILABLE] ")
     assert second.command(b"n", b"NOOP")[-1].startswith(b"n OK")  # others go on
     first.command(b"z", b"LOGOUT")  # a slot becomes cached: it is evicted for the next login
-    assert third.command(b"L2", b'LOGIN %s "%s"' % (users[2].name.encode(),
-                                                   users[2].password.encode()))[-1].startswith(b"L2 OK")
+    assert third.command(
+        b"L2", b'LOGIN %s "%s"' % (users[2].name.encode(), users[2].password.encode())
+    )[-1].startswith(b"L2 OK")
     for client in (first, second, third):
         client.close()
 

@@ -8,9 +8,11 @@ from imapproxy.errors import BackendProtocolError
 from imapproxy.protocol.framing import NEED_DATA
 from imapproxy.protocol.response import BackendClosed, Response, ResponseReader
 
-DATA = (b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n"
-        b"* 1 FETCH (BODY[] {5}\r\nab\r\nc)\r\n"
-        b"A1 OK [READ-WRITE] done\r\n")
+DATA = (
+    b"* OK [CAPABILITY IMAP4rev1 IDLE] ready\r\n"
+    b"* 1 FETCH (BODY[] {5}\r\nab\r\nc)\r\n"
+    b"A1 OK [READ-WRITE] done\r\n"
+)
 
 
 def read_all(reader: ResponseReader) -> list[Response]:

@@ -28,10 +28,12 @@ def split(data: bytes, step: int) -> list[bytes]:
     return [data[i : i + step] for i in range(0, len(data), step)]
 
 
-FETCH = (b"* 1 FETCH (UID 7 BODY[] {28}\r\nSubject: x\r\n\r\nA1 OK fake\r\n)\r\n"
-         b"* 2 FETCH (BODY[] ~{3}\r\nabc)\r\n"
-         b"+ go ahead\r\n"
-         b"A1 OK FETCH done\r\n")
+FETCH = (
+    b"* 1 FETCH (UID 7 BODY[] {28}\r\nSubject: x\r\n\r\nA1 OK fake\r\n)\r\n"
+    b"* 2 FETCH (BODY[] ~{3}\r\nabc)\r\n"
+    b"+ go ahead\r\n"
+    b"A1 OK FETCH done\r\n"
+)
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 16, 4096])
@@ -73,20 +75,40 @@ def test_garbage_marks_broken() -> None:
     assert scanner.broken
 
 
-@given(st.lists(st.one_of(
-    st.sampled_from([b"* 3 EXISTS\r\n", b"+ idling\r\n", b"t1 OK done\r\n", b"t2 NO [X] no\r\n",
-                     b"* OK [UIDNEXT 5] next\r\n"]),
-    st.binary(max_size=40).map(lambda b: b"* 1 FETCH (BODY[] {%d}\r\n" % len(b) + b + b")\r\n"),
-), max_size=30), st.integers(min_value=1, max_value=50))
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(
+                [
+                    b"* 3 EXISTS\r\n",
+                    b"+ idling\r\n",
+                    b"t1 OK done\r\n",
+                    b"t2 NO [X] no\r\n",
+                    b"* OK [UIDNEXT 5] next\r\n",
+                ]
+            ),
+            st.binary(max_size=40).map(
+                lambda b: b"* 1 FETCH (BODY[] {%d}\r\n" % len(b) + b + b")\r\n"
+            ),
+        ),
+        max_size=30,
+    ),
+    st.integers(min_value=1, max_value=50),
+)
 def test_chunking_never_changes_events(responses: list[bytes], step: int) -> None:
     data = b"".join(responses)
     whole, scanner_whole = scan_stream([data] if data else [])
     pieces, scanner_pieces = scan_stream(split(data, step))
     assert pieces == whole
     expected = [(r.split(b" ")[0], r.split(b" ")[1]) for r in responses if r[:1] == b"t"]
-    expected_all = [e if e[0] != b"+" else (b"+", b"") for e in
-                    [(r.split(b" ")[0], r.split(b" ")[1]) if r[:1] != b"+" else (b"+", b"")
-                     for r in responses if r[:1] in (b"t", b"+")]]
+    expected_all = [
+        e if e[0] != b"+" else (b"+", b"")
+        for e in [
+            (r.split(b" ")[0], r.split(b" ")[1]) if r[:1] != b"+" else (b"+", b"")
+            for r in responses
+            if r[:1] in (b"t", b"+")
+        ]
+    ]
     assert [e for e in whole if e[0] != b"+"] == expected
     assert whole == expected_all
     assert scanner_pieces.at_boundary and not scanner_pieces.broken

@@ -49,8 +49,10 @@ def login(actions: list[object]) -> LoginRequested:
 def test_capability_noop_logout() -> None:
     s = session()
     out = play(s, b"a CAPABILITY\r\nb NOOP\r\nc LOGOUT\r\nd NOOP\r\n")
-    assert replies(out) == (CAPS + b"\r\na OK Completed\r\nb OK Completed\r\n"
-                            b"* BYE LOGOUT received\r\nc OK Completed\r\n")
+    assert replies(out) == (
+        CAPS + b"\r\na OK Completed\r\nb OK Completed\r\n"
+        b"* BYE LOGOUT received\r\nc OK Completed\r\n"
+    )
     assert out[-1] == Reply(b"* BYE LOGOUT received\r\nc OK Completed\r\n", close=True)
 
 
@@ -61,7 +63,9 @@ def test_login_forms_decode_to_the_same_credentials() -> None:
     assert replies(play(s, b"a LOGIN {5}\r\n")) == b"+ go ahead\r\n"
     assert replies(play(s, b"alice {6}\r\n")) == b"+ go ahead\r\n"
     assert login(play(s, b'p "w\\d\r\n')).credentials == expected
-    assert login(play(session(), b'a LOGIN {5+}\r\nalice {6+}\r\np "w\\d\r\n')).credentials == expected
+    assert (
+        login(play(session(), b'a LOGIN {5+}\r\nalice {6+}\r\np "w\\d\r\n')).credentials == expected
+    )
 
 
 def test_authenticate_plain_with_and_without_initial_response() -> None:
@@ -98,8 +102,10 @@ def test_authorization_identity_refused() -> None:
 
 def test_other_mechanisms_and_commands() -> None:
     out = play(session(), b"a AUTHENTICATE CRAM-MD5\r\nb SELECT INBOX\r\nc STARTTLS\r\n")
-    assert replies(out) == (b"a NO Unsupported authentication mechanism\r\n"
-                            b"b BAD Please login first\r\nc BAD Please login first\r\n")
+    assert replies(out) == (
+        b"a NO Unsupported authentication mechanism\r\n"
+        b"b BAD Please login first\r\nc BAD Please login first\r\n"
+    )
 
 
 def test_id_is_answered_and_kept_for_replay() -> None:
@@ -134,8 +140,9 @@ def test_long_line_is_fatal() -> None:
 def test_bad_command_budget() -> None:
     s = session()
     out = play(s, b"a FOO\r\n" * MAX_BAD_COMMANDS)
-    assert out[-1] == Reply(b"a BAD Please login first\r\n* BYE Too many invalid IMAP commands\r\n",
-                            close=True)
+    assert out[-1] == Reply(
+        b"a BAD Please login first\r\n* BYE Too many invalid IMAP commands\r\n", close=True
+    )
     assert play(s, b"b NOOP\r\n") == []
 
 

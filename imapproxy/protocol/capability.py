@@ -61,7 +61,7 @@ def for_clients(
 
 
 def without_compress(capabilities: Sequence[bytes]) -> tuple[bytes, ...]:
-    """The backend's post-login list less ``COMPRESS=*`` (RFC 4978), which the proxy cannot relay."""
+    """The backend's list less ``COMPRESS=*`` (RFC 4978), which the proxy cannot relay."""
     return tuple(cap for cap in capabilities if not cap.upper().startswith(b"COMPRESS="))
 
 

@@ -1,4 +1,4 @@
-"""SASL PLAIN (RFC 4616) and LOGIN (draft-murchison-sasl-login) for IMAP AUTHENTICATE (RFC 9051 §6.2.2).
+"""SASL PLAIN (RFC 4616) and LOGIN (draft-murchison-sasl-login) for AUTHENTICATE (RFC 9051 §6.2.2).
 
 Sans-I/O: base64 in, credentials out, and back. Errors are ``ClientProtocolError`` carrying the
 tagged ``BAD`` that RFC 9051 requires for invalid base64 or a cancelled exchange.

@@ -30,7 +30,7 @@ class RawClient:
     def _fill(self) -> None:
         data = self.sock.recv(65536)
         if not data:
-            raise ConnectionError("connection closed; buffered: %r" % self.buffer[:200])
+            raise ConnectionError(f"connection closed; buffered: {self.buffer[:200]!r}")
         self.buffer += data
 
     def read_line(self) -> bytes:
@@ -78,7 +78,7 @@ class RawClient:
                 if not data:
                     break
                 self.buffer += data
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             pass
         data, self.buffer = self.buffer, b""
         return data
@@ -91,7 +91,7 @@ class RawClient:
                 if not data:
                     return True
                 self.buffer += data
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except OSError:
             return True

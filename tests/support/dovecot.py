@@ -118,10 +118,18 @@ FAST_IMAP = """  service_count = 256
 class DovecotInstance:
     """A Dovecot started from ``root`` (a directory it owns), listening on 127.0.0.1."""
 
-    def __init__(self, root: Path, *, listen: str = "127.0.0.1", fast: bool = False,
-                 ssl_cert: Path | None = None, ssl_key: Path | None = None,
-                 ssl_required: bool = False, rawlog: bool = False,
-                 client_limit: int = 1000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: Path,
+        *,
+        listen: str = "127.0.0.1",
+        fast: bool = False,
+        ssl_cert: Path | None = None,
+        ssl_key: Path | None = None,
+        ssl_required: bool = False,
+        rawlog: bool = False,
+        client_limit: int = 1000,
+    ) -> None:
         self.root = root
         self.listen = listen
         self.host = listen
@@ -160,8 +168,10 @@ class DovecotInstance:
         return self.root / "home" / name
 
     def _write_users(self) -> None:
-        lines = [f"{u.name}:{{PLAIN}}{u.password}:{self.uid}:{self.gid}::{self.home(u.name)}\n"
-                 for u in self.users.values()]  # fmt: skip
+        lines = [
+            f"{u.name}:{{PLAIN}}{u.password}:{self.uid}:{self.gid}::{self.home(u.name)}\n"
+            for u in self.users.values()
+        ]
         (self.root / "users").write_text("".join(lines))
         masters = [f"{u.name}:{{PLAIN}}{u.password}\n" for u in self.masters.values()]
         (self.root / "masterusers").write_text("".join(masters))
@@ -186,24 +196,38 @@ class DovecotInstance:
         rawlog_dir = self.root / "rawlog" / "%u" if self.rawlog else ""
         internal = "dovecot" if os.geteuid() == 0 else _current_user()
         login = "dovenull" if os.geteuid() == 0 else _current_user()
-        self.config_path.write_text(BASE_CONFIG.format(
-            root=self.root, instance=f"ipxtest{self.port}", listen=self.listen,
-            port=self.port, imaps_port=self.imaps_port,
-            imaps_ssl="yes" if self.ssl_cert else "no", ssl=self._ssl_settings(),
-            uid=self.uid, gid=self.gid, internal_user=internal, login_user=login,
-            max_userip=100000, rawlog_dir=rawlog_dir,
-            login_tuning=FAST_LOGIN if self.fast else "",
-            imap_tuning=FAST_IMAP if self.fast else "",
-            client_limit=self.client_limit, process_limit=max(1000, self.client_limit),
-        ))  # fmt: skip
+        self.config_path.write_text(
+            BASE_CONFIG.format(
+                root=self.root,
+                instance=f"ipxtest{self.port}",
+                listen=self.listen,
+                port=self.port,
+                imaps_port=self.imaps_port,
+                imaps_ssl="yes" if self.ssl_cert else "no",
+                ssl=self._ssl_settings(),
+                uid=self.uid,
+                gid=self.gid,
+                internal_user=internal,
+                login_user=login,
+                max_userip=100000,
+                rawlog_dir=rawlog_dir,
+                login_tuning=FAST_LOGIN if self.fast else "",
+                imap_tuning=FAST_IMAP if self.fast else "",
+                client_limit=self.client_limit,
+                process_limit=max(1000, self.client_limit),
+            )
+        )
         self._write_users()
 
     # -- running --------------------------------------------------------------------------------
 
     def start(self) -> DovecotInstance:
         self.write_config()
-        self.process = subprocess.Popen([DOVECOT, "-F", "-c", str(self.config_path)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        self.process = subprocess.Popen(
+            [DOVECOT, "-F", "-c", str(self.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             wait_for_port(self.listen, self.port)
         except TimeoutError:
@@ -229,8 +253,13 @@ class DovecotInstance:
         self.start()
 
     def doveadm(self, *args: str, input: bytes | None = None) -> str:
-        result = subprocess.run([DOVEADM, "-c", str(self.config_path), *args], input=input,
-                                capture_output=True, check=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [DOVEADM, "-c", str(self.config_path), *args],
+            input=input,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
         return result.stdout.decode()
 
     def deliver(self, user: str, message: bytes, mailbox: str = "INBOX") -> None:
@@ -269,11 +298,14 @@ def _current_user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def make_message(subject: str, body: str = "Hello.\r\n", sender: str = "sender@example.org",
-                 size: int = 0) -> bytes:  # fmt: skip
+def make_message(
+    subject: str, body: str = "Hello.\r\n", sender: str = "sender@example.org", size: int = 0
+) -> bytes:
     """An RFC 5322 message; ``size`` pads the body to about that many bytes."""
-    header = (f"From: {sender}\r\nTo: user@example.org\r\nSubject: {subject}\r\n"
-              f"Date: Sat, 21 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{abs(hash(subject))}@x>\r\n\r\n")  # fmt: skip
+    header = (
+        f"From: {sender}\r\nTo: user@example.org\r\nSubject: {subject}\r\n"
+        f"Date: Sat, 21 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{abs(hash(subject))}@x>\r\n\r\n"
+    )
     text = body
     if size > len(header) + len(body):
         line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/0123456789\r\n"

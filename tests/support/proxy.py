@@ -30,10 +30,14 @@ def write_config(path: Path, settings: dict[str, Any]) -> Path:
 class ProxyProcess:
     """``python -m imapproxy -f <conf> --foreground`` with its stderr in a file."""
 
-    def __init__(self, root: Path, backend: DovecotInstance | tuple[str, int], **settings: Any) -> None:
+    def __init__(
+        self, root: Path, backend: DovecotInstance | tuple[str, int], **settings: Any
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        host, port = (backend.host, backend.port) if isinstance(backend, DovecotInstance) else backend
+        host, port = (
+            (backend.host, backend.port) if isinstance(backend, DovecotInstance) else backend
+        )
         self.host = "127.0.0.1"
         self.port = free_port()
         self.stat_path = root / "pimpstats"
@@ -57,13 +61,15 @@ class ProxyProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> ProxyProcess:
-        log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "imapproxy", "-f", str(self.config_path), "--foreground"],
-            cwd=REPO, stdout=log, stderr=log, env=env,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "imapproxy", "-f", str(self.config_path), "--foreground"],
+                cwd=REPO,
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
         if wait:
             try:
                 wait_for_port(self.host, self.port, timeout=30)

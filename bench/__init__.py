@@ -1,0 +1,1 @@
+"""Benchmarks: imapproxy against up-imapproxy and direct Dovecot (make bench)."""
