@@ -14,7 +14,7 @@ APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 
-.PHONY: all deps system-deps venv test lint typecheck unit demo fuzz clean
+.PHONY: all deps system-deps venv test lint typecheck unit demo fuzz bench clean
 
 all: test
 
@@ -69,6 +69,11 @@ fuzz: deps
 
 demo: deps
 	$(PY) -m tests.support.demo
+
+# -- benchmarks ---------------------------------------------------------------------------------
+
+bench: deps
+	$(PY) -m bench.run $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-run

@@ -35,7 +35,6 @@ LOGGER = logging.getLogger("imapproxy")
 
 EX_UNAVAILABLE = 69
 EX_OSERR = 71
-SHUTDOWN_GRACE_S = 10.0  # active clients get this long to finish on SIGTERM
 
 
 class StartupError(Exception):
@@ -227,7 +226,7 @@ def run(config: Config, pidfile: str | None) -> int:
     LOGGER.info("normal server startup: listening on %s, proxying to %s", names, backend.name)
     stop.wait()
     LOGGER.info("shutting down: logging out cached sessions")
-    proxy.stop(SHUTDOWN_GRACE_S)
+    proxy.stop(config.shutdown_timeout)
     if pidfile:
         _remove(pidfile)
     LOGGER.info("stopped")

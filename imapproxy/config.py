@@ -198,6 +198,7 @@ class Config:
     client_idle_timeout: int = setting(1800, positive_int, "seconds of client silence after login")
     server_connect_timeout: int = setting(10, positive_int, "seconds to connect to the backend")
     server_response_timeout: int = setting(30, positive_int, "seconds to wait for a backend reply")
+    shutdown_timeout: int = setting(10, non_negative_int, "seconds active clients get on SIGTERM")
     admin_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may use XPROXY_* commands")
 
     def replace(self, **changes: Any) -> Config:

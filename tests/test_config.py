@@ -124,6 +124,7 @@ def test_every_key_parses_a_value() -> None:
         "client_idle_timeout": ("60", 60),
         "server_connect_timeout": ("3", 3),
         "server_response_timeout": ("9", 9),
+        "shutdown_timeout": ("0", 0),
     }
     text = "".join(
         f"{key.upper() if i % 2 else key}\t {raw}  # comment\n"

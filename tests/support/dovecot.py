@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -82,6 +83,7 @@ userdb {{
 namespace inbox {{
   inbox = yes
 }}
+imap_id_log = *
 protocol imap {{
   mail_max_userip_connections = {max_userip}
   rawlog_dir = {rawlog_dir}
@@ -199,7 +201,7 @@ class DovecotInstance:
         self.config_path.write_text(
             BASE_CONFIG.format(
                 root=self.root,
-                instance=f"ipxtest{self.port}",
+                instance=self.instance_name,
                 listen=self.listen,
                 port=self.port,
                 imaps_port=self.imaps_port,
@@ -214,7 +216,7 @@ class DovecotInstance:
                 login_tuning=FAST_LOGIN if self.fast else "",
                 imap_tuning=FAST_IMAP if self.fast else "",
                 client_limit=self.client_limit,
-                process_limit=max(1000, self.client_limit),
+                process_limit=max(1000, self.client_limit) if self.fast else 100,
             )
         )
         self._write_users()
@@ -235,10 +237,21 @@ class DovecotInstance:
             raise RuntimeError(f"dovecot did not start: {self.log_text()}") from None
         return self
 
+    @property
+    def instance_name(self) -> str:
+        return f"ipxtest{self.port}"
+
     def stop(self) -> None:
+        """Stop the master and every process of this instance (``doveadm stop`` shuts the
+        clients down with ``* BYE``; a plain SIGTERM to ``dovecot -F`` would orphan them)."""
         if self.process is None:
             return
-        self.process.terminate()
+        subprocess.run(
+            [DOVEADM, "-c", str(self.config_path), "stop"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -247,6 +260,18 @@ class DovecotInstance:
         if self.process.stderr is not None:
             self.process.stderr.close()
         self.process = None
+        self._kill_leftovers()
+
+    def _kill_leftovers(self) -> None:
+        marker = f"dovecot-{self.instance_name}/".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (entry / "cmdline").read_bytes().startswith(marker):
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except OSError:
+                continue
 
     def restart(self) -> None:
         self.stop()
