@@ -29,6 +29,7 @@ from imapproxy.backend_login import (
     LoginResult,
     Send,
     Steps,
+    check_shared_secret,
     greeting,
     login_dialogue,
 )
@@ -223,6 +224,7 @@ class Backend:
         self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None
     ) -> BackendSession:
         """Connect and log in; the session's ``login`` holds what the backend said."""
+        check_shared_secret(credentials, self.policy)
         sock, address = self.connect()
         reader = ResponseReader()
         try:

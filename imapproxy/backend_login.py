@@ -17,6 +17,7 @@ backend has it), or the static identity of ``auth_sasl_plain_username`` (master 
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TypeAlias, TypeVar
@@ -52,6 +53,7 @@ class BackendPolicy:
     preauth_command: bytes | None = None
     sasl_plain: bool = False  # auth_sasl_mech plain
     static_identity: tuple[bytes, bytes] | None = field(default=None, repr=False)
+    shared_secret: bytes | None = field(default=None, repr=False)  # with static_identity
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,25 @@ def replay_id(client_id: tuple[bytes | None, ...] | None, tag: bytes) -> Steps[l
     args = b"NIL" if client_id is None else encode_string_list(client_id)
     untagged, _ = yield from command(tag + b" ID " + args + b"\r\n", tag)
     return untagged
+
+
+AUTHENTICATION_FAILED = b"NO [AUTHENTICATIONFAILED] Authentication failed."
+
+
+def check_shared_secret(credentials: Credentials, policy: BackendPolicy) -> None:
+    """Static-identity mode: the client's password must be ``auth_shared_secret``.
+
+    Checked before any backend contact, in constant time; otherwise anyone could log in as
+    anyone through the master identity.
+    """
+    if policy.static_identity is None:
+        return
+    if policy.shared_secret is None or not hmac.compare_digest(
+        credentials.password, policy.shared_secret
+    ):
+        raise _failure(
+            FailureKind.AUTH_REJECTED, "shared secret was wrong", reply=AUTHENTICATION_FAILED
+        )
 
 
 def login_dialogue(

@@ -103,6 +103,7 @@ def backend_policy(config: Config) -> BackendPolicy:
         preauth_command=config.preauth_command.encode() if config.preauth_command else None,
         sasl_plain=config.auth_sasl_mech == "plain",
         static_identity=static,
+        shared_secret=config.auth_shared_secret.encode() if config.auth_shared_secret else None,
     )
 
 

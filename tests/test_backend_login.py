@@ -13,6 +13,7 @@ from imapproxy.backend_login import (
     BackendPolicy,
     LoginResult,
     Send,
+    check_shared_secret,
     login_dialogue,
 )
 from imapproxy.credentials import Credentials
@@ -122,6 +123,15 @@ def test_sasl_plain_and_static_identity() -> None:
         b"A0001 AUTHENTICATE PLAIN\r\n",
         base64.b64encode(b"alice\0master\0mpw") + b"\r\n",
     ]
+
+
+def test_static_identity_needs_the_shared_secret() -> None:
+    policy = BackendPolicy(static_identity=(b"master", b"mpw"), shared_secret=b"s3cret")
+    check_shared_secret(Credentials(b"alice", b"s3cret"), policy)
+    with pytest.raises(BackendFailure) as raised:
+        check_shared_secret(Credentials(b"alice", b"wrong"), policy)
+    assert raised.value.response(b"a") == b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    check_shared_secret(Credentials(b"alice", b"anything"), BackendPolicy())  # not in that mode
 
 
 @pytest.mark.parametrize(
