@@ -51,7 +51,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check imapproxy pimpstat tests bench
 
 SANS_IO := imapproxy/protocol imapproxy/cache.py imapproxy/session.py imapproxy/backend_login.py \
-	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py
+	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py pimpstat/view.py
 
 typecheck: venv
 	$(VENV)/bin/mypy imapproxy pimpstat
