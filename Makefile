@@ -51,7 +51,8 @@ lint: venv
 	$(VENV)/bin/ruff format --check imapproxy pimpstat tests bench
 
 SANS_IO := imapproxy/protocol imapproxy/cache.py imapproxy/session.py imapproxy/backend_login.py \
-	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py pimpstat/view.py
+	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py imapproxy/select_cache.py \
+	imapproxy/redact.py pimpstat/view.py
 
 typecheck: venv
 	$(VENV)/bin/mypy imapproxy pimpstat

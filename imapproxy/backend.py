@@ -17,6 +17,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -37,8 +38,9 @@ from imapproxy.config import Config
 from imapproxy.credentials import Credentials
 from imapproxy.errors import BackendFailure, BackendProtocolError, FailureKind
 from imapproxy.protocol import capability
-from imapproxy.protocol.framing import NEED_DATA
+from imapproxy.protocol.framing import NEED_DATA, parse_literal_marker
 from imapproxy.protocol.response import Response, ResponseReader
+from imapproxy.select_cache import SelectEntry, check_commands, still_valid
 
 RECV_BYTES = 65536
 # A cached session gets this long to answer the NOOP before reuse; a healthy backend answers in
@@ -49,10 +51,19 @@ LOGOUT_TIMEOUT_S = 5.0  # how long a LOGOUT to an expiring session may take befo
 Address = tuple[Any, ...]
 
 
+@dataclass
+class ServerTraits:
+    """What the proxy learns about the server's habits from its replies (shared by sessions)."""
+
+    closed_line: bytes | None = None  # "* OK [CLOSED] ..." on SELECT over a selected mailbox
+
+
 class BackendSession:
     """A logged-in connection to the backend."""
 
     __slots__ = (
+        "select_entry",
+        "traits",
         "sock",
         "sd",
         "address",
@@ -74,6 +85,8 @@ class BackendSession:
         self.created_at = time.monotonic()
         self.capabilities = login.capabilities
         self.selected = False  # a mailbox is selected (tracked by the relay)
+        self.select_entry: SelectEntry | None = None  # the SELECT cache's entry
+        self.traits = ServerTraits()
 
     def has_capability(self, name: bytes) -> bool | None:
         """True/False when the post-login capabilities are known, None when they are not."""
@@ -94,22 +107,77 @@ class BackendSession:
 
     def command(self, line: bytes, timeout: float) -> tuple[list[Response], Response]:
         """Send ``line`` (without tag and CRLF) under a fresh tag; return untagged and tagged."""
-        tag = b"ipx" + secrets.token_hex(4).encode()
-        with _Deadline(timeout, "no reply to " + line.split(b" ", 1)[0].decode()):
-            self.send(tag + b" " + line + b"\r\n")
-            untagged = []
-            while (response := self.read_response()).tag != tag:
-                if response.tag == b"*" and response.word == b"BYE":
+        untagged, (done,) = self.pipeline([line], timeout)
+        return untagged, done
+
+    def pipeline(self, lines: list[bytes], timeout: float) -> tuple[list[Response], list[Response]]:
+        """Send several commands in one write; return all untagged replies and the tagged ones
+        in the order of ``lines`` (servers may complete pipelined commands out of order)."""
+        tags = [b"ipx" + secrets.token_hex(4).encode() for _ in lines]
+        with _Deadline(timeout, "no reply to " + lines[0].split(b" ", 1)[0].decode()):
+            self.send(
+                b"".join(t + b" " + line + b"\r\n" for t, line in zip(tags, lines, strict=True))
+            )
+            untagged, done = self._read_tagged(set(tags))
+            return untagged, [done[tag] for tag in tags]
+
+    def _read_tagged(self, tags: set[bytes]) -> tuple[list[Response], dict[bytes, Response]]:
+        """Read until every tag in ``tags`` completed; return untagged replies and completions.
+
+        An untagged BYE, or a completion for a tag we did not send, is a failure.
+        """
+        untagged: list[Response] = []
+        done: dict[bytes, Response] = {}
+        while len(done) < len(tags):
+            response = self.read_response()
+            if response.tag in tags:
+                done[response.tag] = response
+            elif response.tag == b"*":
+                if response.word == b"BYE":
                     raise BackendFailure(FailureKind.PROTOCOL, "server said BYE")
                 untagged.append(response)
-            return untagged, response
+            elif response.tag != b"+":
+                raise BackendFailure(FailureKind.PROTOCOL, "reply to a command not sent")
+        return untagged, done
+
+    def relay_command(
+        self, pieces: list[bytes], literals: list[bytes], tag: bytes, timeout: float
+    ) -> tuple[list[Response], Response]:
+        """Send a client's command (its lines, each but the last announcing one of ``literals``)
+        waiting for "+" before each literal; return untagged replies and the completion."""
+        with _Deadline(timeout, "no reply to a relayed command"):
+            for piece, literal in zip(pieces, literals, strict=False):  # one piece more
+                self.send(piece)
+                spec = parse_literal_marker(piece)
+                if spec is not None and spec.synchronizing:
+                    response = self.read_response()
+                    if response.tag == tag:
+                        return [], response  # the literal was refused
+                    if response.tag != b"+":
+                        raise BackendFailure(FailureKind.PROTOCOL, "no continuation for literal")
+                self.send(literal)
+            self.send(pieces[-1])
+            untagged, done = self._read_tagged({tag})
+            return untagged, done[tag]
 
     def check_alive(self, client_id_args: bytes | None) -> None:
-        """Before reuse: a tagged NOOP (or the client's ID, replayed), untagged replies dropped."""
+        """Before reuse: a tagged NOOP (or the client's ID, replayed), untagged replies dropped.
+
+        Dropped news about the selected mailbox would make a cached SELECT reply unverifiable,
+        so any untagged reply other than ID's own drops the SELECT cache entry.
+        """
         line = b"ID " + client_id_args if client_id_args is not None else b"NOOP"
-        _, done = self.command(line, REUSE_CHECK_TIMEOUT_S)
+        untagged, done = self.command(line, REUSE_CHECK_TIMEOUT_S)
         if done.word not in (b"OK", b"NO") or (client_id_args is None and done.word != b"OK"):
             raise BackendFailure(FailureKind.PROTOCOL, "liveness check failed")
+        if any(response.word != b"ID" for response in untagged):
+            self.select_entry = None
+
+    def select_entry_holds(self, entry: SelectEntry, timeout: float) -> bool:
+        """Ask the server whether a fresh SELECT would still give ``entry``'s reply."""
+        commands = check_commands(entry.mailbox, esearch=self.has_capability(b"ESEARCH") is True)
+        untagged, done = self.pipeline(list(commands), timeout)
+        return all(d.word == b"OK" for d in done) and still_valid(entry, untagged)
 
     def leave_mailbox(self, timeout: float) -> list[Response]:
         """Back to the authenticated state: UNSELECT (RFC 3691), else EXAMINE of no mailbox."""
@@ -166,6 +234,7 @@ class Backend:
         self.tls_wrap = tls_wrap
         self.addresses: list[Address] = []
         self._rotation = itertools.count()
+        self.traits = ServerTraits()
 
     @property
     def name(self) -> str:
@@ -238,6 +307,7 @@ class Backend:
         session = BackendSession(sock, address, result)
         session.reader = reader  # anything the backend sent after its login reply
         session.username = credentials.username
+        session.traits = self.traits
         return session
 
     def probe(self) -> LoginResult:

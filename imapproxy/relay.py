@@ -7,16 +7,17 @@ Two greenlets share a ``Relay``:
   ``sendall`` the same memory. That is the whole data plane.
 * the *client side* (the connection's own greenlet) frames the client's commands
   (``CommandFramer``), notes each tag as outstanding and forwards the bytes, one ``sendall``
-  per read. It intercepts ``LOGOUT`` and refuses ``COMPRESS``.
+  per read. It intercepts ``LOGOUT``, refuses ``COMPRESS`` and, with the SELECT cache on,
+  answers ``SELECT`` on the control plane (pump paused; see ``select_cache``).
 
-The relay ends in one of two ways. ``Outcome.REUSABLE``: the backend session is idle and in sync
-(no command outstanding, at a response boundary, pump stopped while parked in ``recv``), and in
-the authenticated state unless the SELECT cache is on, so it can go back to the cache. Or
-``Outcome.CLOSED``: it cannot be trusted (client vanished mid-literal, protocol desync, timeout,
-backend gone) and must be closed. A session is never cached with replies still in flight: when
-a client vanishes mid-command, outstanding commands are completed first (IDLE gets ``DONE``,
-AUTHENTICATE ``*``) and their replies drained, within ``DRAIN_MAX_BYTES`` and the response
-timeout.
+The relay ends in one of three ways. ``REUSABLE``/``RESYNCED``: the backend session is idle and
+in sync (no command outstanding, at a response boundary, pump stopped while parked in
+``recv``), and in the authenticated state unless the SELECT cache is on, so it can go back to
+the cache. ``CLOSED``: it cannot be trusted (client vanished mid-literal, protocol desync,
+timeout, backend gone) and must be closed. A session is never cached with replies still in
+flight: when a client vanishes mid-command, outstanding commands are completed first (IDLE
+gets ``DONE``, AUTHENTICATE ``*``) and their replies drained, within ``DRAIN_MAX_BYTES`` and
+the response timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import enum
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gevent
 from gevent import socket
@@ -41,13 +43,18 @@ from imapproxy.protocol.framing import (
     LineTooLong,
     LiteralData,
 )
-from imapproxy.protocol.grammar import split_command_line
+from imapproxy.protocol.framing import Event as FramerEvent
+from imapproxy.protocol.grammar import Arguments, CommandStart, split_command_line
 from imapproxy.protocol.scanner import (
     CONTINUATION,
+    FLAGS_CHANGE,
     INITIAL_CARRY,
     MAX_TAGGED_PREFIX_BYTES,
     ResponseScanner,
 )
+from imapproxy.select_cache import closed_line, drops_entry, entry_from_reply, mailbox_key
+from imapproxy.stats import Counters
+from imapproxy.trace import SessionTrace
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -59,10 +66,14 @@ CLIENT_RECV_BYTES = 65536
 # A client that vanishes mid-FETCH leaves the rest of the reply to drain before the session can
 # be reused; beyond this much it is cheaper to drop the session (a new login costs ~1.5 ms).
 DRAIN_MAX_BYTES = 16 << 20
+# A SELECT's mailbox name sent as a literal is read by the proxy itself (RFC 9051 allows 1000+
+# byte names in theory; Dovecot limits them to 255 characters per level).
+MAX_MAILBOX_LITERAL_BYTES = 4096
 
 LOGOUT_REPLY = b"* BYE LOGOUT received\r\n%s OK Completed\r\n"  # up-imapproxy's texts
 COMPRESS_REFUSAL = b"%s NO [CANNOT] COMPRESS is not available through imapproxy\r\n"
 IDLE_TIMEOUT_BYE = b"* BYE Autologout; idle for too long\r\n"
+GO_AHEAD = b"+ go ahead\r\n"
 
 
 class Outcome(enum.Enum):
@@ -75,8 +86,19 @@ class Outcome(enum.Enum):
         return self is not Outcome.CLOSED
 
 
+@dataclass(frozen=True)
+class RelaySettings:
+    response_timeout: float  # server_response_timeout
+    idle_timeout: float  # client_idle_timeout
+    select_cache: bool  # enable_select_cache: SELECTs on the control plane, mailbox kept
+
+
 class _Desync(Exception):
     """The session can no longer be trusted to be in sync."""
+
+
+class _ClientGone(Exception):
+    """The client closed its side while the proxy was reading a command of its own."""
 
 
 class Relay:
@@ -87,19 +109,16 @@ class Relay:
         client: socket.socket,
         session: BackendSession,
         framer: CommandFramer,
-        *,
-        response_timeout: float,
-        idle_timeout: float,
-        keep_selected: bool,
-        trace: Callable[[str, bytes], None] | None = None,
+        settings: RelaySettings,
+        counters: Counters,
+        trace: SessionTrace | None = None,
     ) -> None:
         self.client = client
         self.session = session
         self.framer = framer
         framer.max_line_bytes = POSTLOGIN_MAX_LINE_BYTES
-        self.response_timeout = response_timeout
-        self.idle_timeout = idle_timeout
-        self.keep_selected = keep_selected  # SELECT cache on: leave the mailbox selected
+        self.settings = settings
+        self.counters = counters
         self.trace = trace
         self.scanner = ResponseScanner()
         self.outstanding: dict[bytes, bytes] = {}  # tag -> command name, awaiting completion
@@ -116,6 +135,10 @@ class Relay:
         self._waiting = False
 
     # -- the pump: backend -> client ------------------------------------------------------------
+
+    def _start_pump(self) -> None:
+        self._stop_when_idle = False
+        self._pump = gevent.spawn(self._run_pump, self.session.reader.take_buffered())
 
     def _run_pump(self, initial: bytes) -> None:
         try:
@@ -181,25 +204,31 @@ class Relay:
 
     def _before_client_write(self, data: memoryview) -> None:
         while self._client_writing:  # the client side is writing a reply of its own
-            self._wait(self.response_timeout)
+            self._wait(self.settings.response_timeout)
         if self.trace is not None:
-            self.trace("SERVER", bytes(data))
+            self.trace.server(bytes(data))
 
     def _handle_events(self) -> None:
+        session = self.session
         for tag, word in self.scanner.events:
             if tag == CONTINUATION:
                 self.continuations += 1
-                continue
-            name = self.outstanding.pop(tag, None)
-            if name is None:
-                self.scanner.broken = True  # a completion for no command of the client's
-            elif name in (b"SELECT", b"EXAMINE"):
-                self.session.selected = word == b"OK"  # failure deselects (RFC 9051 §6.3.1)
-            elif name in (b"CLOSE", b"UNSELECT") and word == b"OK":
-                self.session.selected = False
-            if name == b"IDLE" or tag == self.idle_tag:
-                self.idle_tag = None
+            elif tag == FLAGS_CHANGE:
+                session.select_entry = None  # the mailbox's flags or keywords changed
+            else:
+                self._completed(tag, word)
         self.scanner.events.clear()
+
+    def _completed(self, tag: bytes, word: bytes) -> None:
+        name = self.outstanding.pop(tag, None)
+        if name is None:
+            self.scanner.broken = True  # a completion for no command of the client's
+        elif name in (b"SELECT", b"EXAMINE"):
+            self.session.selected = word == b"OK"  # failure deselects (RFC 9051 §6.3.1)
+        elif name in (b"CLOSE", b"UNSELECT") and word == b"OK":
+            self.session.selected = False
+        if tag == self.idle_tag:
+            self.idle_tag = None
 
     def _backend_lost(self, why: str) -> None:
         self.backend_gone = why
@@ -223,7 +252,7 @@ class Relay:
         self._wakeup.clear()
         self._waiting = True
         try:
-            return self._wakeup.wait(timeout)
+            return bool(self._wakeup.wait(timeout))
         finally:
             self._waiting = False
 
@@ -239,24 +268,22 @@ class Relay:
 
     def run(self) -> Outcome:
         """Relay until the client logs out or goes; return what may become of the session."""
-        initial = self.session.reader.take_buffered()
-        self._pump = gevent.spawn(self._run_pump, initial)
+        self._start_pump()
         try:
             return self._client_loop()
         except (_Desync, BackendFailure) as error:
             LOGGER.info("closing session: %s", _why(error))
             self._close()
             if self.client_alive and not self.backend_gone:  # the pump said BYE otherwise
-                _send_quietly(
-                    self.client, b"* BYE IMAP session failed: " + _why(error).encode() + b"\r\n"
-                )
+                message = b"* BYE IMAP session failed: " + _why(error).encode() + b"\r\n"
+                _send_quietly(self.client, message)
             return Outcome.CLOSED
         finally:
             if self._pump is not None:
                 self._pump.kill(block=True)
 
     def _client_loop(self) -> Outcome:
-        self.client.settimeout(self.idle_timeout)
+        self.client.settimeout(self.settings.idle_timeout)
         while True:
             outcome = self._process_client_events()
             if outcome is not None:
@@ -269,8 +296,6 @@ class Relay:
                 data = b""
             if self.backend_gone:
                 return self._close()
-            if self.trace is not None and data:
-                self.trace("CLIENT", data)
             self.framer.receive_data(data)
 
     def _process_client_events(self) -> Outcome | None:
@@ -282,6 +307,8 @@ class Relay:
                     if outcome is not None:
                         return outcome
                 elif isinstance(event, LiteralData):
+                    if self.trace is not None:
+                        self.trace.client_literal(event.data)
                     out.append(event.data)
                 elif event is AWAIT_CONTINUATION:
                     self._send_backend(out)
@@ -291,8 +318,9 @@ class Relay:
                     return self._client_vanished()
         except LineTooLong as error:
             self._send_backend(out)
-            self._reply_to_client(error.response())
-            self.client_alive = False
+            self._send_own(error.response())
+            return self._client_vanished()
+        except _ClientGone:
             return self._client_vanished()
         self._send_backend(out)
         return None
@@ -306,26 +334,42 @@ class Relay:
             out.clear()
 
     def _line(self, line: Line, out: list[bytes]) -> Outcome | None:
+        trace = self.trace
         if not line.first:
+            if trace is not None:
+                trace.client_continuation(line.data)
             out.append(line.data)
             return None
         if self.continuations:  # the client answers a "+": not a command (IDLE's DONE, SASL)
             self.continuations -= 1
             self.idle_tag = None  # if it was IDLE's DONE, a vanishing client owes no other
+            if trace is not None:
+                trace.client_response(line.data)
             out.append(line.data)
             return None
         try:
             start = split_command_line(line.data)
         except ClientProtocolError:
+            if trace is not None:
+                trace.client_command(line.data, None, None)
             out.append(line.data)  # the backend answers it (untagged BAD, or BAD under its tag)
             return None
+        if trace is not None:
+            trace.client_command(line.data, start.tag, start.name)
+        return self._command(line, start, out)
+
+    def _command(self, line: Line, start: CommandStart, out: list[bytes]) -> Outcome | None:
         if start.name == b"LOGOUT" and not start.rest:
             self._send_backend(out)
             return self._logout(start.tag)
         if start.name == b"COMPRESS":
             self._send_backend(out)
-            self._reply_to_client(COMPRESS_REFUSAL % start.tag)
+            self._send_own(COMPRESS_REFUSAL % start.tag)
             return None
+        if start.name == b"SELECT" and self.settings.select_cache:
+            self._send_backend(out)
+            if self._select(line, start):
+                return None
         self._command_started(start.tag, start.name, start.rest)
         out.append(line.data)
         return None
@@ -338,13 +382,15 @@ class Relay:
         self.outstanding[tag] = name
         if name == b"IDLE":
             self.idle_tag = tag
+        if drops_entry(name, rest):
+            self.session.select_entry = None
 
     def _await_literal_go_ahead(self) -> None:
         """A synchronising literal: pass it once the backend sent "+", or drop it if refused."""
         spec_tag = next(reversed(self.outstanding), None)
         if not self._wait_until(
             lambda: self.continuations > 0 or spec_tag not in self.outstanding,
-            self.response_timeout,
+            self.settings.response_timeout,
         ):
             raise _Desync("no reply to a literal")
         if self.continuations > 0:
@@ -353,20 +399,115 @@ class Relay:
         else:
             self.framer.reject_literal()
 
-    def _reply_to_client(self, data: bytes) -> None:
-        """Send a response of the proxy's own between two of the backend's."""
+    def _send_own(self, data: bytes) -> None:
+        """Send a response of the proxy's own, between two of the backend's."""
+        if not self.client_alive:
+            return
+        if self._pump_dead():
+            self.client_alive = _send_quietly(self.client, data)
+            return
         if not self._wait_until(
-            lambda: self._pump_parked and self.scanner.at_boundary, self.response_timeout
+            lambda: self._pump_parked and self.scanner.at_boundary, self.settings.response_timeout
         ):
             raise _Desync("backend never reached a response boundary")
         self._client_writing = True
         try:
-            self.client.sendall(data)
-        except OSError:
-            self.client_alive = False
+            self.client_alive = _send_quietly(self.client, data)
         finally:
             self._client_writing = False
             self._wakeup.set()
+        if self.trace is not None:
+            self.trace.server(data)
+
+    # -- SELECT on the control plane (enable_select_cache) --------------------------------------
+
+    def _select(self, line: Line, start: CommandStart) -> bool:
+        """Answer a SELECT with the pump paused, from the cache when it still holds.
+
+        False when it cannot be done here (other commands in flight, a big literal): the
+        caller relays it as any other command.
+        """
+        self.counters.TotalSelectCommands += 1
+        spec = line.literal
+        if self.outstanding or (spec is not None and spec.size > MAX_MAILBOX_LITERAL_BYTES):
+            self.session.select_entry = None
+            return False
+        if not self._stop_pump():
+            raise _Desync(self.backend_gone or "backend did not settle before SELECT")
+        try:
+            lines, literals = self._collect_command(line)
+            self._select_now(start.tag, lines, literals)
+        finally:
+            self._start_pump()
+        return True
+
+    def _collect_command(self, first: Line) -> tuple[list[bytes], list[bytes]]:
+        """Read the rest of a command whose literals the proxy accepts itself (pump paused)."""
+        lines, literals = [first.data], []
+        spec = first.literal
+        while spec is not None:
+            if spec.size > MAX_MAILBOX_LITERAL_BYTES:
+                raise _Desync("literal too big in SELECT")
+            if spec.synchronizing:
+                self._next_client_event()  # AWAIT_CONTINUATION
+                self._send_own(GO_AHEAD)
+                self.framer.accept_literal()
+            data = bytearray()
+            while isinstance(event := self._next_client_event(), LiteralData):
+                data += event.data
+                if event.last:
+                    break
+            literals.append(bytes(data))
+            line = event if isinstance(event, Line) else self._next_client_event()
+            assert isinstance(line, Line) and not line.first
+            if self.trace is not None:
+                self.trace.client(bytes(data) + line.data)
+            lines.append(line.data)
+            spec = line.literal
+        return lines, literals
+
+    def _next_client_event(self) -> FramerEvent:
+        while (event := self.framer.next_event()) is NEED_DATA:
+            try:
+                data = self.client.recv(CLIENT_RECV_BYTES)
+            except OSError:
+                data = b""
+            self.framer.receive_data(data)
+        if isinstance(event, ClientClosed):
+            raise _ClientGone
+        return event
+
+    def _select_now(self, tag: bytes, lines: list[bytes], literals: list[bytes]) -> None:
+        session = self.session
+        mailbox = _select_mailbox(tag, lines, literals)
+        entry = session.select_entry
+        closed = session.traits.closed_line
+        if (
+            mailbox is not None
+            and entry is not None
+            and closed is not None
+            and session.selected
+            and entry.mailbox == mailbox_key(mailbox)
+            and session.select_entry_holds(entry, self.settings.response_timeout)
+        ):
+            self.counters.SelectCacheHits += 1
+            if self.trace is not None:
+                self.trace.proxy("SELECT answered from the SELECT cache")
+            self._send_own(entry.reply(tag, closed))
+            return
+        self.counters.SelectCacheMisses += 1
+        session.select_entry = None
+        pieces = [line if line.endswith(b"\n") else line + b"\r\n" for line in lines]
+        untagged, done = session.relay_command(
+            pieces, literals, tag, self.settings.response_timeout
+        )
+        self._send_own(b"".join(r.raw for r in untagged) + done.raw)
+        if session.selected and done.word == b"OK":  # what the server says over a selected box
+            session.traits.closed_line = closed_line(untagged) or b""
+        if done.word in (b"OK", b"NO"):
+            session.selected = done.word == b"OK"
+        if mailbox is not None:
+            session.select_entry = entry_from_reply(mailbox, untagged, done)
 
     # -- endings --------------------------------------------------------------------------------
 
@@ -374,7 +515,8 @@ class Relay:
         """Stop the pump once the session is idle at a response boundary; False if it never is."""
         self._stop_when_idle = True
         settled = self._wait_until(
-            lambda: self._idle() and self._pump_parked or self._pump_dead(), self.response_timeout
+            lambda: self._idle() and self._pump_parked or self._pump_dead(),
+            self.settings.response_timeout,
         )
         pump, self._pump = self._pump, None
         if pump is not None:
@@ -388,25 +530,19 @@ class Relay:
         """Stop the pump in sync and leave the mailbox if needed; return untagged replies."""
         if not self._stop_pump():
             raise _Desync(self.backend_gone or "backend did not complete outstanding commands")
-        if not self.session.selected or self.keep_selected:
+        if not self.session.selected or self.settings.select_cache:
             return []
-        return [r.raw for r in self.session.leave_mailbox(self.response_timeout)]
+        return [r.raw for r in self.session.leave_mailbox(self.settings.response_timeout)]
 
     def _logout(self, tag: bytes) -> Outcome:
         try:
             untagged = self._resync()
         except (_Desync, BackendFailure) as error:
             LOGGER.info("session not reusable after LOGOUT: %s", _why(error))
-            self._final_reply(LOGOUT_REPLY % tag)
+            self._send_own(LOGOUT_REPLY % tag)
             return self._close()
-        self._final_reply(b"".join(untagged) + LOGOUT_REPLY % tag)
+        self._send_own(b"".join(untagged) + LOGOUT_REPLY % tag)
         return Outcome.REUSABLE
-
-    def _final_reply(self, data: bytes) -> None:
-        if self.client_alive and not self._pump_dead():
-            self._reply_to_client(data)
-        elif self.client_alive:
-            self.client_alive = _send_quietly(self.client, data)
 
     def _client_vanished(self) -> Outcome:
         """The client went mid-session: bring the backend session back in sync, or close it."""
@@ -426,7 +562,7 @@ class Relay:
 
     def _client_timed_out(self) -> Outcome:
         if self.idle_tag is None and not self.outstanding:
-            self._final_reply(IDLE_TIMEOUT_BYE)
+            self._send_own(IDLE_TIMEOUT_BYE)
         return self._client_vanished()
 
     def _close(self) -> Outcome:
@@ -434,6 +570,19 @@ class Relay:
             self._pump.kill(block=True)
             self._pump = None
         return Outcome.CLOSED
+
+
+def _select_mailbox(tag: bytes, lines: list[bytes], literals: list[bytes]) -> bytes | None:
+    """The mailbox of a plain ``SELECT mailbox``; None with options or bad syntax (relayed
+    as they are, for the backend to judge, and never cached)."""
+    stripped = [line.rstrip(b"\r\n") for line in lines]
+    try:
+        args = Arguments(stripped, literals, tag)
+        args.space()
+        mailbox = args.astring()
+    except ClientProtocolError:
+        return None
+    return mailbox if args.at_end() else None
 
 
 def _why(error: BaseException) -> str:

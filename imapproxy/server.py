@@ -32,7 +32,7 @@ from imapproxy.config import Config
 from imapproxy.credentials import CredentialHasher, Credentials
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
 from imapproxy.protocol import capability
-from imapproxy.relay import Outcome, Relay
+from imapproxy.relay import Outcome, Relay, RelaySettings
 from imapproxy.session import (
     AdminRequested,
     Closed,
@@ -372,16 +372,18 @@ class ClientConnection:
             if not self._send(REUSE_NOTICE + reply if reused else reply):
                 outcome = Outcome.RESYNCED  # gone before its first command: still idle
                 return
+            config = self.proxy.config
+            settings = RelaySettings(
+                response_timeout=config.server_response_timeout,
+                idle_timeout=config.client_idle_timeout,
+                select_cache=config.enable_select_cache,
+            )
+            tracer = self.proxy.tracer
+            trace = tracer.for_user(session.username, session.sd) if tracer else None
+            if trace is not None:
+                trace.proxy(f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]")
             relay = Relay(
-                self.sock,
-                session,
-                self.session.framer,
-                response_timeout=self.proxy.config.server_response_timeout,
-                idle_timeout=self.proxy.config.client_idle_timeout,
-                keep_selected=self.proxy.config.enable_select_cache,
-                trace=self.proxy.tracer.for_user(session.username, session.sd)
-                if self.proxy.tracer
-                else None,
+                self.sock, session, self.session.framer, settings, self.proxy.counters, trace
             )
             outcome = relay.run()
         finally:

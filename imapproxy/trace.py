@@ -1,17 +1,17 @@
 """The protocol trace (XPROXY_TRACE): one user's sessions written to ``protocol_log_filename``.
 
 Record format, as up-imapproxy's (``-----> C= <unix time> <user> CLIENT|SERVER: sd [<n>]`` then
-the raw bytes). Only one user at a time. Client data reaches the trace through ``redact``, so
-that no password is ever written, whatever form a login takes.
+the raw bytes), plus ``PROXY`` notes (login, SELECT cache hits, logout). Only one user at a
+time, from its next login on, as up-imapproxy. Client data reaches the trace through
+``redact.ClientRedactor``, so that no password is ever written, whatever form a login takes.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
-TraceWriter = Callable[[str, bytes], None]
+from imapproxy.redact import ClientRedactor
 
 
 class Tracer:
@@ -49,13 +49,48 @@ class Tracer:
     def truncate(self) -> None:
         os.ftruncate(self.fd, 0)
 
-    def for_user(self, username: bytes, sd: int) -> TraceWriter | None:
-        """A writer for a session of ``username`` if it is the one traced, else None."""
+    def for_user(self, username: bytes, sd: int) -> SessionTrace | None:
+        """The trace of a session of ``username`` if it is the one traced, else None."""
         if self.user is None or username != self.user:
             return None
+        return SessionTrace(self, username, sd)
 
-        def write(direction: str, data: bytes) -> None:
-            header = self._header(username, b"%s: sd [%d]" % (direction.encode(), sd))
-            self._write(header + data)
 
-        return write
+class SessionTrace:
+    """One traced session: what the client sent (redacted), what it got, proxy notes."""
+
+    def __init__(self, tracer: Tracer, username: bytes, sd: int) -> None:
+        self.tracer, self.username, self.sd = tracer, username, sd
+        self.redactor = ClientRedactor()
+        self._server_muted = False
+
+    def _record(self, who: bytes, data: bytes) -> None:
+        header = self.tracer._header(self.username, b"%s: sd [%d]" % (who, self.sd))
+        self.tracer._write(header + data)
+
+    def server(self, data: bytes) -> None:
+        if not self.redactor.saw_secret:
+            self._record(b"SERVER", data)
+        elif not self._server_muted:
+            self._server_muted = True
+            self.proxy("server data no longer traced: the client sent credentials after login")
+
+    def client(self, data: bytes) -> None:
+        """Client data that cannot hold a secret (a SELECT's mailbox literal)."""
+        self._record(b"CLIENT", data)
+
+    def client_command(self, data: bytes, tag: bytes | None, name: bytes | None) -> None:
+        self._record(b"CLIENT", self.redactor.command_line(data, tag, name))
+
+    def client_continuation(self, data: bytes) -> None:
+        self._record(b"CLIENT", self.redactor.continuation_line(data))
+
+    def client_literal(self, data: bytes) -> None:
+        self._record(b"CLIENT", self.redactor.literal(data))
+
+    def client_response(self, data: bytes) -> None:
+        self._record(b"CLIENT", self.redactor.response_line(data))
+
+    def proxy(self, note: str) -> None:
+        """A note of the proxy's own, as up-imapproxy's "PROXY: user tracing enabled." lines."""
+        self.tracer._write(self.tracer._header(self.username, b"PROXY: " + note.encode()))

@@ -10,7 +10,17 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "imapproxy"
 SANS_IO = [
     *sorted((PACKAGE / "protocol").glob("*.py")),
-    *(PACKAGE / name for name in ("cache.py", "session.py", "backend_login.py", "credentials.py")),
+    *(
+        PACKAGE / name
+        for name in (
+            "cache.py",
+            "session.py",
+            "backend_login.py",
+            "credentials.py",
+            "select_cache.py",
+            "redact.py",
+        )
+    ),
     PACKAGE.parent / "pimpstat" / "view.py",
 ]
 FORBIDDEN = {"gevent", "socket", "ssl", "time", "select", "selectors", "asyncio", "threading"}

@@ -70,6 +70,16 @@ def test_zero_length_literal_is_mid_line() -> None:
     assert events == [(b"A2", b"OK")] and scanner.at_boundary
 
 
+def test_flags_changes_are_reported() -> None:
+    events, _ = scan_stream(
+        [
+            b"* 1 FETCH (FLAGS (x))\r\n* FLAGS (\\Seen $New)\r\n",
+            b"* OK [PERMANENTFLAGS (\\Seen)] ok\r\n* OK [UIDNEXT 3] x\r\n",
+        ]
+    )
+    assert events == [(b"*", b"FLAGS"), (b"*", b"FLAGS")]
+
+
 def test_garbage_marks_broken() -> None:
     _, scanner = scan_stream([b"\r\n" + b"x" * 2000 + b"\r\n"])
     assert scanner.broken

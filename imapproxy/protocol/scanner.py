@@ -9,6 +9,8 @@ contents) is skipped in C. Work in Python is per literal and per tagged line, ne
   ``\\r\\nA1 OK`` stays data).
 * A line that starts with something other than ``*`` (RFC 9051 §2.2.2: ``+`` is a continuation
   request, anything else begins with a tag): reported as an event.
+* An untagged ``FLAGS`` or ``OK [PERMANENTFLAGS``: the selected mailbox's flags changed (new
+  keywords), which the SELECT cache must know; reported as ``FLAGS_CHANGE``.
 
 The caller owns the buffer (``recv_into``): ``scan(buf, end)`` looks at ``buf[:end]``, whose
 first ``carry`` bytes were kept from the previous call (already reported and forwarded), and
@@ -31,19 +33,21 @@ CARRY_BYTES: Final = 32
 # server we can follow (tags are bounded by the client framer's line limit anyway).
 MAX_TAGGED_PREFIX_BYTES: Final = 1024
 
-_EVENT = re.compile(rb"\{([0-9]{1,10})\+?\}\r\n|\r\n[^*]")
-_CR, _LF, _PLUS, _SP = 13, 10, 43, 32
+_EVENT = re.compile(rb"\{([0-9]{1,10})\+?\}\r\n|\r\n[^*]|\r\n\* (?:FLAGS|OK \[PERMANENTFLAGS)")
+_CR, _LF, _PLUS, _SP, _STAR = 13, 10, 43, 32, 42
 
 CONTINUATION: Final = b"+"
+FLAGS_CHANGE: Final = b"*"  # an untagged FLAGS or PERMANENTFLAGS: the mailbox's flags changed
 
 
 class ResponseScanner:
     """Tracks literal boundaries and reports ``(tag, word)`` for tagged and ``+`` lines.
 
-    After each ``scan``, ``events`` holds ``(tag, WORD)`` pairs in stream order (``(b"+", b"")``
-    for a continuation request); the caller clears it. ``at_boundary`` is True when the bytes
-    seen so far end exactly at the end of a response line. ``broken`` is set, for good, when
-    the stream stops looking like IMAP: such a session must never be cached.
+    After each ``scan``, ``events`` holds ``(tag, WORD)`` pairs in stream order: ``(b"+", b"")``
+    for a continuation request, ``(b"*", b"FLAGS")`` for ``FLAGS_CHANGE``; the caller clears it.
+    ``at_boundary`` is True when the bytes seen so far end exactly at the end of a response
+    line. ``broken`` is set, for good, when the stream stops looking like IMAP: such a session
+    must never be cached.
     """
 
     __slots__ = ("events", "literal_remaining", "at_boundary", "broken")
@@ -77,6 +81,10 @@ class ResponseScanner:
             line = match.start() + 2
             if buf[line] == _PLUS:
                 self.events.append((CONTINUATION, b""))
+                pos = line
+                continue
+            if buf[line] == _STAR:
+                self.events.append((FLAGS_CHANGE, b"FLAGS"))
                 pos = line
                 continue
             word_end = self._tagged_line(buf, line, end)

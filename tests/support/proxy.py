@@ -95,11 +95,12 @@ class ProxyProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def wait_for_log(self, text: str, timeout: float = 10) -> str:
+    def wait_for_log(self, text: str, timeout: float = 10, count: int = 1) -> str:
+        """Wait until ``text`` is in the log ``count`` times (or more)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             log = self.log_text()
-            if text in log:
+            if log.count(text) >= count:
                 return log
             time.sleep(0.05)
         raise AssertionError(f"{text!r} not in proxy log:\n{self.log_text()}")
