@@ -220,6 +220,23 @@ class _Deadline(gevent.Timeout):
             raise BackendFailure(FailureKind.CONNECT, f"connection lost: {value}") from None
 
 
+def policy_from_config(config: Config) -> BackendPolicy:
+    """The login policy the configuration asks for (auth_sasl_*, preauth_command, force_tls)."""
+    static = None
+    if config.auth_sasl_plain_username and config.auth_sasl_plain_password:
+        static = (
+            config.auth_sasl_plain_username.encode(),
+            config.auth_sasl_plain_password.encode(),
+        )
+    return BackendPolicy(
+        force_tls=config.force_tls,
+        preauth_command=config.preauth_command.encode() if config.preauth_command else None,
+        sasl_plain=config.auth_sasl_mech == "plain",
+        static_identity=static,
+        shared_secret=config.auth_shared_secret.encode() if config.auth_shared_secret else None,
+    )
+
+
 class Backend:
     """The IMAP server behind the proxy."""
 
@@ -235,6 +252,10 @@ class Backend:
         self.addresses: list[Address] = []
         self._rotation = itertools.count()
         self.traits = ServerTraits()
+
+    def reconfigure(self, config: Config) -> None:
+        """New timeouts, login policy and address rotation, for connections made from now on."""
+        self.config, self.policy = config, policy_from_config(config)
 
     @property
     def name(self) -> str:

@@ -15,24 +15,26 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import gevent
 from gevent import socket
 from gevent.event import Event
 
-from imapproxy import __version__, log
+from imapproxy import __version__, daemon, log
 from imapproxy import config as config_module
-from imapproxy.backend import Backend
-from imapproxy.backend_login import BackendPolicy, LoginResult
+from imapproxy.backend import Backend, policy_from_config
+from imapproxy.backend_login import LoginResult
 from imapproxy.config import Config
 from imapproxy.errors import BackendFailure, ConfigError
 from imapproxy.server import Proxy
-from imapproxy.stats import Counters, create_file
+from imapproxy.stats import Counters, create_file, summary
 from imapproxy.trace import Tracer
 
 LOGGER = logging.getLogger("imapproxy")
 
+DEFAULT_PIDFILE = "/run/imapproxy.pid"  # Debian's (move-pidfile-to-run.patch)
 EX_UNAVAILABLE = 69
 EX_OSERR = 71
 
@@ -83,28 +85,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     foreground = args.foreground or config.foreground_mode
     log.setup(config, foreground=foreground)
     try:
-        return run(config, args.pidfile)
+        return run(config, Startup(args.config, args.pidfile, foreground))
     except StartupError as error:
         LOGGER.error("%s", error)
-        if not foreground:
+        if not foreground:  # the log is syslog: say it where the admin is looking, too
             print(f"in.imapproxyd: {error}", file=sys.stderr)
         return error.status
 
 
-def backend_policy(config: Config) -> BackendPolicy:
-    static = None
-    if config.auth_sasl_plain_username and config.auth_sasl_plain_password:
-        static = (
-            config.auth_sasl_plain_username.encode(),
-            config.auth_sasl_plain_password.encode(),
-        )
-    return BackendPolicy(
-        force_tls=config.force_tls,
-        preauth_command=config.preauth_command.encode() if config.preauth_command else None,
-        sasl_plain=config.auth_sasl_mech == "plain",
-        static_identity=static,
-        shared_secret=config.auth_shared_secret.encode() if config.auth_shared_secret else None,
-    )
+@dataclass(frozen=True)
+class Startup:
+    """How the program was started (command line), beside what the file configures."""
+
+    config_path: str
+    pidfile: str | None
+    foreground: bool
+
+    @property
+    def pidfile_path(self) -> str | None:
+        return self.pidfile or (None if self.foreground else DEFAULT_PIDFILE)
 
 
 def wait_for_backend(backend: Backend, config: Config) -> LoginResult:
@@ -172,22 +171,26 @@ def _listen(
     return sock
 
 
-def open_counters(config: Config) -> Counters:
+def open_counters(config: Config, identity: daemon.Identity | None) -> Counters:
     if not config.stat_filename:
         return Counters.in_memory()
     try:
-        return create_file(config.stat_filename)
+        counters = create_file(config.stat_filename)
+        daemon.hand_over(config.stat_filename, identity)
+        return counters
     except OSError as error:
         raise StartupError(
             f"cannot create stat_filename {config.stat_filename}: {error.strerror}", EX_OSERR
         ) from None
 
 
-def open_tracer(config: Config) -> Tracer | None:
+def open_tracer(config: Config, identity: daemon.Identity | None) -> Tracer | None:
     if not config.protocol_log_filename:
         return None
     try:
-        return Tracer(config.protocol_log_filename)
+        tracer = Tracer(config.protocol_log_filename)
+        daemon.hand_over(config.protocol_log_filename, identity)
+        return tracer
     except OSError as error:
         raise StartupError(
             f"cannot open protocol_log_filename {config.protocol_log_filename}: {error.strerror}",
@@ -203,35 +206,90 @@ def write_pidfile(path: str) -> None:
         raise StartupError(f"cannot write pid file {path}: {error.strerror}", EX_OSERR) from None
 
 
-def run(config: Config, pidfile: str | None) -> int:
+def run(config: Config, startup: Startup) -> int:
     LOGGER.info(
         "imapproxy %s starting; SELECT caching %s, admin commands %s",
         __version__,
         "enabled" if config.enable_select_cache else "disabled",
         "enabled" if config.enable_admin_commands else "disabled",
     )
-    counters = open_counters(config)
-    backend = Backend(config, backend_policy(config))
+    with _daemon_errors():
+        identity = daemon.lookup_identity(config.proc_username, config.proc_groupname)
+        daemon.raise_file_limit(config.cache_size)
+    counters = open_counters(config, identity)
+    tracer = open_tracer(config, identity)
+    backend = Backend(config, policy_from_config(config))
     first_contact = wait_for_backend(backend, config)
     listeners = bind_listeners(config)
+    if not startup.foreground:
+        daemon.detach()
+    if startup.pidfile_path:
+        write_pidfile(startup.pidfile_path)
+    with _daemon_errors():
+        daemon.drop_privileges(identity, config.chroot_directory)
     proxy = Proxy(config, backend, counters)
-    proxy.tracer = open_tracer(config)
+    proxy.tracer = tracer
     proxy.refresh(first_contact)
-    if pidfile:
-        write_pidfile(pidfile)
+    return serve(proxy, listeners, startup)
+
+
+def serve(proxy: Proxy, listeners: list[socket.socket], startup: Startup) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters."""
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, proxy, startup))
+    gevent.signal_handler(
+        signal.SIGUSR1, lambda: LOGGER.info("counters: %s", summary(proxy.counters))
+    )
     proxy.start(listeners)
     names = ", ".join(f"{s.getsockname()[0]} port {s.getsockname()[1]}" for s in listeners)
-    LOGGER.info("normal server startup: listening on %s, proxying to %s", names, backend.name)
+    LOGGER.info("normal server startup: listening on %s, proxying to %s", names, proxy.backend.name)
+    daemon.notify("READY=1")
     stop.wait()
+    daemon.notify("STOPPING=1")
     LOGGER.info("shutting down: logging out cached sessions")
-    proxy.stop(config.shutdown_timeout)
-    if pidfile:
-        _remove(pidfile)
+    proxy.stop(proxy.config.shutdown_timeout)
+    if startup.pidfile_path:
+        _remove(startup.pidfile_path)
     LOGGER.info("stopped")
     return 0
+
+
+def reload(proxy: Proxy, startup: Startup) -> None:
+    """SIGHUP: re-read the file; apply what can change live, report what needs a restart.
+
+    Inside ``chroot_directory`` the file is read at the same path within the chroot.
+    """
+    try:
+        new = config_module.load(startup.config_path)
+    except ConfigError as error:
+        where = (
+            f" (inside chroot {proxy.config.chroot_directory})"
+            if proxy.config.chroot_directory
+            else ""
+        )
+        LOGGER.error("reload failed, running settings kept: %s%s", error, where)
+        return
+    result = config_module.reload(proxy.config, new)
+    proxy.reconfigure(result.config)
+    log.set_mask(result.config)
+    LOGGER.info(
+        "reload: %s",
+        ", ".join(result.applied) + " changed" if result.applied else "nothing changed",
+    )
+    if result.needs_restart:
+        LOGGER.warning(
+            "reload: %s changed in the file; this needs a restart", ", ".join(result.needs_restart)
+        )
+
+
+@contextlib.contextmanager
+def _daemon_errors() -> Iterator[None]:
+    try:
+        yield
+    except daemon.DaemonError as error:
+        raise StartupError(str(error), EX_OSERR) from None
 
 
 def _remove(path: str) -> None:

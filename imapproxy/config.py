@@ -257,6 +257,40 @@ def check(config: Config, path: str) -> None:
         raise ConfigError(path, None, "tls_key_file", "set, but tls_cert_file is not")
 
 
+# Settings a running proxy cannot take on SIGHUP: they shape sockets, files, identity or the
+# cache's preallocation. Everything else takes effect for the next connection or login.
+RESTART_KEYS = frozenset({
+    "server_hostname", "server_port", "listen_address", "listen_port", "listen_backlog",
+    "cache_size", "proc_username", "proc_groupname", "chroot_directory", "stat_filename",
+    "protocol_log_filename", "foreground_mode", "ipversion_only", "send_tcp_keepalives",
+    "syslog_facility",  # openlog() again would fail inside a chroot (no /dev/log)
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What a SIGHUP does: the settings in effect afterwards, and what changed."""
+
+    config: Config
+    applied: tuple[str, ...]  # keys whose new value is now in effect
+    needs_restart: tuple[str, ...]  # keys changed in the file but kept until a restart
+
+
+def reload(running: Config, new: Config) -> Reload:
+    """Merge a re-read file into the running settings."""
+    applied, restart, changes = [], [], {}
+    for key, spec in SETTINGS.items():
+        old_value, new_value = getattr(running, spec.name), getattr(new, spec.name)
+        if old_value == new_value:
+            continue
+        if key in RESTART_KEYS:
+            restart.append(key)
+        else:
+            applied.append(key)
+            changes[spec.name] = new_value
+    return Reload(running.replace(**changes), tuple(applied), tuple(restart))
+
+
 def load(path: str) -> Config:
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as file:

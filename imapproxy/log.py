@@ -77,5 +77,10 @@ def setup(config: Config, *, foreground: bool, stream: TextIO | None = None) -> 
         handler = SyslogHandler(config.syslog_facility)
     LOGGER.addHandler(handler)
     LOGGER.propagate = False
+    set_mask(config)
+
+
+def set_mask(config: Config) -> None:
+    """Apply ``syslog_prioritymask`` (at start-up, and live on SIGHUP)."""
     mask = config.syslog_prioritymask
     LOGGER.setLevel(_MASK_LEVEL[mask] if mask else logging.DEBUG)

@@ -127,6 +127,7 @@ class Relay:
         self.client_alive = True
         self.backend_gone: str | None = None
         self.drained = 0
+        self.farewell = b""  # what the client gets after the session is dealt with (LOGOUT)
         self._pump: gevent.Greenlet | None = None
         self._pump_parked = False  # the pump waits in recv: everything read has been sent
         self._client_writing = False
@@ -535,13 +536,15 @@ class Relay:
         return [r.raw for r in self.session.leave_mailbox(self.settings.response_timeout)]
 
     def _logout(self, tag: bytes) -> Outcome:
+        """LOGOUT: the reply is left in ``farewell`` for the caller to send once the session is
+        back in the cache, so that the client's next login can already reuse it."""
         try:
             untagged = self._resync()
         except (_Desync, BackendFailure) as error:
             LOGGER.info("session not reusable after LOGOUT: %s", _why(error))
-            self._send_own(LOGOUT_REPLY % tag)
+            self.farewell = LOGOUT_REPLY % tag
             return self._close()
-        self._send_own(b"".join(untagged) + LOGOUT_REPLY % tag)
+        self.farewell = b"".join(untagged) + LOGOUT_REPLY % tag
         return Outcome.REUSABLE
 
     def _client_vanished(self) -> Outcome:

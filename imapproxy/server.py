@@ -227,8 +227,12 @@ class Proxy:
                 self._logout_later(session, "Expiring server sd [%d]")
 
     def reconfigure(self, config: Config) -> None:
-        """Take settings that can change live (the expiry time wakes the expiry greenlet)."""
+        """Take settings that can change live (the expiry time wakes the expiry greenlet).
+
+        New connections and logins see them; cached sessions stay.
+        """
         self.config = config
+        self.backend.reconfigure(config)
         self._expiry_wakeup.set()
 
     # -- listening and stopping -----------------------------------------------------------------
@@ -365,26 +369,29 @@ class ClientConnection:
     def _logged_in(self, slot: Slot[BackendSession], reused: bool, tag: bytes) -> None:
         session = slot.session
         assert session is not None
+        login = session.login
+        reply = b"".join(login.untagged) + tag + b" " + login.reply + b"\r\n"
+        if not self._send(REUSE_NOTICE + reply if reused else reply):
+            self.proxy.checkin(slot, Outcome.RESYNCED)  # gone before its first command: idle
+            return
+        relay = self._relay(session, reused)
         outcome = Outcome.CLOSED
         try:
-            login = session.login
-            reply = b"".join(login.untagged) + tag + b" " + login.reply + b"\r\n"
-            if not self._send(REUSE_NOTICE + reply if reused else reply):
-                outcome = Outcome.RESYNCED  # gone before its first command: still idle
-                return
-            config = self.proxy.config
-            settings = RelaySettings(
-                response_timeout=config.server_response_timeout,
-                idle_timeout=config.client_idle_timeout,
-                select_cache=config.enable_select_cache,
-            )
-            tracer = self.proxy.tracer
-            trace = tracer.for_user(session.username, session.sd) if tracer else None
-            if trace is not None:
-                trace.proxy(f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]")
-            relay = Relay(
-                self.sock, session, self.session.framer, settings, self.proxy.counters, trace
-            )
             outcome = relay.run()
         finally:
             self.proxy.checkin(slot, outcome)
+        if relay.farewell and relay.client_alive:  # after checkin: the next login can reuse it
+            self._send(relay.farewell)
+
+    def _relay(self, session: BackendSession, reused: bool) -> Relay:
+        config = self.proxy.config
+        settings = RelaySettings(
+            response_timeout=config.server_response_timeout,
+            idle_timeout=config.client_idle_timeout,
+            select_cache=config.enable_select_cache,
+        )
+        tracer = self.proxy.tracer
+        trace = tracer.for_user(session.username, session.sd) if tracer else None
+        if trace is not None:
+            trace.proxy(f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]")
+        return Relay(self.sock, session, self.session.framer, settings, self.proxy.counters, trace)

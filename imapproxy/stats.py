@@ -171,6 +171,22 @@ EXTENSION_FIELDS: Final = _names("_extension")
 assert len(TIME_FIELDS) == 2 and len(COUNTER_FIELDS) == 13
 
 
+def summary(counters: Counters) -> str:
+    """One line of the counters, for the log on SIGUSR1."""
+    c = counters
+    return (
+        f"clients {c.CurrentClientConnections} (peak {c.PeakClientConnections}), "
+        f"active {c.InUseServerConnections} (peak {c.PeakInUseServerConnections}), "
+        f"cached {c.RetainedServerConnections} (peak {c.PeakRetainedServerConnections}), "
+        f"accepted {c.TotalClientConnectionsAccepted}, logins {c.TotalClientLogins}, "
+        f"created {c.TotalServerConnectionsCreated}, reused {c.TotalServerConnectionsReused}, "
+        f"selects {c.TotalSelectCommands} (hits {c.SelectCacheHits}, "
+        f"misses {c.SelectCacheMisses}), login failures {c.TotalLoginFailures}, "
+        f"expired {c.TotalServerConnectionsExpired}, dropped {c.TotalServerConnectionsDropped}, "
+        f"resynced {c.TotalClientAbortsResynced}, refused {c.TotalCapacityRefusals}"
+    )
+
+
 def create_file(path: str) -> Counters:
     """Create (or truncate) the statistics file, mode 0600, and map it for writing."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)

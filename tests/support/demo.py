@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from tests.support.dovecot import DovecotInstance, free_port, make_message
-from tests.support.proxy import REPO, write_config
+from tests.support.proxy import REPO, service_identity, write_config
 
 DEMO_USERS = {"demo": "demo", "alice": "alice-pw", "bob": "bob-pw"}
 PREFERRED_PORT = 1143  # Debian's listen_port when the IMAP server is on the same host
@@ -61,6 +61,7 @@ def proxy_config(root: Path, dovecot: DovecotInstance, port: int) -> Path:
             "stat_filename": root / "pimpstats",
             "protocol_log_filename": root / "protocol.log",
             "enable_admin_commands": True,
+            **service_identity(),
             "enable_select_cache": True,
         },
     )

@@ -15,6 +15,11 @@ from tests.support.dovecot import DovecotInstance, free_port, wait_for_port
 REPO = Path(__file__).resolve().parents[2]
 
 
+def service_identity() -> dict[str, str]:
+    """As root the proxy must drop privileges (as up-imapproxy): run it as nobody."""
+    return {"proc_username": "nobody", "proc_groupname": "nogroup"} if os.geteuid() == 0 else {}
+
+
 def write_config(path: Path, settings: dict[str, Any]) -> Path:
     lines = []
     for key, value in settings.items():
@@ -55,6 +60,7 @@ class ProxyProcess:
             "stat_filename": self.stat_path,
             "protocol_log_filename": self.trace_path,
             "foreground_mode": True,
+            **service_identity(),
         }
         self.settings.update(settings)
         self.config_path = write_config(root / "imapproxy.conf", self.settings)
