@@ -10,11 +10,25 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux
+# dovecot: the test backend; imapproxy: up-imapproxy, for comparisons; tmux: pimpstat's screen
+# tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script.
+APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts
 PREFIX      ?= /usr/local
 DESTDIR     ?=
+SBINDIR     ?= $(PREFIX)/sbin
+BINDIR      ?= $(PREFIX)/bin
+LIBDIR      ?= $(PREFIX)/lib/imapproxy
+DOCDIR      ?= $(PREFIX)/share/doc/imapproxy
+SYSCONFDIR  ?= /etc
+UNITDIR     ?= /lib/systemd/system
+INITDIR     ?= /etc/init.d
+DEFAULTDIR  ?= /etc/default
+# The commands find their private Python environment relative to themselves, so that a tree
+# staged under DESTDIR runs where it is and where it is copied to.
+relpath = $(shell $(PYTHON) -c 'import os,sys; print(os.path.relpath(*sys.argv[1:]))' $(1) $(2))
 
-.PHONY: all deps system-deps venv test lint typecheck unit demo fuzz bench clean
+.PHONY: all deps system-deps venv test lint typecheck unit demo fuzz bench clean \
+	install install-conf install-init uninstall
 
 all: test
 
@@ -27,7 +41,8 @@ system-deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $$missing >/dev/null; \
 	fi
 
 $(PY):
@@ -75,6 +90,49 @@ demo: deps
 
 bench: deps
 	$(PY) -m bench.run $(if $(QUICK),--quick,)
+
+# -- installation -------------------------------------------------------------------------------
+# make install       the program, in a private virtual environment under LIBDIR, with the
+#                    commands in.imapproxyd and imapproxyd (SBINDIR) and pimpstat (BINDIR)
+# make install-conf  /etc/imapproxy.conf, never overwriting an existing one
+# make install-init  the systemd unit, the SysV init script and its defaults file
+
+install:
+	rm -rf $(DESTDIR)$(LIBDIR)
+	$(PYTHON) -m venv $(DESTDIR)$(LIBDIR)
+	$(DESTDIR)$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check .
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(DOCDIR)
+	printf '#!/bin/sh\n# imapproxy, installed by make install\nexec "$$(dirname "$$(readlink -f "$$0")")/%s" -m imapproxy "$$@"\n' \
+	  "$(call relpath,$(LIBDIR)/bin/python,$(SBINDIR))" > $(DESTDIR)$(SBINDIR)/in.imapproxyd
+	printf '#!/bin/sh\n# pimpstat, installed by make install\nexec "$$(dirname "$$(readlink -f "$$0")")/%s" -m pimpstat "$$@"\n' \
+	  "$(call relpath,$(LIBDIR)/bin/python,$(BINDIR))" > $(DESTDIR)$(BINDIR)/pimpstat
+	chmod 755 $(DESTDIR)$(SBINDIR)/in.imapproxyd $(DESTDIR)$(BINDIR)/pimpstat
+	ln -sf in.imapproxyd $(DESTDIR)$(SBINDIR)/imapproxyd
+	install -m 644 README.md etc/imapproxy.conf $(DESTDIR)$(DOCDIR)/
+
+install-conf:
+	install -d $(DESTDIR)$(SYSCONFDIR)
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/imapproxy.conf ]; then \
+	  echo "$(DESTDIR)$(SYSCONFDIR)/imapproxy.conf exists: left as it is"; \
+	else \
+	  install -m 644 etc/imapproxy.conf $(DESTDIR)$(SYSCONFDIR)/imapproxy.conf; \
+	fi
+
+install-init:
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(INITDIR) $(DESTDIR)$(DEFAULTDIR)
+	sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' init/imapproxy.service \
+	  > $(DESTDIR)$(UNITDIR)/imapproxy.service
+	sed -e 's|@SBINDIR@|$(SBINDIR)|g' init/imapproxy > $(DESTDIR)$(INITDIR)/imapproxy
+	chmod 755 $(DESTDIR)$(INITDIR)/imapproxy
+	@[ -e $(DESTDIR)$(DEFAULTDIR)/imapproxy ] || \
+	  install -m 644 init/imapproxy.default $(DESTDIR)$(DEFAULTDIR)/imapproxy
+
+uninstall:
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)
+	rm -f $(DESTDIR)$(SBINDIR)/in.imapproxyd $(DESTDIR)$(SBINDIR)/imapproxyd \
+	  $(DESTDIR)$(BINDIR)/pimpstat $(DESTDIR)$(UNITDIR)/imapproxy.service \
+	  $(DESTDIR)$(INITDIR)/imapproxy
+	@echo "$(SYSCONFDIR)/imapproxy.conf and $(DEFAULTDIR)/imapproxy are kept (your settings)"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-run

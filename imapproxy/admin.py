@@ -7,6 +7,7 @@ default): the commands have no authentication, so the port open to all would be 
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import TYPE_CHECKING
 
 from imapproxy import __version__
@@ -67,8 +68,6 @@ def _newlog(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
 
 
 def _resetcounters(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
-    import time
-
     proxy.counters.reset(int(time.time()))
     return tag + b" OK Counters reset\r\n"
 

@@ -199,9 +199,12 @@ def open_tracer(config: Config, identity: daemon.Identity | None) -> Tracer | No
 
 
 def write_pidfile(path: str) -> None:
+    """Write the pid atomically (a reader never sees an empty file), as up-imapproxy's "%u\\n"."""
+    temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(path, "w", encoding="ascii") as file:
+        with open(temporary, "w", encoding="ascii") as file:
             file.write(f"{os.getpid()}\n")
+        os.replace(temporary, path)
     except OSError as error:
         raise StartupError(f"cannot write pid file {path}: {error.strerror}", EX_OSERR) from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import grp
+import importlib
 import os
 import pwd
 import resource
@@ -65,8 +66,21 @@ def hand_over(path: str, identity: Identity | None) -> None:
         os.chown(path, identity.uid, identity.gid)
 
 
+# Modules Python or gevent import on first use. After the drop (or inside a chroot) the
+# interpreter's files may be out of reach, so they are loaded before.
+LAZY_IMPORTS = ("encodings.idna", "unicodedata", "stringprep", "gevent.resolver.thread",
+                "gevent.threadpool", "ssl", "gevent.ssl", "linecache", "traceback")  # fmt: skip
+
+
+def preload() -> None:
+    for name in LAZY_IMPORTS:
+        importlib.import_module(name)
+    "example.org".encode("idna")
+
+
 def drop_privileges(identity: Identity | None, chroot_directory: str | None) -> None:
     """Become ``identity`` (inside ``chroot_directory``), for good."""
+    preload()
     if identity is None:
         if chroot_directory:
             raise DaemonError("chroot_directory needs the proxy to be started as root")

@@ -73,11 +73,15 @@ def user(make_user: Callable[..., User]) -> User:
 
 
 @pytest.fixture
-def start_proxy(tmp_path: Path, dovecot: DovecotInstance) -> Iterator[Callable[..., ProxyProcess]]:
+def start_proxy(dovecot: DovecotInstance) -> Iterator[Callable[..., ProxyProcess]]:
+    """Proxies in a directory of their own that the service user (nobody) can read, so that a
+    SIGHUP reload finds the file (pytest's tmp_path is root-only)."""
+    base = Path(tempfile.mkdtemp(prefix="ipx-proxy-"))
+    os.chmod(base, 0o755)
     started: list[ProxyProcess] = []
 
     def start(backend: Any = None, **settings: Any) -> ProxyProcess:
-        root = tmp_path / f"proxy{len(started)}"
+        root = base / f"proxy{len(started)}"
         proxy = ProxyProcess(root, backend or dovecot, **settings)
         started.append(proxy)
         return proxy.start()
@@ -85,6 +89,7 @@ def start_proxy(tmp_path: Path, dovecot: DovecotInstance) -> Iterator[Callable[.
     yield start
     for proxy in started:
         proxy.stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

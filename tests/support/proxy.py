@@ -40,6 +40,7 @@ class ProxyProcess:
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
         host, port = (
             (backend.host, backend.port) if isinstance(backend, DovecotInstance) else backend
         )
