@@ -16,12 +16,11 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import gevent
-from gevent import socket
+from gevent import socket, ssl
 
 from imapproxy.backend_login import (
     READ,
@@ -214,13 +213,15 @@ class _Deadline(gevent.Timeout):
         self.close()
         if value is self:
             raise BackendFailure(FailureKind.TIMEOUT, self.what) from None
+        if isinstance(value, ssl.SSLError):
+            raise BackendFailure(FailureKind.TLS, f"TLS error: {value}") from None
         if isinstance(value, BackendProtocolError):
             raise BackendFailure(FailureKind.PROTOCOL, str(value)) from None
         if isinstance(value, OSError):
             raise BackendFailure(FailureKind.CONNECT, f"connection lost: {value}") from None
 
 
-def policy_from_config(config: Config) -> BackendPolicy:
+def policy_from_config(config: Config, tls_available: bool = False) -> BackendPolicy:
     """The login policy the configuration asks for (auth_sasl_*, preauth_command, force_tls)."""
     static = None
     if config.auth_sasl_plain_username and config.auth_sasl_plain_password:
@@ -230,6 +231,7 @@ def policy_from_config(config: Config) -> BackendPolicy:
         )
     return BackendPolicy(
         force_tls=config.force_tls,
+        tls_available=tls_available,
         preauth_command=config.preauth_command.encode() if config.preauth_command else None,
         sasl_plain=config.auth_sasl_mech == "plain",
         static_identity=static,
@@ -240,22 +242,18 @@ def policy_from_config(config: Config) -> BackendPolicy:
 class Backend:
     """The IMAP server behind the proxy."""
 
-    def __init__(
-        self,
-        config: Config,
-        policy: BackendPolicy,
-        tls_wrap: Callable[[socket.socket], socket.socket] | None = None,
-    ) -> None:
+    def __init__(self, config: Config, tls_context: ssl.SSLContext | None = None) -> None:
         self.config = config
-        self.policy = policy
-        self.tls_wrap = tls_wrap
+        self.policy = policy_from_config(config, tls_context is not None)
+        self.tls_context = tls_context
         self.addresses: list[Address] = []
         self._rotation = itertools.count()
         self.traits = ServerTraits()
 
-    def reconfigure(self, config: Config) -> None:
-        """New timeouts, login policy and address rotation, for connections made from now on."""
-        self.config, self.policy = config, policy_from_config(config)
+    def reconfigure(self, config: Config, tls_context: ssl.SSLContext | None) -> None:
+        """New settings and TLS context for connections made from now on."""
+        self.config, self.tls_context = config, tls_context
+        self.policy = policy_from_config(config, tls_context is not None)
 
     @property
     def name(self) -> str:
@@ -301,14 +299,25 @@ class Backend:
         try:
             sock.settimeout(self.config.server_connect_timeout)
             sock.connect(address)
-            sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.config.send_tcp_keepalives:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self.config.server_tls:  # port 993: TLS before the greeting
+                sock = self._handshake(sock)
+            sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
         return sock
+
+    def _handshake(self, sock: socket.socket) -> socket.socket:
+        """TLS client handshake; the host name is sent as SNI and checked if verifying."""
+        if self.tls_context is None:
+            raise BackendFailure(FailureKind.TLS, "TLS is not configured")
+        try:
+            return self.tls_context.wrap_socket(sock, server_hostname=self.config.server_hostname)
+        except ssl.SSLError as error:
+            raise BackendFailure(FailureKind.TLS, f"TLS with {self.name} failed: {error}") from None
 
     def open_session(
         self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None
@@ -369,6 +378,4 @@ class Backend:
     def _start_tls(self, sock: socket.socket, reader: ResponseReader) -> socket.socket:
         if reader.take_buffered():  # RFC 9051 §6.2.1: nothing may follow the STARTTLS reply
             raise BackendFailure(FailureKind.TLS, "data after STARTTLS reply")
-        if self.tls_wrap is None:
-            raise BackendFailure(FailureKind.TLS, "TLS is not configured")
-        return self.tls_wrap(sock)
+        return self._handshake(sock)

@@ -19,15 +19,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import gevent
-from gevent import socket
+from gevent import socket, ssl
 from gevent.event import Event
 
-from imapproxy import __version__, daemon, log
+from imapproxy import __version__, daemon, log, tls
 from imapproxy import config as config_module
-from imapproxy.backend import Backend, policy_from_config
+from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
 from imapproxy.config import Config
-from imapproxy.errors import BackendFailure, ConfigError
+from imapproxy.errors import BackendFailure, ConfigError, FailureKind
 from imapproxy.server import Proxy
 from imapproxy.stats import Counters, create_file, summary
 from imapproxy.trace import Tracer
@@ -113,6 +113,14 @@ def wait_for_backend(backend: Backend, config: Config) -> LoginResult:
             backend.resolve()
             return backend.probe()
         except BackendFailure as error:
+            if error.kind is FailureKind.TLS:  # reachable, but TLS fails: serve and say why
+                LOGGER.error(
+                    "TLS with IMAP server %s fails: %s; logins will fail with "
+                    "NO [UNAVAILABLE] until this is fixed",
+                    backend.name,
+                    error.detail,
+                )
+                return LoginResult(b"imapproxy ready.", (), b"", (), ())
             LOGGER.warning(
                 "IMAP server %s not usable (attempt %d of %d): %s",
                 backend.name,
@@ -125,11 +133,11 @@ def wait_for_backend(backend: Backend, config: Config) -> LoginResult:
     raise StartupError(f"giving up: IMAP server {backend.name} is unreachable", EX_UNAVAILABLE)
 
 
-def bind_listeners(config: Config) -> list[socket.socket]:
+def bind_listeners(config: Config, port: int) -> list[socket.socket]:
     hosts: Sequence[str | None] = config.listen_address or (None,)
     listeners = []
     for host in hosts:
-        for family, address in _listen_addresses(host, config.listen_port):
+        for family, address in _listen_addresses(host, port):
             listeners.append(_listen(family, address, config, dual_stack=host is None))
     return listeners
 
@@ -221,9 +229,13 @@ def run(config: Config, startup: Startup) -> int:
         daemon.raise_file_limit(config.cache_size)
     counters = open_counters(config, identity)
     tracer = open_tracer(config, identity)
-    backend = Backend(config, policy_from_config(config))
+    backend_tls, client_tls = tls_contexts(config)
+    backend = Backend(config, backend_tls)
+    if config.server_port == 993 and not config.server_tls:
+        LOGGER.warning("server_port is 993 but server_tls is no: port 993 usually wants TLS")
     first_contact = wait_for_backend(backend, config)
-    listeners = bind_listeners(config)
+    listeners = bind_listeners(config, config.listen_port)
+    tls_listeners = bind_listeners(config, config.client_tls_port) if config.client_tls_port else []
     if not startup.foreground:
         daemon.detach()
     if startup.pidfile_path:
@@ -232,11 +244,25 @@ def run(config: Config, startup: Startup) -> int:
         daemon.drop_privileges(identity, config.chroot_directory)
     proxy = Proxy(config, backend, counters)
     proxy.tracer = tracer
+    proxy.client_tls = client_tls
     proxy.refresh(first_contact)
-    return serve(proxy, listeners, startup)
+    return serve(proxy, listeners, tls_listeners, startup)
 
 
-def serve(proxy: Proxy, listeners: list[socket.socket], startup: Startup) -> int:
+def tls_contexts(config: Config) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
+    """The backend and client TLS contexts; a bad file or key is a configuration error."""
+    try:
+        return tls.backend_context(config), tls.client_context(config)
+    except tls.TLSSetupError as error:
+        raise StartupError(str(error), config_module.EX_CONFIG) from None
+
+
+def serve(
+    proxy: Proxy,
+    listeners: list[socket.socket],
+    tls_listeners: list[socket.socket],
+    startup: Startup,
+) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters."""
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -245,8 +271,11 @@ def serve(proxy: Proxy, listeners: list[socket.socket], startup: Startup) -> int
     gevent.signal_handler(
         signal.SIGUSR1, lambda: LOGGER.info("counters: %s", summary(proxy.counters))
     )
-    proxy.start(listeners)
-    names = ", ".join(f"{s.getsockname()[0]} port {s.getsockname()[1]}" for s in listeners)
+    proxy.start(listeners, tls_listeners)
+    names = ", ".join(
+        f"{s.getsockname()[0]} port {s.getsockname()[1]}{' (TLS)' if s in tls_listeners else ''}"
+        for s in listeners + tls_listeners
+    )
     LOGGER.info("normal server startup: listening on %s, proxying to %s", names, proxy.backend.name)
     daemon.notify("READY=1")
     stop.wait()
@@ -275,7 +304,15 @@ def reload(proxy: Proxy, startup: Startup) -> None:
         LOGGER.error("reload failed, running settings kept: %s%s", error, where)
         return
     result = config_module.reload(proxy.config, new)
-    proxy.reconfigure(result.config)
+    try:  # certificates are re-read even when their paths did not change: renewed in place
+        backend_tls, client_tls = (
+            tls.backend_context(result.config),
+            tls.client_context(result.config),
+        )
+    except tls.TLSSetupError as error:
+        LOGGER.error("reload: %s; TLS contexts kept", error)
+        backend_tls, client_tls = proxy.backend.tls_context, proxy.client_tls
+    proxy.reconfigure(result.config, backend_tls, client_tls)
     log.set_mask(result.config)
     LOGGER.info(
         "reload: %s",

@@ -122,6 +122,16 @@ def sasl_mech(value: str) -> str:
     raise ValueError(f'expected "plain" or "login", got {_quoted(value)}')
 
 
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+def tls_version(value: str) -> str:
+    for name in TLS_VERSIONS:
+        if value.upper() == name.upper():
+            return name
+    raise ValueError(f"expected one of {', '.join(TLS_VERSIONS)}, got {_quoted(value)}")
+
+
 def host_list(value: str) -> tuple[str, ...]:
     return tuple(value.split())
 
@@ -199,6 +209,15 @@ class Config:
     server_connect_timeout: int = setting(10, positive_int, "seconds to connect to the backend")
     server_response_timeout: int = setting(30, positive_int, "seconds to wait for a backend reply")
     shutdown_timeout: int = setting(10, non_negative_int, "seconds active clients get on SIGTERM")
+    server_tls: bool = setting(False, boolean, "implicit TLS to the backend (port 993)")
+    client_tls_cert_file: str | None = setting(None, string, "certificate shown to clients")
+    client_tls_key_file: str | None = setting(None, string, "its key (default: the cert file)")
+    client_tls_chain_file: str | None = setting(None, string, "intermediate certificates")
+    client_tls_ciphers: str | None = setting(None, string, "OpenSSL cipher list for clients")
+    client_tls_min_version: str = setting("TLSv1.2", tls_version, "oldest TLS for clients")
+    client_tls_port: int | None = setting(None, port, "implicit-TLS listener port (993)")
+    client_starttls: bool = setting(False, boolean, "offer STARTTLS to clients")
+    client_tls_required: bool = setting(False, boolean, "no login before TLS (LOGINDISABLED)")
     admin_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may use XPROXY_* commands")
 
     def replace(self, **changes: Any) -> Config:
@@ -255,16 +274,47 @@ def check(config: Config, path: str) -> None:
         )
     if config.tls_key_file and not config.tls_cert_file:
         raise ConfigError(path, None, "tls_key_file", "set, but tls_cert_file is not")
+    client_tls = (
+        "client_tls_port",
+        "client_starttls",
+        "client_tls_required",
+        "client_tls_key_file",
+        "client_tls_chain_file",
+    )
+    for key in client_tls:
+        if getattr(config, key) and not config.client_tls_cert_file:
+            raise ConfigError(path, None, key, "needs client_tls_cert_file")
+    if config.client_tls_required and not (config.client_starttls or config.client_tls_port):
+        raise ConfigError(
+            path,
+            None,
+            "client_tls_required",
+            "needs client_starttls or client_tls_port (clients could never log in)",
+        )
 
 
 # Settings a running proxy cannot take on SIGHUP: they shape sockets, files, identity or the
 # cache's preallocation. Everything else takes effect for the next connection or login.
-RESTART_KEYS = frozenset({
-    "server_hostname", "server_port", "listen_address", "listen_port", "listen_backlog",
-    "cache_size", "proc_username", "proc_groupname", "chroot_directory", "stat_filename",
-    "protocol_log_filename", "foreground_mode", "ipversion_only", "send_tcp_keepalives",
-    "syslog_facility",  # openlog() again would fail inside a chroot (no /dev/log)
-})  # fmt: skip
+RESTART_KEYS = frozenset(
+    {
+        "server_hostname",
+        "server_port",
+        "listen_address",
+        "listen_port",
+        "listen_backlog",
+        "cache_size",
+        "proc_username",
+        "proc_groupname",
+        "chroot_directory",
+        "stat_filename",
+        "protocol_log_filename",
+        "foreground_mode",
+        "ipversion_only",
+        "send_tcp_keepalives",
+        "syslog_facility",  # openlog() again would fail inside a chroot (no /dev/log)
+        "client_tls_port",
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,17 @@ def hand_over(path: str, identity: Identity | None) -> None:
 
 # Modules Python or gevent import on first use. After the drop (or inside a chroot) the
 # interpreter's files may be out of reach, so they are loaded before.
-LAZY_IMPORTS = ("encodings.idna", "unicodedata", "stringprep", "gevent.resolver.thread",
-                "gevent.threadpool", "ssl", "gevent.ssl", "linecache", "traceback")  # fmt: skip
+LAZY_IMPORTS = (
+    "encodings.idna",
+    "unicodedata",
+    "stringprep",
+    "gevent.resolver.thread",
+    "gevent.threadpool",
+    "ssl",
+    "gevent.ssl",
+    "linecache",
+    "traceback",
+)
 
 
 def preload() -> None:

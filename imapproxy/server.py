@@ -13,59 +13,60 @@ it) and the client gets ``* BYE Internal proxy error``. Nothing escapes to the h
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gevent
-from gevent import socket
+from gevent import socket, ssl
 from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from imapproxy import admin
 from imapproxy.backend import Backend, BackendSession
 from imapproxy.backend_login import LoginResult
 from imapproxy.cache import ConnectionCache, Slot
 from imapproxy.config import Config
+from imapproxy.connection import ClientConnection
 from imapproxy.credentials import CredentialHasher, Credentials
-from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
+from imapproxy.errors import BackendFailure, FailureKind
 from imapproxy.protocol import capability
-from imapproxy.relay import Outcome, Relay, RelaySettings
-from imapproxy.session import (
-    AdminRequested,
-    Closed,
-    LoginRequested,
-    PreLoginPolicy,
-    PreLoginSession,
-    Reply,
-    id_command_args,
-)
+from imapproxy.relay import Outcome
+from imapproxy.session import id_command_args
 from imapproxy.stats import Counters
 from imapproxy.trace import Tracer
 
 LOGGER = logging.getLogger("imapproxy")
 
-REUSE_NOTICE = b"* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n"  # Debian's text
-INTERNAL_ERROR_BYE = b"* BYE Internal proxy error\r\n"
-SHUTDOWN_BYE = b"* BYE imapproxy shutting down\r\n"
-PRELOGIN_RECV_BYTES = 16384
 LOGOUT_CONCURRENCY = 64  # expiring/evicted sessions logged out at once, at most
 
 
 @dataclass
 class Snapshot:
-    """The backend's greeting text and the pre-login capability list clients see."""
+    """The backend's greeting text and pre-login capabilities, and what clients see of them:
+    one list per connection state (STARTTLS offered or not, login disabled or not)."""
 
     greeting_text: bytes = b"imapproxy ready."
-    capabilities: tuple[bytes, ...] = ()
+    backend_capabilities: tuple[bytes, ...] = ()
+    _lists: dict[tuple[bool, bool], bytes] = field(default_factory=dict)
 
-    def greeting(self) -> bytes:
-        return b"* OK [CAPABILITY %s] %s\r\n" % (b" ".join(self.capabilities), self.greeting_text)
+    def capabilities(self, starttls: bool = False, login_disabled: bool = False) -> bytes:
+        key = (starttls, login_disabled)
+        if key not in self._lists:
+            caps = capability.for_clients(
+                self.backend_capabilities, offer_starttls=starttls, login_disabled=login_disabled
+            )
+            self._lists[key] = b" ".join(caps)
+        return self._lists[key]
 
-    def capability_line(self) -> bytes:
-        return b"* CAPABILITY " + b" ".join(self.capabilities)
+    def greeting(self, starttls: bool = False, login_disabled: bool = False) -> bytes:
+        caps = self.capabilities(starttls, login_disabled)
+        return b"* OK [CAPABILITY %s] %s\r\n" % (caps, self.greeting_text)
+
+    def capability_line(self, starttls: bool = False, login_disabled: bool = False) -> bytes:
+        return b"* CAPABILITY " + self.capabilities(starttls, login_disabled)
 
 
 def _now() -> float:
@@ -90,6 +91,7 @@ class Proxy:
         self.hasher = CredentialHasher()
         self.snapshot = Snapshot()
         self.tracer: Tracer | None = None
+        self.client_tls: ssl.SSLContext | None = None  # STARTTLS and the implicit-TLS port
         self.servers: list[StreamServer] = []
         self.clients: Group = Group()
         self._logouts = gevent.pool.Pool(LOGOUT_CONCURRENCY)
@@ -101,12 +103,9 @@ class Proxy:
 
     def refresh(self, result: LoginResult) -> None:
         """Adopt the greeting and pre-login capabilities of a new backend connection."""
-        caps = capability.for_clients(result.prelogin_capabilities)
-        if (
-            caps != self.snapshot.capabilities
-            or result.greeting_text != self.snapshot.greeting_text
-        ):
-            self.snapshot = Snapshot(result.greeting_text, caps)
+        known = (self.snapshot.backend_capabilities, self.snapshot.greeting_text)
+        if (result.prelogin_capabilities, result.greeting_text) != known:
+            self.snapshot = Snapshot(result.greeting_text, result.prelogin_capabilities)
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -226,27 +225,36 @@ class Proxy:
             for session in expired:
                 self._logout_later(session, "Expiring server sd [%d]")
 
-    def reconfigure(self, config: Config) -> None:
+    def reconfigure(
+        self, config: Config, backend_tls: ssl.SSLContext | None, client_tls: ssl.SSLContext | None
+    ) -> None:
         """Take settings that can change live (the expiry time wakes the expiry greenlet).
 
         New connections and logins see them; cached sessions stay.
         """
         self.config = config
-        self.backend.reconfigure(config)
+        self.client_tls = client_tls
+        self.backend.reconfigure(config, backend_tls)
         self._expiry_wakeup.set()
 
     # -- listening and stopping -----------------------------------------------------------------
 
-    def start(self, listeners: list[socket.socket]) -> None:
+    def start(self, listeners: list[socket.socket], tls_listeners: list[socket.socket]) -> None:
+        """Serve: clients on ``listeners`` start in clear, on ``tls_listeners`` with TLS."""
         self.counters.start(int(time.time()))
         self._expiry = gevent.spawn(self._expire_loop)
-        for listener in listeners:
-            server = StreamServer(listener, self._handle, spawn=self.clients.spawn)
+        for listener, implicit_tls in [(s, False) for s in listeners] + [
+            (s, True) for s in tls_listeners
+        ]:
+            handle = functools.partial(self._handle, implicit_tls=implicit_tls)
+            server = StreamServer(listener, handle, spawn=self.clients.spawn)
             server.start()
             self.servers.append(server)
 
-    def _handle(self, client: socket.socket, address: tuple[object, ...]) -> None:
-        ClientConnection(self, client, address).run()
+    def _handle(
+        self, client: socket.socket, address: tuple[object, ...], implicit_tls: bool
+    ) -> None:
+        ClientConnection(self, client, address, implicit_tls).run()
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, log out cached sessions, give active clients ``timeout`` seconds."""
@@ -265,133 +273,3 @@ class Proxy:
 
 def _why(error: BaseException) -> str:
     return error.detail if isinstance(error, BackendFailure) else str(error) or type(error).__name__
-
-
-def format_address(address: tuple[object, ...]) -> str:
-    return f"{address[0]}:{address[1]}" if len(address) >= 2 else str(address)
-
-
-class ClientConnection:
-    """One client, from greeting to close."""
-
-    def __init__(self, proxy: Proxy, sock: socket.socket, address: tuple[object, ...]) -> None:
-        self.proxy = proxy
-        self.sock = sock
-        self.address = address
-        self.where = format_address(address)
-        self.session = PreLoginSession(
-            PreLoginPolicy(
-                capabilities=lambda: proxy.snapshot.capability_line(),
-                admin_enabled=lambda: admin.allowed(proxy.config, address),
-            )
-        )
-
-    def run(self) -> None:
-        counters = self.proxy.counters
-        counters.client_connected()
-        try:
-            self._serve()
-        except ClientProtocolError as error:
-            self._send(error.response())
-        except Exception:
-            LOGGER.exception("internal error serving client %s", self.where)
-            self._send(INTERNAL_ERROR_BYE)
-        finally:
-            counters.client_disconnected()
-
-    def _send(self, data: bytes) -> bool:
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            return False
-        return True
-
-    def _serve(self) -> None:
-        sock = self.sock
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.proxy.stopping:
-            self._send(SHUTDOWN_BYE)
-            return
-        if not self._send(self.proxy.snapshot.greeting()):
-            return
-        deadline = gevent.Timeout(self.proxy.config.client_login_timeout)
-        deadline.start()
-        try:
-            login = self._prelogin()
-        except gevent.Timeout as timeout:
-            if timeout is not deadline:
-                raise
-            self._send(b"* BYE Login timeout\r\n")
-            return
-        finally:
-            deadline.close()
-        if login is not None:
-            self._logged_in(*login)
-
-    def _prelogin(self) -> tuple[Slot[BackendSession], bool, bytes] | None:
-        """Answer the client until it logs in; return the slot, whether reused, and the tag."""
-        session = self.session
-        while True:
-            action = session.next_action()
-            if isinstance(action, Reply):
-                if not self._send(action.data) or action.close:
-                    return None
-            elif isinstance(action, LoginRequested):
-                result = self._login(action)
-                if result is not None:
-                    return result
-            elif isinstance(action, AdminRequested):
-                self._send(admin.execute(self.proxy, action))
-            elif isinstance(action, Closed):
-                return None
-            else:
-                data = self.sock.recv(PRELOGIN_RECV_BYTES)
-                session.receive_data(data)
-
-    def _login(self, request: LoginRequested) -> tuple[Slot[BackendSession], bool, bytes] | None:
-        self.proxy.counters.TotalClientLogins += 1
-        try:
-            slot, reused = self.proxy.checkout(
-                request.credentials, self.session.client_id, self.where
-            )
-        except BackendFailure as error:
-            self.proxy.counters.TotalLoginFailures += 1
-            LOGGER.info(
-                "LOGIN: '%s' (%s) failed: %s",
-                request.credentials.username_text,
-                self.where,
-                error.detail,
-            )
-            self._send(error.response(request.tag))
-            return None
-        return slot, reused, request.tag
-
-    def _logged_in(self, slot: Slot[BackendSession], reused: bool, tag: bytes) -> None:
-        session = slot.session
-        assert session is not None
-        login = session.login
-        reply = b"".join(login.untagged) + tag + b" " + login.reply + b"\r\n"
-        if not self._send(REUSE_NOTICE + reply if reused else reply):
-            self.proxy.checkin(slot, Outcome.RESYNCED)  # gone before its first command: idle
-            return
-        relay = self._relay(session, reused)
-        outcome = Outcome.CLOSED
-        try:
-            outcome = relay.run()
-        finally:
-            self.proxy.checkin(slot, outcome)
-        if relay.farewell and relay.client_alive:  # after checkin: the next login can reuse it
-            self._send(relay.farewell)
-
-    def _relay(self, session: BackendSession, reused: bool) -> Relay:
-        config = self.proxy.config
-        settings = RelaySettings(
-            response_timeout=config.server_response_timeout,
-            idle_timeout=config.client_idle_timeout,
-            select_cache=config.enable_select_cache,
-        )
-        tracer = self.proxy.tracer
-        trace = tracer.for_user(session.username, session.sd) if tracer else None
-        if trace is not None:
-            trace.proxy(f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]")
-        return Relay(self.sock, session, self.session.framer, settings, self.proxy.counters, trace)

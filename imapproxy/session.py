@@ -80,7 +80,17 @@ class Closed:
     pass
 
 
-Action = Reply | LoginRequested | AdminRequested | Closed | Marker
+@dataclass(frozen=True, slots=True)
+class StartTLSRequested:
+    """STARTTLS (RFC 9051 §6.2.1): reply, handshake, then call ``tls_started()``."""
+
+    tag: bytes
+
+    def reply(self) -> bytes:
+        return self.tag + b" OK Begin TLS negotiation now\r\n"
+
+
+Action = Reply | LoginRequested | AdminRequested | StartTLSRequested | Closed | Marker
 
 
 class _Auth(enum.Enum):
@@ -92,10 +102,15 @@ class _Auth(enum.Enum):
 
 @dataclass
 class PreLoginPolicy:
-    """What the I/O layer tells the session about the proxy's set-up."""
+    """What the I/O layer tells the session about the proxy's set-up and this connection."""
 
     capabilities: Callable[[], bytes]  # current "* CAPABILITY ..." list text, refreshed live
     admin_enabled: Callable[[], bool] = lambda: False
+    starttls_offered: Callable[[], bool] = lambda: False  # STARTTLS possible now
+    login_allowed: Callable[[], bool] = lambda: True  # False: TLS first (LOGINDISABLED)
+
+
+PRIVACY_REQUIRED = "[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure connections"
 
 
 class PreLoginSession:
@@ -116,6 +131,12 @@ class PreLoginSession:
 
     def receive_data(self, data: bytes) -> None:
         self.framer.receive_data(data)
+
+    def tls_started(self) -> None:
+        """After the handshake: plaintext the client pipelined after STARTTLS is discarded
+        (a man in the middle could have injected it, CVE-2011-0411), capabilities change."""
+        self.framer = CommandFramer(PRELOGIN_MAX_LINE_BYTES)
+        self._reset_command()
 
     def next_action(self) -> Action:
         if self._closed:
@@ -220,6 +241,12 @@ class PreLoginSession:
         self.client_id = tuple(items) if items else None
         return Reply(b"* ID " + PROXY_ID + b"\r\n" + tag + b" OK Completed\r\n")
 
+    def _starttls(self, tag: bytes, args: Arguments) -> Action:
+        args.expect_end()
+        if not self.policy.starttls_offered():
+            raise ClientProtocolError("Please login first", tag=tag)
+        return StartTLSRequested(tag)
+
     def _login(self, tag: bytes, args: Arguments) -> Action:
         args.space()
         username = args.astring()
@@ -286,6 +313,8 @@ class PreLoginSession:
         return self._credentials(tag, username, password, "PLAIN")
 
     def _credentials(self, tag: bytes, username: bytes, password: bytes, how: str) -> Action:
+        if not self.policy.login_allowed():
+            raise ClientProtocolError(PRIVACY_REQUIRED, tag=tag, status="NO")
         if not username or len(username) > MAX_USERNAME_BYTES or b"\x00" in username:
             raise ClientProtocolError("Invalid user name", tag=tag, status="NO")
         if len(password) > MAX_PASSWORD_BYTES or b"\x00" in password:
@@ -302,6 +331,7 @@ _HANDLERS: dict[bytes, Callable[[PreLoginSession, bytes, Arguments], Action]] = 
     b"ID": PreLoginSession._id,
     b"LOGIN": PreLoginSession._login,
     b"AUTHENTICATE": PreLoginSession._authenticate,
+    b"STARTTLS": PreLoginSession._starttls,
 }
 
 

@@ -27,6 +27,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 MESSAGES_PER_USER = 5
 USER_POOL = 200
+MASTER_USER, MASTER_PASSWORD = "master", "Master-pw-1"
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +40,7 @@ def dovecot() -> Iterator[DovecotInstance]:
     # Dovecot re-reads the passwd-file at most once a second, so users are made up front.
     for number in range(1, USER_POOL + 1):
         instance.add_user(f"user{number:04d}", f"pw-user{number:04d}-S3cret")
+    instance.add_master(MASTER_USER, MASTER_PASSWORD)
     instance.start()
     try:
         yield instance

@@ -125,6 +125,15 @@ def test_every_key_parses_a_value() -> None:
         "server_connect_timeout": ("3", 3),
         "server_response_timeout": ("9", 9),
         "shutdown_timeout": ("0", 0),
+        "server_tls": ("yes", True),
+        "client_tls_cert_file": ("/c.pem", "/c.pem"),
+        "client_tls_key_file": ("/k.pem", "/k.pem"),
+        "client_tls_chain_file": ("/chain.pem", "/chain.pem"),
+        "client_tls_ciphers": ("HIGH", "HIGH"),
+        "client_tls_min_version": ("tlsv1.3", "TLSv1.3"),
+        "client_tls_port": ("993", 993),
+        "client_starttls": ("yes", True),
+        "client_tls_required": ("yes", True),
     }
     text = "".join(
         f"{key.upper() if i % 2 else key}\t {raw}  # comment\n"
@@ -173,6 +182,18 @@ def test_every_key_parses_a_value() -> None:
         (
             "server_hostname x\nauth_shared_secret s\n",
             "imapproxy.conf: auth_sasl_plain_username: auth_sasl_plain_username, auth_sasl_plain_password and auth_shared_secret must be set together",
+        ),
+        (
+            "server_hostname x\nclient_starttls yes\n",
+            "imapproxy.conf: client_starttls: needs client_tls_cert_file",
+        ),
+        (
+            "server_hostname x\nclient_tls_cert_file /c\nclient_tls_required yes\n",
+            "imapproxy.conf: client_tls_required: needs client_starttls or client_tls_port",
+        ),
+        (
+            "server_hostname x\nclient_tls_min_version SSLv3\n",
+            'imapproxy.conf:2: client_tls_min_version: expected one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3, got "SSLv3"',
         ),
         (
             "server_hostname x\nadmin_allow 10.0.0.0/8 nonsense\n",

@@ -123,6 +123,8 @@ def test_daemon_detaches_drops_privileges_chroots_reloads_and_stops(
     pidfile = service_dir / "imapproxy.pid"
     pid = start_daemon(config, pidfile)
     try:
+        # the pid file is written as root, just before the drop: wait for it to be done
+        assert wait_until(lambda: status_of(pid)["NoNewPrivs"].strip() == "1", timeout=5)
         status = status_of(pid)
         assert status["Uid"].split() == [str(NOBODY)] * 4
         assert status["Groups"].strip() == ""

@@ -133,10 +133,10 @@ class DovecotInstance:
         client_limit: int = 1000,
     ) -> None:
         self.root = root
-        self.listen = listen
-        self.host = listen
-        self.port = free_port(listen)
-        self.imaps_port = free_port(listen)
+        self.listen = listen  # Dovecot's "listen": one address, or several separated by ", "
+        self.host = listen.split(",")[0].strip()  # where clients connect
+        self.port = free_port(self.host)
+        self.imaps_port = free_port(self.host)
         self.fast = fast
         self.ssl_cert, self.ssl_key, self.ssl_required = ssl_cert, ssl_key, ssl_required
         self.rawlog = rawlog
@@ -231,7 +231,7 @@ class DovecotInstance:
             stderr=subprocess.PIPE,
         )
         try:
-            wait_for_port(self.listen, self.port)
+            wait_for_port(self.host, self.port)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"dovecot did not start: {self.log_text()}") from None

@@ -1,0 +1,323 @@
+"""TLS towards the backend (STARTTLS, port 993, verification) and towards clients, and the ways
+of logging in (master user, SASL PLAIN to the backend, LOGIN then AUTHENTICATE reuse)."""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import os
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.conftest import MASTER_PASSWORD, MASTER_USER
+from tests.support.client import RawClient, login
+from tests.support.dovecot import DovecotInstance, User, free_port, make_message
+from tests.support.proxy import ProxyProcess
+
+
+@pytest.fixture(scope="module")
+def pki() -> Iterator[dict[str, Path]]:
+    """A CA, a server certificate for "localhost" and 127.0.0.2 (not ::1), another CA."""
+    directory = Path(tempfile.mkdtemp(prefix="ipx-pki-"))
+    os.chmod(directory, 0o755)
+    ca, other_ca = trustme.CA(), trustme.CA()
+    files = {name: directory / f"{name}.pem" for name in ("ca", "other_ca", "server", "key")}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    other_ca.cert_pem.write_to_path(str(files["other_ca"]))
+    leaf = ca.issue_cert("localhost", "127.0.0.2")
+    leaf.cert_chain_pems[0].write_to_path(str(files["server"]))
+    for pem in leaf.cert_chain_pems[1:]:
+        pem.write_to_path(str(files["server"]), append=True)
+    leaf.private_key_pem.write_to_path(str(files["key"]))
+    for path in files.values():
+        path.chmod(0o644)
+    files["dir"] = directory
+    yield files
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tls_dovecot(pki: dict[str, Path]) -> Iterator[DovecotInstance]:
+    """Dovecot with ssl = required: LOGINDISABLED until STARTTLS; port 993-style listener too.
+
+    On 127.0.0.2 (and ::1): Dovecot counts a connection whose two ends have the same address as
+    secured and would allow plaintext logins; from 127.0.0.1 to 127.0.0.2 it does not.
+    """
+    root = Path(tempfile.mkdtemp(prefix="ipx-dovecot-tls-"))
+    os.chmod(root, 0o755)
+    instance = DovecotInstance(
+        root, listen="127.0.0.2, ::1", ssl_cert=pki["server"], ssl_key=pki["key"], ssl_required=True
+    )
+    instance.write_config()
+    instance.add_user("alice", "alice-pw")
+    instance.start()
+    instance.deliver("alice", make_message("alice over TLS"))
+    yield instance
+    instance.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def page(
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    *,
+    tls: ssl.SSLContext | None = None,
+    starttls: ssl.SSLContext | None = None,
+) -> bool:
+    """Log in, select, fetch, log out; True if the session was reused."""
+    imap = imaplib.IMAP4_SSL(host, port, ssl_context=tls) if tls else imaplib.IMAP4(host, port)
+    if starttls is not None:
+        imap.starttls(ssl_context=starttls)
+    imap.login(user, password)
+    reused = any(b"[XPROXYREUSE]" in r for r in imap.untagged_responses.get("OK", []))
+    assert imap.select()[0] == "OK"
+    assert imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[0] == "OK"
+    imap.logout()
+    return reused
+
+
+def backend_settings(
+    dovecot: DovecotInstance, pki: dict[str, Path], **extra: object
+) -> dict[str, object]:
+    settings: dict[str, object] = {
+        "server_hostname": "127.0.0.2",
+        "server_port": dovecot.port,
+        "tls_ca_file": pki["ca"],
+        "tls_verify_server": True,
+    }
+    settings.update(extra)
+    return settings
+
+
+def test_starttls_to_a_backend_that_says_logindisabled(
+    start_proxy: Callable[..., ProxyProcess], tls_dovecot: DovecotInstance, pki: dict[str, Path]
+) -> None:
+    proxy = start_proxy(("127.0.0.2", tls_dovecot.port), **backend_settings(tls_dovecot, pki))
+    assert not page(proxy.host, proxy.port, "alice", "alice-pw")
+    assert page(proxy.host, proxy.port, "alice", "alice-pw")
+    assert (
+        ", TLS, session=" in tls_dovecot.log_text().split("Login: user=<alice>")[-1].split("\n")[0]
+    )
+
+
+def test_implicit_tls_backend(
+    start_proxy: Callable[..., ProxyProcess], tls_dovecot: DovecotInstance, pki: dict[str, Path]
+) -> None:
+    proxy = start_proxy(
+        ("127.0.0.2", tls_dovecot.imaps_port),
+        **backend_settings(tls_dovecot, pki, server_port=tls_dovecot.imaps_port, server_tls=True),
+    )
+    assert not page(proxy.host, proxy.port, "alice", "alice-pw")
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        ({"tls_ca_file": "other_ca"}, "certificate verify failed"),
+        ({"server_hostname": "::1", "force_tls": True}, "IP address mismatch"),
+    ],
+)
+def test_verification_failures_are_clear_errors(
+    start_proxy: Callable[..., ProxyProcess],
+    tls_dovecot: DovecotInstance,
+    pki: dict[str, Path],
+    settings: dict[str, object],
+    reason: str,
+) -> None:
+    values = {k: pki.get(v, v) for k, v in settings.items()}  # type: ignore[index]
+    proxy = start_proxy(
+        ("127.0.0.2", tls_dovecot.port), **backend_settings(tls_dovecot, pki, **values)
+    )
+    client, replies = login(proxy.host, proxy.port, "alice", "alice-pw")
+    client.close()
+    assert replies == [b"L1 NO [UNAVAILABLE] Secure connection to IMAP server failed\r\n"]
+    log = proxy.log_text()
+    assert "LOGIN: 'alice' (127.0.0.1:" in log and reason in log
+
+
+def test_no_verification_accepts_an_unknown_ca(
+    start_proxy: Callable[..., ProxyProcess], tls_dovecot: DovecotInstance, pki: dict[str, Path]
+) -> None:
+    proxy = start_proxy(
+        ("127.0.0.2", tls_dovecot.port),
+        **backend_settings(tls_dovecot, pki, tls_ca_file=pki["other_ca"], tls_verify_server=False),
+    )
+    assert not page(proxy.host, proxy.port, "alice", "alice-pw")
+
+
+def test_force_tls_without_starttls_refuses_to_send_the_password(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    proxy = start_proxy(force_tls=True)  # the plain test Dovecot offers no STARTTLS
+    client, replies = login(proxy.host, proxy.port, user.name, user.password)
+    client.close()
+    assert replies == [b"L1 NO [UNAVAILABLE] Secure connection to IMAP server failed\r\n"]
+    assert "refusing to send a password in clear" in proxy.log_text()
+
+
+# -- towards clients -------------------------------------------------------------------------------
+
+
+def client_context(pki: dict[str, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    return context
+
+
+@pytest.fixture
+def tls_proxy(
+    start_proxy: Callable[..., ProxyProcess], pki: dict[str, Path]
+) -> Callable[..., ProxyProcess]:
+    def start(**extra: object) -> ProxyProcess:
+        tls_port = free_port()
+        settings: dict[str, object] = {
+            "client_tls_cert_file": pki["server"],
+            "client_tls_key_file": pki["key"],
+            "client_tls_port": tls_port,
+            "client_starttls": True,
+        }
+        settings.update(extra)
+        proxy = start_proxy(**settings)
+        proxy.tls_port = tls_port  # type: ignore[attr-defined]
+        from tests.support.dovecot import wait_for_port
+
+        wait_for_port("127.0.0.1", tls_port)
+        return proxy
+
+    return start
+
+
+def test_clients_over_implicit_tls_and_starttls(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    proxy = tls_proxy()
+    context = client_context(pki)
+    assert not page("localhost", proxy.tls_port, user.name, user.password, tls=context)  # type: ignore[attr-defined]
+    assert page("localhost", proxy.port, user.name, user.password, starttls=context)
+    with RawClient(proxy.host, proxy.port) as raw:
+        assert b" STARTTLS " in raw.greeting and b"LOGINDISABLED" not in raw.greeting
+        # pipelined after STARTTLS: must be discarded, not run inside the TLS session
+        raw.send(b"a STARTTLS\r\nb NOOP\r\n")
+        assert raw.read_line() == b"a OK Begin TLS negotiation now\r\n"
+        tls_sock = context.wrap_socket(raw.sock, server_hostname="localhost")
+        tls_sock.settimeout(1)
+        with pytest.raises(TimeoutError):
+            tls_sock.recv(100)  # nothing: "b NOOP" was dropped
+        tls_sock.sendall(b"c CAPABILITY\r\n")
+        time.sleep(0.2)
+        reply = tls_sock.recv(4096)
+        assert reply.startswith(b"* CAPABILITY ") and b"STARTTLS" not in reply
+        tls_sock.close()
+
+
+def test_tls_required_before_login(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    proxy = tls_proxy(client_tls_required=True)
+    with RawClient(proxy.host, proxy.port) as raw:
+        assert b" LOGINDISABLED " in raw.greeting and b"AUTH=PLAIN" not in raw.greeting
+        reply = raw.command(b"a", b"LOGIN %s %s" % (user.name.encode(), user.password.encode()))
+        assert reply == [
+            b"a NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure connections\r\n"
+        ]
+    assert not page("localhost", proxy.port, user.name, user.password, starttls=client_context(pki))
+
+
+def test_slow_tls_handshake_does_not_delay_others(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    proxy = tls_proxy()
+    stalled = [socket.create_connection(("127.0.0.1", proxy.tls_port)) for _ in range(20)]  # type: ignore[attr-defined]
+    stalled[0].sendall(b"\x16\x03\x01")  # the start of a ClientHello, then nothing
+    try:
+        started = time.monotonic()
+        page("localhost", proxy.tls_port, user.name, user.password, tls=client_context(pki))  # type: ignore[attr-defined]
+        assert time.monotonic() - started < 2
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def peer_certificate(port: int, context: ssl.SSLContext) -> bytes:
+    sock = socket.create_connection(("127.0.0.1", port))
+    with context.wrap_socket(sock, server_hostname="localhost") as tls_sock:
+        der = tls_sock.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+
+def test_certificate_reload_on_sighup(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    cert, key = pki["dir"] / "reload.pem", pki["dir"] / "reload.key"
+    shutil.copy(pki["server"], cert)
+    shutil.copy(pki["key"], key)
+    proxy = tls_proxy(client_tls_cert_file=cert, client_tls_key_file=key)
+    port = proxy.tls_port  # type: ignore[attr-defined]
+    trusting = client_context(pki)
+    before = peer_certificate(port, trusting)
+    assert not page("localhost", proxy.port, user.name, user.password)
+    renewed = trustme.CA().issue_cert("localhost")  # from a CA the test client does not trust
+    renewed.cert_chain_pems[0].write_to_path(str(cert))
+    renewed.private_key_pem.write_to_path(str(key))
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for_log("reload:")
+    with pytest.raises(ssl.SSLCertVerificationError):  # the new certificate is the one served
+        peer_certificate(port, trusting)
+    unverified = ssl.create_default_context()
+    unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+    assert peer_certificate(port, unverified) != before
+    assert page("localhost", proxy.port, user.name, user.password)  # the cached session survived
+
+
+# -- ways of logging in ---------------------------------------------------------------------------
+
+
+def test_login_then_authenticate_plain_reuse_one_session(proxy: ProxyProcess, user: User) -> None:
+    assert not page(proxy.host, proxy.port, user.name, user.password)
+    imap = imaplib.IMAP4(proxy.host, proxy.port)
+    imap.authenticate("PLAIN", lambda _: f"\0{user.name}\0{user.password}".encode())
+    assert any(b"[XPROXYREUSE]" in r for r in imap.untagged_responses.get("OK", []))
+    imap.logout()
+
+
+def test_sasl_plain_to_the_backend(start_proxy: Callable[..., ProxyProcess], user: User) -> None:
+    proxy = start_proxy(auth_sasl_mech="plain")
+    assert not page(proxy.host, proxy.port, user.name, user.password)
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imap = imaplib.IMAP4(proxy.host, proxy.port)
+        try:
+            imap.login(user.name, "wrong")
+        finally:
+            imap.shutdown()
+
+
+def test_master_user_and_shared_secret(
+    start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
+) -> None:
+    proxy = start_proxy(
+        auth_sasl_plain_username=MASTER_USER,
+        auth_sasl_plain_password=MASTER_PASSWORD,
+        auth_shared_secret="Shared-S3cret",
+    )
+    assert not page(proxy.host, proxy.port, user.name, "Shared-S3cret")
+    assert f"Login: user=<{user.name}>, method=PLAIN" in dovecot.log_text()
+    client, replies = login(proxy.host, proxy.port, user.name, user.password)  # the real password
+    client.close()
+    assert replies == [b"L1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"]
+    assert "shared secret was wrong" in proxy.log_text()
+    assert (
+        "Shared-S3cret" not in proxy.log_text()
+        and base64.b64encode(b"Shared-S3cret").decode() not in proxy.log_text()
+    )
