@@ -209,6 +209,7 @@ class Config:
     server_connect_timeout: int = setting(10, positive_int, "seconds to connect to the backend")
     server_response_timeout: int = setting(30, positive_int, "seconds to wait for a backend reply")
     shutdown_timeout: int = setting(10, non_negative_int, "seconds active clients get on SIGTERM")
+    auth_failure_delay: int = setting(2, non_negative_int, "seconds a failed login's reply waits")
     server_tls: bool = setting(False, boolean, "implicit TLS to the backend (port 993)")
     client_tls_cert_file: str | None = setting(None, string, "certificate shown to clients")
     client_tls_key_file: str | None = setting(None, string, "its key (default: the cert file)")

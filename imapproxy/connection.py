@@ -20,7 +20,7 @@ from gevent import socket, ssl
 from imapproxy import admin
 from imapproxy.backend import BackendSession
 from imapproxy.cache import Slot
-from imapproxy.errors import BackendFailure, ClientProtocolError
+from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
 from imapproxy.relay import Outcome, Relay, RelaySettings
 from imapproxy.session import (
     AdminRequested,
@@ -183,6 +183,10 @@ class ClientConnection:
             )
         except BackendFailure as error:
             self.proxy.counters.TotalLoginFailures += 1
+            if error.kind is FailureKind.AUTH_REJECTED:  # brute force: make it slow
+                gevent.sleep(
+                    self.proxy.throttle.failed(request.credentials.username, str(self.address[0]))
+                )
             LOGGER.info(
                 "LOGIN: '%s' (%s) failed: %s",
                 request.credentials.username_text,

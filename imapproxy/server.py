@@ -36,6 +36,7 @@ from imapproxy.protocol import capability
 from imapproxy.relay import Outcome
 from imapproxy.session import id_command_args
 from imapproxy.stats import Counters
+from imapproxy.throttle import LoginThrottle
 from imapproxy.trace import Tracer
 
 LOGGER = logging.getLogger("imapproxy")
@@ -89,6 +90,7 @@ class Proxy:
         self.clock = clock
         self.cache: ConnectionCache[BackendSession] = ConnectionCache(config.cache_size)
         self.hasher = CredentialHasher()
+        self.throttle = LoginThrottle(config.auth_failure_delay)
         self.snapshot = Snapshot()
         self.tracer: Tracer | None = None
         self.client_tls: ssl.SSLContext | None = None  # STARTTLS and the implicit-TLS port
@@ -234,6 +236,7 @@ class Proxy:
         """
         self.config = config
         self.client_tls = client_tls
+        self.throttle.base_delay = config.auth_failure_delay
         self.backend.reconfigure(config, backend_tls)
         self._expiry_wakeup.set()
 

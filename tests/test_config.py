@@ -125,6 +125,7 @@ def test_every_key_parses_a_value() -> None:
         "server_connect_timeout": ("3", 3),
         "server_response_timeout": ("9", 9),
         "shutdown_timeout": ("0", 0),
+        "auth_failure_delay": ("0", 0),
         "server_tls": ("yes", True),
         "client_tls_cert_file": ("/c.pem", "/c.pem"),
         "client_tls_key_file": ("/k.pem", "/k.pem"),

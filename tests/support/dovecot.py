@@ -84,6 +84,7 @@ namespace inbox {{
   inbox = yes
 }}
 imap_id_log = *
+auth_failure_delay = {auth_failure_delay}
 protocol imap {{
   mail_max_userip_connections = {max_userip}
   rawlog_dir = {rawlog_dir}
@@ -212,6 +213,7 @@ class DovecotInstance:
                 internal_user=internal,
                 login_user=login,
                 max_userip=100000,
+                auth_failure_delay="0" if not self.fast else "2 secs",
                 rawlog_dir=rawlog_dir,
                 login_tuning=FAST_LOGIN if self.fast else "",
                 imap_tuning=FAST_IMAP if self.fast else "",
