@@ -176,18 +176,18 @@ def test_failed_logins_are_slowed_but_others_are_not(
     proxy = start_proxy(auth_failure_delay=1)
     victim, other = make_user(), make_user()
     took = []
-    for _ in range(3):
+    for _ in range(2):
         started = time.monotonic()
         client, replies = login(proxy.host, proxy.port, victim.name, "wrong")
         client.close()
         assert replies == [b"L1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"]
         took.append(time.monotonic() - started)
-    # at least our delays (1, 2, 4 s); Dovecot adds its own penalty for failures from one address
-    assert took[0] >= 1 and took[1] >= 2 and took[2] >= 4
+    # at least our delays (1, 2 s); Dovecot adds its own penalty for failures from one address
+    assert took[0] >= 1 and took[1] >= 2
     slow = threading.Thread(
         target=lambda: login(proxy.host, proxy.port, victim.name, "wrong")[0].close()
     )
-    slow.start()  # the fourth failure waits 8 s...
+    slow.start()  # the third failure waits 4 s...
     time.sleep(0.3)
     started = time.monotonic()
     second_client_fine(proxy, other)  # ...while another user logs in at once
