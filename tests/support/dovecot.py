@@ -104,6 +104,13 @@ service imap-login {{
 service imap {{
 {imap_tuning}
 }}
+# No per-IP auth penalty: behind a proxy every user shares the proxy's address (the proxy
+# slows failures down itself); Dovecot's docs give this way to turn it off.
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
 default_client_limit = {client_limit}
 default_process_limit = {process_limit}
 """
