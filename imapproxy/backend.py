@@ -41,6 +41,12 @@ from imapproxy.protocol.framing import NEED_DATA, parse_literal_marker
 from imapproxy.protocol.response import Response, ResponseReader
 from imapproxy.select_cache import SelectEntry, check_commands, still_valid
 
+
+def _new_tag() -> bytes:
+    """A tag no client uses: random, so that no reply can be mistaken for another's."""
+    return b"ipx" + secrets.token_hex(4).encode()
+
+
 RECV_BYTES = 65536
 # A cached session gets this long to answer the NOOP before reuse; a healthy backend answers in
 # well under a millisecond, and a client is waiting.
@@ -62,6 +68,7 @@ class BackendSession:
 
     __slots__ = (
         "select_entry",
+        "pending",
         "traits",
         "sock",
         "sd",
@@ -85,6 +92,7 @@ class BackendSession:
         self.capabilities = login.capabilities
         self.selected = False  # a mailbox is selected (tracked by the relay)
         self.select_entry: SelectEntry | None = None  # the SELECT cache's entry
+        self.pending: dict[bytes, bytes] = {}  # tag -> command sent without waiting for it
         self.traits = ServerTraits()
 
     def has_capability(self, name: bytes) -> bool | None:
@@ -112,7 +120,7 @@ class BackendSession:
     def pipeline(self, lines: list[bytes], timeout: float) -> tuple[list[Response], list[Response]]:
         """Send several commands in one write; return all untagged replies and the tagged ones
         in the order of ``lines`` (servers may complete pipelined commands out of order)."""
-        tags = [b"ipx" + secrets.token_hex(4).encode() for _ in lines]
+        tags = [_new_tag() for _ in lines]
         with _Deadline(timeout, "no reply to " + lines[0].split(b" ", 1)[0].decode()):
             self.send(
                 b"".join(t + b" " + line + b"\r\n" for t, line in zip(tags, lines, strict=True))
@@ -131,6 +139,8 @@ class BackendSession:
             response = self.read_response()
             if response.tag in tags:
                 done[response.tag] = response
+            elif response.tag in self.pending:
+                self._pending_done(response)
             elif response.tag == b"*":
                 if response.word == b"BYE":
                     raise BackendFailure(FailureKind.PROTOCOL, "server said BYE")
@@ -178,16 +188,26 @@ class BackendSession:
         untagged, done = self.pipeline(list(commands), timeout)
         return all(d.word == b"OK" for d in done) and still_valid(entry, untagged)
 
-    def leave_mailbox(self, timeout: float) -> list[Response]:
-        """Back to the authenticated state: UNSELECT (RFC 3691), else EXAMINE of no mailbox."""
-        if self.has_capability(b"UNSELECT") is not False:
-            untagged, done = self.command(b"UNSELECT", timeout)
-            if done.word == b"OK":
-                self.selected = False
-                return untagged
-        untagged, done = self.command(b'EXAMINE ""', timeout)
-        self.selected = False  # a failed EXAMINE leaves no mailbox selected (RFC 9051 §6.3.2)
-        return untagged
+    def leave_mailbox(self) -> None:
+        """Back to the authenticated state: UNSELECT (RFC 3691), else EXAMINE of no mailbox.
+
+        Sent without waiting: the client leaving need not wait for it. Its completion is read,
+        and checked, by whatever the proxy sends next on this session (the reuse check, or
+        LOGOUT); until then its tag is ``pending``.
+        """
+        # without UNSELECT: EXAMINE "" fails, and a failed EXAMINE deselects (RFC 9051 §6.3.2)
+        line = b'EXAMINE ""' if self.has_capability(b"UNSELECT") is False else b"UNSELECT"
+        tag = _new_tag()
+        self.send(tag + b" " + line + b"\r\n")
+        self.pending[tag] = line
+        self.selected = False
+
+    def _pending_done(self, response: Response) -> None:
+        """A command sent without waiting completed: UNSELECT must have worked, and a failed
+        EXAMINE "" deselected anyway."""
+        line = self.pending.pop(response.tag)
+        if line == b"UNSELECT" and response.word != b"OK":
+            raise BackendFailure(FailureKind.PROTOCOL, "UNSELECT failed: session left selected")
 
     def logout(self) -> None:
         """LOGOUT and close, within ``LOGOUT_TIMEOUT_S``; errors only mean it was already gone."""

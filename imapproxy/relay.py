@@ -527,24 +527,26 @@ class Relay:
     def _pump_dead(self) -> bool:
         return self._pump is None or self._pump.dead
 
-    def _resync(self) -> list[bytes]:
-        """Stop the pump in sync and leave the mailbox if needed; return untagged replies."""
+    def _resync(self) -> None:
+        """Stop the pump in sync and, SELECT cache off, leave the mailbox (without waiting)."""
         if not self._stop_pump():
             raise _Desync(self.backend_gone or "backend did not complete outstanding commands")
-        if not self.session.selected or self.settings.select_cache:
-            return []
-        return [r.raw for r in self.session.leave_mailbox(self.settings.response_timeout)]
+        if self.session.selected and not self.settings.select_cache:
+            try:
+                self.session.leave_mailbox()
+            except OSError as error:
+                raise BackendFailure(FailureKind.CONNECT, f"write error: {error}") from None
 
     def _logout(self, tag: bytes) -> Outcome:
         """LOGOUT: the reply is left in ``farewell`` for the caller to send once the session is
         back in the cache, so that the client's next login can already reuse it."""
         try:
-            untagged = self._resync()
+            self._resync()
         except (_Desync, BackendFailure) as error:
             LOGGER.info("session not reusable after LOGOUT: %s", _why(error))
             self.farewell = LOGOUT_REPLY % tag
             return self._close()
-        self.farewell = b"".join(untagged) + LOGOUT_REPLY % tag
+        self.farewell = LOGOUT_REPLY % tag
         return Outcome.REUSABLE
 
     def _client_vanished(self) -> Outcome:

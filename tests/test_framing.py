@@ -97,8 +97,12 @@ def test_rejected_literal_starts_a_new_command() -> None:
 
 def test_literal8_and_zero_length() -> None:
     out = feed(b"a APPEND INBOX ~{0}\r\n\r\n")
-    assert out[0] == Line(b"a APPEND INBOX ~{0}\r\n", True, LiteralSpec(0, True, True))
-    assert out[-1] == Line(b"\r\n", False, None)
+    assert out == [
+        Line(b"a APPEND INBOX ~{0}\r\n", True, LiteralSpec(0, True, True)),
+        AWAIT_CONTINUATION,
+        LiteralData(b"", True),  # every literal is reported, even an empty one
+        Line(b"\r\n", False, None),
+    ]
 
 
 def test_literal_with_bytes_that_look_like_commands() -> None:

@@ -68,6 +68,13 @@ def test_login_forms_decode_to_the_same_credentials() -> None:
     )
 
 
+def test_empty_literals() -> None:
+    s = session()
+    assert replies(play(s, b"a LOGIN {0}\r\n")) == b"+ go ahead\r\n"
+    assert replies(play(s, b" {0+}\r\n\r\n")) == b"a NO Invalid user name\r\n"
+    assert replies(play(s, b"b CAPABILITY {0+}\r\n\r\n")) == b"b BAD Unexpected extra arguments\r\n"
+
+
 def test_authenticate_plain_with_and_without_initial_response() -> None:
     message = base64.b64encode(b"\x00alice\x00secret")
     out = play(session(), b"a AUTHENTICATE PLAIN " + message + b"\r\n")

@@ -164,6 +164,9 @@ class CommandFramer:
         return self._next_line()
 
     def _next_literal_piece(self) -> Event:
+        if self._literal_remaining == 0:  # "{0}": still a literal, reported as such
+            self._state = _IN_COMMAND
+            return LiteralData(b"", last=True)
         if not self._buffer:
             return ClientClosed(mid_command=True) if self._eof else NEED_DATA
         take = min(len(self._buffer), self._literal_remaining)
@@ -200,4 +203,4 @@ class CommandFramer:
 
     def _start_literal(self, size: int) -> None:
         self._literal_remaining = size
-        self._state = _IN_LITERAL if size else _IN_COMMAND
+        self._state = _IN_LITERAL
