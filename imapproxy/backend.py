@@ -36,21 +36,27 @@ from imapproxy.backend_login import (
 from imapproxy.config import Config
 from imapproxy.credentials import Credentials
 from imapproxy.errors import BackendFailure, BackendProtocolError, FailureKind
-from imapproxy.protocol import capability
 from imapproxy.protocol.framing import NEED_DATA, parse_literal_marker
 from imapproxy.protocol.response import Response, ResponseReader
 from imapproxy.select_cache import SelectEntry, check_commands, still_valid
+from imapproxy.send import send_all
+
+_TAG_PREFIX = b"ipx" + secrets.token_hex(3).encode()  # drawn once per process
+_tag_numbers = itertools.count(1)
 
 
 def _new_tag() -> bytes:
-    """A tag no client uses: random, so that no reply can be mistaken for another's."""
-    return b"ipx" + secrets.token_hex(4).encode()
+    """A tag of the proxy's own: a random prefix no client guesses, and a counter."""
+    return b"%s%d" % (_TAG_PREFIX, next(_tag_numbers))
 
 
 RECV_BYTES = 65536
 # A cached session gets this long to answer the NOOP before reuse; a healthy backend answers in
 # well under a millisecond, and a client is waiting.
 REUSE_CHECK_TIMEOUT_S = 5.0
+# How long a SELECT cache check made at login holds for the page's SELECT, if the client sends
+# nothing else in between (webmail sends its SELECT right after the login reply).
+SELECT_CHECK_FRESH_S = 1.0
 LOGOUT_TIMEOUT_S = 5.0  # how long a LOGOUT to an expiring session may take before we just close
 
 Address = tuple[Any, ...]
@@ -68,6 +74,7 @@ class BackendSession:
 
     __slots__ = (
         "select_entry",
+        "select_checked_at",
         "pending",
         "traits",
         "sock",
@@ -92,17 +99,18 @@ class BackendSession:
         self.capabilities = login.capabilities
         self.selected = False  # a mailbox is selected (tracked by the relay)
         self.select_entry: SelectEntry | None = None  # the SELECT cache's entry
+        self.select_checked_at: float | None = None  # when the entry was last found valid
         self.pending: dict[bytes, bytes] = {}  # tag -> command sent without waiting for it
         self.traits = ServerTraits()
 
     def has_capability(self, name: bytes) -> bool | None:
         """True/False when the post-login capabilities are known, None when they are not."""
-        return capability.has(self.capabilities, name) if self.capabilities else None
+        return name.upper() in self.login.capability_set if self.capabilities else None
 
     # -- control-plane I/O ----------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        send_all(self.sock, data)
 
     def read_response(self) -> Response:
         while True:
@@ -169,23 +177,38 @@ class BackendSession:
             untagged, done = self._read_tagged({tag})
             return untagged, done[tag]
 
-    def check_alive(self, client_id_args: bytes | None) -> None:
-        """Before reuse: a tagged NOOP (or the client's ID, replayed), untagged replies dropped.
+    def check_alive(self, client_id_args: bytes | None, now: float) -> None:
+        """Before reuse: a tagged NOOP (after the client's ID, replayed, if it sent one).
 
-        Dropped news about the selected mailbox would make a cached SELECT reply unverifiable,
-        so any untagged reply other than ID's own drops the SELECT cache entry.
+        With a SELECT cache entry, the entry's check goes in the same round trip, so that the
+        page's SELECT, coming next, is answered at once (``select_checked_at``). Otherwise
+        untagged replies are dropped, and with them the entry, which could no longer be checked.
         """
-        line = b"ID " + client_id_args if client_id_args is not None else b"NOOP"
-        untagged, done = self.command(line, REUSE_CHECK_TIMEOUT_S)
-        if done.word not in (b"OK", b"NO") or (client_id_args is None and done.word != b"OK"):
+        entry = self.select_entry if self.selected else None
+        lines = [b"ID " + client_id_args] if client_id_args is not None else []
+        lines += self._entry_check(entry) if entry is not None else [b"NOOP"]
+        untagged, done = self.pipeline(lines, REUSE_CHECK_TIMEOUT_S)
+        if client_id_args is not None:
+            untagged = [r for r in untagged if r.word != b"ID"]
+            if done.pop(0).word not in (b"OK", b"NO"):  # the ID may be refused
+                raise BackendFailure(FailureKind.PROTOCOL, "liveness check failed")
+        if any(d.word != b"OK" for d in done):
             raise BackendFailure(FailureKind.PROTOCOL, "liveness check failed")
-        if any(response.word != b"ID" for response in untagged):
+        if entry is not None and still_valid(entry, untagged):
+            self.select_checked_at = now
+        elif entry is not None or untagged:
             self.select_entry = None
 
-    def select_entry_holds(self, entry: SelectEntry, timeout: float) -> bool:
-        """Ask the server whether a fresh SELECT would still give ``entry``'s reply."""
-        commands = check_commands(entry.mailbox, esearch=self.has_capability(b"ESEARCH") is True)
-        untagged, done = self.pipeline(list(commands), timeout)
+    def _entry_check(self, entry: SelectEntry) -> list[bytes]:
+        return list(check_commands(entry.mailbox, esearch=self.has_capability(b"ESEARCH") is True))
+
+    def select_entry_holds(self, entry: SelectEntry, now: float, timeout: float) -> bool:
+        """Whether a fresh SELECT would still give ``entry``'s reply: checked just now at
+        login (and nothing sent since), or asked of the server now."""
+        checked, self.select_checked_at = self.select_checked_at, None
+        if checked is not None and now - checked < SELECT_CHECK_FRESH_S:
+            return True
+        untagged, done = self.pipeline(self._entry_check(entry), timeout)
         return all(d.word == b"OK" for d in done) and still_valid(entry, untagged)
 
     def leave_mailbox(self) -> None:
@@ -389,7 +412,7 @@ class Backend:
                         reader.receive_data(sock.recv(RECV_BYTES))
                     value = response  # type: ignore[assignment]
                 elif isinstance(step, Send):
-                    sock.sendall(step.data)
+                    send_all(sock, step.data)
                 elif step is START_TLS:
                     sock = self._start_tls(sock, reader)
         except StopIteration as done:

@@ -17,6 +17,7 @@ backend has it), or the static identity of ``auth_sasl_plain_username`` (master 
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -63,6 +64,11 @@ class LoginResult:
     reply: bytes  # the tagged reply without tag: "OK [CAPABILITY ...] Logged in"
     untagged: tuple[bytes, ...]  # untagged CAPABILITY responses sent during the login (raw)
     capabilities: tuple[bytes, ...]  # post-login capabilities, when the backend said them
+
+    @functools.cached_property
+    def capability_set(self) -> frozenset[bytes]:
+        """The post-login capabilities, upper-cased, for quick membership tests."""
+        return frozenset(cap.upper() for cap in self.capabilities)
 
 
 def _failure(kind: FailureKind, detail: str, reply: bytes | None = None) -> BackendFailure:

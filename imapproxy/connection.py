@@ -22,6 +22,7 @@ from imapproxy.backend import BackendSession
 from imapproxy.cache import Slot
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
 from imapproxy.relay import Outcome, Relay, RelaySettings
+from imapproxy.send import send_all
 from imapproxy.session import (
     AdminRequested,
     Closed,
@@ -102,7 +103,7 @@ class ClientConnection:
 
     def _send(self, data: bytes) -> bool:
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data)
         except OSError:
             return False
         return True

@@ -17,6 +17,13 @@ from typing import TextIO
 from imapproxy.config import Config
 
 LOGGER = logging.getLogger("imapproxy")
+
+# Two lines per webmail page: spare each record the stack walk for its caller and the
+# thread/process lookups (a getpid system call each) that no line of ours prints.
+logging._srcfile = None
+logging.logThreads = False
+logging.logProcesses = False
+logging.logMultiprocessing = False
 SYSLOG_IDENT = "in.imapproxyd"
 NOTICE = 25
 logging.addLevelName(NOTICE, "NOTICE")

@@ -1,23 +1,24 @@
 """After login: relaying one client's session to its backend session, and ending it cleanly.
 
-Two greenlets share a ``Relay``:
+Sequential mode, the normal one: the connection's greenlet frames the client's commands
+(``CommandFramer``), notes each tag as outstanding, forwards them (one ``sendall`` per read),
+then copies the backend's replies to the client (``Copier``) until every outstanding command is
+complete, or until a ``+`` asks the client for more (a literal, a SASL line), and only then
+reads the client again. Webmail is request/response: no second greenlet, no wake-ups, no
+buffer held between commands.
 
-* the *pump* (spawned) copies backend bytes to the client: ``recv_into`` one buffer, scan it
-  with ``ResponseScanner`` (tagged completions, ``+`` lines, literal lengths; no per-line work),
-  ``sendall`` the same memory. That is the whole data plane.
-* the *client side* (the connection's own greenlet) frames the client's commands
-  (``CommandFramer``), notes each tag as outstanding and forwards the bytes, one ``sendall``
-  per read. It intercepts ``LOGOUT``, refuses ``COMPRESS`` and, with the SELECT cache on,
-  answers ``SELECT`` on the control plane (pump paused; see ``select_cache``).
+Duplex mode, for IDLE and NOTIFY, where the server speaks unprompted: a pump greenlet copies
+backend bytes while the connection's greenlet waits for the client (IDLE's ``DONE``); once the
+IDLE is over the pump is stopped (parked in ``recv``, nothing read is lost) and the session is
+sequential again.
 
-The relay ends in one of three ways. ``REUSABLE``/``RESYNCED``: the backend session is idle and
-in sync (no command outstanding, at a response boundary, pump stopped while parked in
-``recv``), and in the authenticated state unless the SELECT cache is on, so it can go back to
-the cache. ``CLOSED``: it cannot be trusted (client vanished mid-literal, protocol desync,
-timeout, backend gone) and must be closed. A session is never cached with replies still in
-flight: when a client vanishes mid-command, outstanding commands are completed first (IDLE
-gets ``DONE``, AUTHENTICATE ``*``) and their replies drained, within ``DRAIN_MAX_BYTES`` and
-the response timeout.
+The proxy intercepts ``LOGOUT``, refuses ``COMPRESS`` and, with the SELECT cache on, answers
+``SELECT`` itself (see ``select_cache``). The relay ends ``REUSABLE``/``RESYNCED`` (the backend
+session is idle at a response boundary, every outstanding command complete, and back in the
+authenticated state unless the SELECT cache is on) or ``CLOSED`` (it cannot be trusted: client
+gone mid-literal, protocol desync, timeout, backend gone). A session is never cached with
+replies in flight: when a client vanishes mid-command, IDLE gets ``DONE``, AUTHENTICATE ``*``,
+and outstanding replies are drained (within ``DRAIN_MAX_BYTES`` and the response timeout).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ from gevent import socket
 from gevent.event import Event
 
 from imapproxy.backend import BackendSession
+from imapproxy.copier import BackendGone, Copier, DrainExceeded
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
 from imapproxy.protocol.framing import (
     AWAIT_CONTINUATION,
@@ -45,14 +48,9 @@ from imapproxy.protocol.framing import (
 )
 from imapproxy.protocol.framing import Event as FramerEvent
 from imapproxy.protocol.grammar import Arguments, CommandStart, split_command_line
-from imapproxy.protocol.scanner import (
-    CONTINUATION,
-    FLAGS_CHANGE,
-    INITIAL_CARRY,
-    MAX_TAGGED_PREFIX_BYTES,
-    ResponseScanner,
-)
+from imapproxy.protocol.scanner import CONTINUATION, FLAGS_CHANGE, ResponseScanner
 from imapproxy.select_cache import closed_line, drops_entry, entry_from_reply, mailbox_key
+from imapproxy.send import send_all
 from imapproxy.stats import Counters
 from imapproxy.trace import SessionTrace
 
@@ -60,19 +58,16 @@ LOGGER = logging.getLogger("imapproxy")
 
 # Dovecot's imap_max_line_length default (64 KiB): after login, longer client lines are refused.
 POSTLOGIN_MAX_LINE_BYTES = 65536
-PUMP_MIN_BYTES = 16384  # the pump's first buffer; small, because most sessions are webmail pages
-PUMP_MAX_BYTES = 262144  # it doubles up to this while reads keep filling it (bulk FETCH)
 CLIENT_RECV_BYTES = 65536
-# A client that vanishes mid-FETCH leaves the rest of the reply to drain before the session can
-# be reused; beyond this much it is cheaper to drop the session (a new login costs ~1.5 ms).
-DRAIN_MAX_BYTES = 16 << 20
-# A SELECT's mailbox name sent as a literal is read by the proxy itself (RFC 9051 allows 1000+
-# byte names in theory; Dovecot limits them to 255 characters per level).
+# A SELECT's mailbox name sent as a literal is read by the proxy itself (Dovecot limits names
+# to 255 characters per level).
 MAX_MAILBOX_LITERAL_BYTES = 4096
+DUPLEX_COMMANDS = frozenset({b"NOTIFY"})  # RFC 5465: the server may speak at any time after
 
 LOGOUT_REPLY = b"* BYE LOGOUT received\r\n%s OK Completed\r\n"  # up-imapproxy's texts
 COMPRESS_REFUSAL = b"%s NO [CANNOT] COMPRESS is not available through imapproxy\r\n"
 IDLE_TIMEOUT_BYE = b"* BYE Autologout; idle for too long\r\n"
+BACKEND_LOST_BYE = b"* BYE IMAP server connection lost\r\n"
 GO_AHEAD = b"+ go ahead\r\n"
 
 
@@ -89,7 +84,7 @@ class Outcome(enum.Enum):
 @dataclass(frozen=True)
 class RelaySettings:
     response_timeout: float  # server_response_timeout
-    idle_timeout: float  # client_idle_timeout
+    idle_timeout: float  # client_idle_timeout: also how long a command's reply may take
     select_cache: bool  # enable_select_cache: SELECTs on the control plane, mailbox kept
 
 
@@ -99,6 +94,10 @@ class _Desync(Exception):
 
 class _ClientGone(Exception):
     """The client closed its side while the proxy was reading a command of its own."""
+
+
+class _BackendSpoke(Exception):
+    """Thrown into a wait for the client: the backend has something to say, or hung up."""
 
 
 class Relay:
@@ -121,101 +120,42 @@ class Relay:
         self.counters = counters
         self.trace = trace
         self.scanner = ResponseScanner()
+        self.copier = Copier(
+            session.sock, client, self.scanner, self._handle_events, session.reader.take_buffered()
+        )
+        self.copier.trace = trace
         self.outstanding: dict[bytes, bytes] = {}  # tag -> command name, awaiting completion
         self.continuations = 0  # "+" lines from the backend not yet answered
         self.idle_tag: bytes | None = None  # an IDLE awaiting the client's DONE
-        self.client_alive = True
         self.backend_gone: str | None = None
-        self.drained = 0
         self.farewell = b""  # what the client gets after the session is dealt with (LOGOUT)
+        self._duplex_for_good = False  # NOTIFY: the pump stays
         self._pump: gevent.Greenlet | None = None
         self._pump_parked = False  # the pump waits in recv: everything read has been sent
         self._client_writing = False
         self._stop_when_idle = False
         self._wakeup = Event()
         self._waiting = False
+        self._greenlet: gevent.Greenlet | None = None  # the connection's own
+        self._backend_watch = gevent.get_hub().loop.io(session.sock.fileno(), 1)  # EV_READ
+        self._waiting_for_client = False
 
-    # -- the pump: backend -> client ------------------------------------------------------------
+    @property
+    def client_alive(self) -> bool:
+        return self.copier.client_alive
 
-    def _start_pump(self) -> None:
-        self._stop_when_idle = False
-        self._pump = gevent.spawn(self._run_pump, self.session.reader.take_buffered())
+    @client_alive.setter
+    def client_alive(self, alive: bool) -> None:
+        self.copier.client_alive = alive
 
-    def _run_pump(self, initial: bytes) -> None:
-        try:
-            self._pump_loop(initial)
-        except OSError as error:
-            self._backend_lost(f"read error: {error}")
-        except _Desync as error:
-            self._backend_lost(str(error))
-        finally:
-            self._notify()
-
-    def _pump_loop(self, initial: bytes) -> None:
-        size = max(PUMP_MIN_BYTES, len(initial))
-        buf = bytearray(size + MAX_TAGGED_PREFIX_BYTES + 2)
-        view = memoryview(buf)
-        carry = len(INITIAL_CARRY)
-        buf[:carry] = INITIAL_CARRY
-        if initial:
-            buf[carry : carry + len(initial)] = initial
-            carry = self._forward(buf, view, carry, carry + len(initial))
-        recv_into = self.session.sock.recv_into
-        while True:
-            self._pump_parked = True
-            if self._waiting:  # the client side waits for the pump to be parked
-                self._wakeup.set()
-            try:
-                count = recv_into(view[carry : carry + size])
-            finally:
-                self._pump_parked = False
-            if not count:
-                self._backend_lost("connection closed by server")
-                return
-            carry = self._forward(buf, view, carry, carry + count)
-            if count == size and size < PUMP_MAX_BYTES:  # bulk data: read bigger pieces
-                size *= 2
-                bigger = bytearray(size + MAX_TAGGED_PREFIX_BYTES + 2)
-                bigger[:carry] = buf[:carry]
-                buf, view = bigger, memoryview(bigger)
-            if self._stop_when_idle and self._idle():
-                return
-
-    def _forward(self, buf: bytearray, view: memoryview, start: int, end: int) -> int:
-        """Scan and send ``buf[start:end]``; return the carry for the next read."""
-        carry = self.scanner.scan(buf, end)
-        if self.scanner.events:
-            self._handle_events()
-        if self.client_alive:
-            if self._client_writing or self.trace is not None:
-                self._before_client_write(view[start:end])
-            try:
-                self.client.sendall(view[start:end])
-            except OSError:
-                self.client_alive = False
-        else:
-            self.drained += end - start
-            if self.drained > DRAIN_MAX_BYTES:
-                raise _Desync("too much to drain after client left")
-        if carry:
-            buf[:carry] = buf[end - carry : end]
-        if self._waiting:
-            self._wakeup.set()
-        return carry
-
-    def _before_client_write(self, data: memoryview) -> None:
-        while self._client_writing:  # the client side is writing a reply of its own
-            self._wait(self.settings.response_timeout)
-        if self.trace is not None:
-            self.trace.server(bytes(data))
+    # -- what the scanner finds in the backend's replies ----------------------------------------
 
     def _handle_events(self) -> None:
-        session = self.session
         for tag, word in self.scanner.events:
             if tag == CONTINUATION:
                 self.continuations += 1
             elif tag == FLAGS_CHANGE:
-                session.select_entry = None  # the mailbox's flags or keywords changed
+                self.session.select_entry = None  # the mailbox's flags or keywords changed
             else:
                 self._completed(tag, word)
         self.scanner.events.clear()
@@ -231,18 +171,71 @@ class Relay:
         if tag == self.idle_tag:
             self.idle_tag = None
 
-    def _backend_lost(self, why: str) -> None:
-        self.backend_gone = why
-        if self.client_alive:
-            _send_quietly(self.client, b"* BYE IMAP server connection lost\r\n")
-        with contextlib.suppress(OSError):
-            self.client.shutdown(socket.SHUT_RDWR)  # wakes the client side's recv with EOF
-
     def _idle(self) -> bool:
         scanner = self.scanner
         return not self.outstanding and scanner.at_boundary and not scanner.literal_remaining
 
-    # -- waiting on the pump --------------------------------------------------------------------
+    def _replies_done(self) -> bool:
+        """Sequential mode: the client may be read again."""
+        return self.continuations > 0 or self._idle()
+
+    # -- sequential mode: copying inline --------------------------------------------------------
+
+    def _copy(
+        self, done: Callable[[], bool], timeout: float | None = None, read_first: bool = False
+    ) -> None:
+        """Copy backend replies to the client until ``done()``, in this greenlet; a command's
+        reply may take ``idle_timeout``, the proxy's own waits ``timeout``."""
+        sock = self.session.sock
+        if timeout is not None:
+            sock.settimeout(timeout)
+        try:
+            self.copier.copy_until(done, read_first)
+        except TimeoutError:
+            raise _Desync("no reply from the server in time") from None
+        except BackendGone as error:
+            self._backend_lost(str(error))
+            raise _Desync(str(error)) from None
+        except DrainExceeded as error:
+            raise _Desync(str(error)) from None
+        finally:
+            if timeout is not None:
+                sock.settimeout(self.settings.idle_timeout)
+
+    def _backend_lost(self, why: str) -> None:
+        self.backend_gone = why
+        if self.client_alive:
+            self.client_alive = _send_quietly(self.client, BACKEND_LOST_BYE)
+        with contextlib.suppress(OSError):
+            self.client.shutdown(socket.SHUT_RDWR)  # in duplex mode, wakes the client side
+
+    # -- duplex mode: the pump greenlet ---------------------------------------------------------
+
+    def _go_duplex(self) -> None:
+        self._stop_when_idle = False
+        self.copier.on_park = self._parked
+        self.copier.before_send = self._before_pump_send
+        self._pump = gevent.spawn(self._run_pump)
+
+    def _run_pump(self) -> None:
+        try:
+            self.copier.copy_until(lambda: self._stop_when_idle and self._idle())
+        except BackendGone as error:
+            self._backend_lost(str(error))
+        except DrainExceeded as error:
+            self._backend_lost(str(error))
+        finally:
+            self._notify()
+
+    def _parked(self, parked: bool) -> None:
+        self._pump_parked = parked
+        if parked:
+            self._notify()
+
+    def _before_pump_send(self) -> None:
+        while self._client_writing:  # the client side is writing a reply of its own
+            self._wait(self.settings.response_timeout)
+        self._notify()
 
     def _notify(self) -> None:
         if self._waiting:
@@ -265,39 +258,96 @@ class Relay:
                 return condition()
         return True
 
-    # -- the client side: client -> backend -----------------------------------------------------
+    def _stop_pump(self) -> bool:
+        """Stop the pump once the session is idle at a response boundary; False if it never is."""
+        self._stop_when_idle = True
+        settled = self._wait_until(
+            lambda: self._idle() and self._pump_parked or self._pump_dead(),
+            self.settings.response_timeout,
+        )
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.kill(block=True)  # parked in recv_into: nothing read is lost
+        self.copier.on_park = self.copier.before_send = None
+        return settled and self._idle() and not self.backend_gone
+
+    def _pump_dead(self) -> bool:
+        return self._pump is None or self._pump.dead
+
+    # -- the client side ------------------------------------------------------------------------
 
     def run(self) -> Outcome:
         """Relay until the client logs out or goes; return what may become of the session."""
-        self._start_pump()
+        self._greenlet = gevent.getcurrent()
         try:
             return self._client_loop()
         except (_Desync, BackendFailure) as error:
             LOGGER.info("closing session: %s", _why(error))
             self._close()
-            if self.client_alive and not self.backend_gone:  # the pump said BYE otherwise
+            if self.client_alive and not self.backend_gone:  # else it was told already
                 message = b"* BYE IMAP session failed: " + _why(error).encode() + b"\r\n"
                 _send_quietly(self.client, message)
             return Outcome.CLOSED
         finally:
-            if self._pump is not None:
-                self._pump.kill(block=True)
+            self._close()
+            self._backend_watch.close()
+            self.session.sock.settimeout(None)
 
     def _client_loop(self) -> Outcome:
         self.client.settimeout(self.settings.idle_timeout)
+        self.session.sock.settimeout(self.settings.idle_timeout)  # None again once done
+        self._copy(lambda: True)  # what the server sent after the login reply, if anything
         while True:
             outcome = self._process_client_events()
             if outcome is not None:
                 return outcome
             try:
-                data = self.client.recv(CLIENT_RECV_BYTES)
+                data = self._receive_client()
             except TimeoutError:
                 return self._client_timed_out()
-            except OSError:
-                data = b""
             if self.backend_gone:
                 return self._close()
-            self.framer.receive_data(data)
+            if data is not None:
+                self.framer.receive_data(data)
+
+    def _receive_client(self) -> bytes | None:
+        """The client's next bytes (b"" at EOF); None when the backend spoke meanwhile.
+
+        In sequential mode nothing reads the backend while the client is silent, so its
+        descriptor is watched: unsolicited news (or a BYE and EOF, the server going down) is
+        forwarded at once, between two of the client's commands.
+        """
+        if self._pump is not None:
+            return self._recv_client()
+        pending = getattr(self.session.sock, "pending", None)  # TLS: decrypted, not yet read
+        if pending is not None and pending():
+            self._copy(self._idle, read_first=True)
+            return None
+        self._waiting_for_client = True
+        self._backend_watch.start(self._backend_readable)
+        try:
+            return self._recv_client()
+        except _BackendSpoke:
+            self._copy(self._idle, read_first=True)
+            return None
+        finally:
+            self._waiting_for_client = False
+            self._backend_watch.stop()
+
+    def _recv_client(self) -> bytes:
+        try:
+            return bytes(self.client.recv(CLIENT_RECV_BYTES))
+        except TimeoutError:
+            raise
+        except OSError:
+            return b""
+
+    def _backend_readable(self) -> None:
+        """The io watcher's callback (in the hub): interrupt the wait for the client."""
+        if self._waiting_for_client and self._greenlet is not None:
+            self._waiting_for_client = False
+            self._backend_watch.stop()
+            self._greenlet.throw(_BackendSpoke)
 
     def _process_client_events(self) -> Outcome | None:
         out: list[bytes] = []
@@ -324,12 +374,26 @@ class Relay:
         except _ClientGone:
             return self._client_vanished()
         self._send_backend(out)
+        # replies are awaited only at a command boundary (a literal still coming is the
+        # backend's to wait for), and only if something is due
+        if (self.outstanding or self._pump is not None) and not self.framer.mid_command:
+            self._await_replies()
         return None
+
+    def _await_replies(self) -> None:
+        """Copy the replies to what was sent, switching between sequential and duplex mode."""
+        if self._pump is not None:
+            if self.idle_tag is None and not self._duplex_for_good and not self._stop_pump():
+                raise _Desync(self.backend_gone or "server did not end the IDLE")
+            return
+        self._copy(self._replies_done)
+        if (self.idle_tag is not None and self.continuations) or self._duplex_for_good:
+            self._go_duplex()  # IDLE (or NOTIFY) is on: the server speaks when it likes
 
     def _send_backend(self, out: list[bytes]) -> None:
         if out:
             try:
-                self.session.sock.sendall(b"".join(out) if len(out) > 1 else out[0])
+                send_all(self.session.sock, b"".join(out) if len(out) > 1 else out[0])
             except OSError as error:
                 raise BackendFailure(FailureKind.CONNECT, f"write error: {error}") from None
             out.clear()
@@ -367,7 +431,7 @@ class Relay:
             self._send_backend(out)
             self._send_own(COMPRESS_REFUSAL % start.tag)
             return None
-        if start.name == b"SELECT" and self.settings.select_cache:
+        if start.name == b"SELECT" and self.settings.select_cache and self._pump is None:
             self._send_backend(out)
             if self._select(line, start):
                 return None
@@ -383,16 +447,22 @@ class Relay:
         self.outstanding[tag] = name
         if name == b"IDLE":
             self.idle_tag = tag
+        elif name in DUPLEX_COMMANDS:
+            self._duplex_for_good = True
+        self.session.select_checked_at = None  # any command voids a check made at login
         if drops_entry(name, rest):
             self.session.select_entry = None
 
     def _await_literal_go_ahead(self) -> None:
         """A synchronising literal: pass it once the backend sent "+", or drop it if refused."""
         spec_tag = next(reversed(self.outstanding), None)
-        if not self._wait_until(
-            lambda: self.continuations > 0 or spec_tag not in self.outstanding,
-            self.settings.response_timeout,
-        ):
+
+        def answered() -> bool:
+            return self.continuations > 0 or spec_tag not in self.outstanding
+
+        if self._pump is None:
+            self._copy(answered, self.settings.response_timeout)
+        elif not self._wait_until(answered, self.settings.response_timeout):
             raise _Desync("no reply to a literal")
         if self.continuations > 0:
             self.continuations -= 1
@@ -404,7 +474,9 @@ class Relay:
         """Send a response of the proxy's own, between two of the backend's."""
         if not self.client_alive:
             return
-        if self._pump_dead():
+        if self.trace is not None:
+            self.trace.server(data)
+        if self._pump_dead():  # sequential: nothing else writes to the client
             self.client_alive = _send_quietly(self.client, data)
             return
         if not self._wait_until(
@@ -417,13 +489,11 @@ class Relay:
         finally:
             self._client_writing = False
             self._wakeup.set()
-        if self.trace is not None:
-            self.trace.server(data)
 
-    # -- SELECT on the control plane (enable_select_cache) --------------------------------------
+    # -- SELECT on the control plane (enable_select_cache, sequential mode) ---------------------
 
     def _select(self, line: Line, start: CommandStart) -> bool:
-        """Answer a SELECT with the pump paused, from the cache when it still holds.
+        """Answer a SELECT from the cache when it still holds, else relay it and keep the reply.
 
         False when it cannot be done here (other commands in flight, a big literal): the
         caller relays it as any other command.
@@ -433,17 +503,12 @@ class Relay:
         if self.outstanding or (spec is not None and spec.size > MAX_MAILBOX_LITERAL_BYTES):
             self.session.select_entry = None
             return False
-        if not self._stop_pump():
-            raise _Desync(self.backend_gone or "backend did not settle before SELECT")
-        try:
-            lines, literals = self._collect_command(line)
-            self._select_now(start.tag, lines, literals)
-        finally:
-            self._start_pump()
+        lines, literals = self._collect_command(line)
+        self._select_now(start.tag, lines, literals)
         return True
 
     def _collect_command(self, first: Line) -> tuple[list[bytes], list[bytes]]:
-        """Read the rest of a command whose literals the proxy accepts itself (pump paused)."""
+        """Read the rest of a command whose literals the proxy accepts itself."""
         lines, literals = [first.data], []
         spec = first.literal
         while spec is not None:
@@ -489,7 +554,7 @@ class Relay:
             and closed is not None
             and session.selected
             and entry.mailbox == mailbox_key(mailbox)
-            and session.select_entry_holds(entry, self.settings.response_timeout)
+            and session.select_entry_holds(entry, time.monotonic(), self.settings.response_timeout)
         ):
             self.counters.SelectCacheHits += 1
             if self.trace is not None:
@@ -512,25 +577,20 @@ class Relay:
 
     # -- endings --------------------------------------------------------------------------------
 
-    def _stop_pump(self) -> bool:
-        """Stop the pump once the session is idle at a response boundary; False if it never is."""
-        self._stop_when_idle = True
-        settled = self._wait_until(
-            lambda: self._idle() and self._pump_parked or self._pump_dead(),
-            self.settings.response_timeout,
-        )
-        pump, self._pump = self._pump, None
-        if pump is not None:
-            pump.kill(block=True)  # parked in recv_into: nothing read is lost
-        return settled and self._idle() and not self.backend_gone and not self.scanner.broken
-
-    def _pump_dead(self) -> bool:
-        return self._pump is None or self._pump.dead
+    def _settle(self) -> None:
+        """Idle at a response boundary, every outstanding reply read: stop the pump, or read
+        what is still due (the client may be gone: then it is drained)."""
+        if self._pump is not None:
+            if not self._stop_pump():
+                raise _Desync(self.backend_gone or "backend did not complete outstanding commands")
+        else:
+            self._copy(self._idle, self.settings.response_timeout)
+        if self.scanner.broken:
+            raise _Desync("the server's replies did not match the client's commands")
 
     def _resync(self) -> None:
-        """Stop the pump in sync and, SELECT cache off, leave the mailbox (without waiting)."""
-        if not self._stop_pump():
-            raise _Desync(self.backend_gone or "backend did not complete outstanding commands")
+        """Settle, and with the SELECT cache off leave the mailbox (without waiting)."""
+        self._settle()
         if self.session.selected and not self.settings.select_cache:
             try:
                 self.session.leave_mailbox()
@@ -540,13 +600,12 @@ class Relay:
     def _logout(self, tag: bytes) -> Outcome:
         """LOGOUT: the reply is left in ``farewell`` for the caller to send once the session is
         back in the cache, so that the client's next login can already reuse it."""
+        self.farewell = LOGOUT_REPLY % tag
         try:
             self._resync()
         except (_Desync, BackendFailure) as error:
             LOGGER.info("session not reusable after LOGOUT: %s", _why(error))
-            self.farewell = LOGOUT_REPLY % tag
             return self._close()
-        self.farewell = LOGOUT_REPLY % tag
         return Outcome.REUSABLE
 
     def _client_vanished(self) -> Outcome:
@@ -597,7 +656,7 @@ def _why(error: BaseException) -> str:
 def _send_quietly(sock: socket.socket, data: bytes) -> bool:
     """Send to a client that may be gone; True if it took the data."""
     try:
-        sock.sendall(data)
+        send_all(sock, data)
     except OSError:
         return False
     return True

@@ -90,7 +90,7 @@ class Proxy:
         self.clock = clock
         self.cache: ConnectionCache[BackendSession] = ConnectionCache(config.cache_size)
         self.hasher = CredentialHasher()
-        self.throttle = LoginThrottle(config.auth_failure_delay)
+        self.throttle = LoginThrottle(config.auth_failure_delay, clock)
         self.snapshot = Snapshot()
         self.tracer: Tracer | None = None
         self.client_tls: ssl.SSLContext | None = None  # STARTTLS and the implicit-TLS port
@@ -124,7 +124,7 @@ class Proxy:
             session = slot.session
             assert session is not None
             try:
-                session.check_alive(id_command_args(client_id) if client_id else None)
+                session.check_alive(id_command_args(client_id) if client_id else None, self.clock())
             except (BackendFailure, OSError) as error:
                 LOGGER.info(
                     "LOGIN: '%s' (%s) cached sd [%d] is dead (%s): creating a new one",

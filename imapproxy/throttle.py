@@ -9,7 +9,6 @@ punish all its users for one attacker. Sans-I/O: the caller sleeps, the clock is
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Final
 
@@ -23,7 +22,7 @@ MAX_TRACKED: Final = 100_000  # user names and addresses remembered at once (bou
 class LoginThrottle:
     """Counts recent failures per user name and per client address."""
 
-    def __init__(self, base_delay: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, base_delay: float, clock: Callable[[], float]) -> None:
         self.base_delay = base_delay
         self._failures: TTLCache[tuple[str, bytes | str], int] = TTLCache(
             MAX_TRACKED, ttl=WINDOW_S, timer=clock

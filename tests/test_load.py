@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from imapproxy import stats
 from tests.support.client import RawClient, login
 from tests.support.dovecot import DovecotInstance, User, make_message
@@ -174,20 +176,25 @@ def soak_page(proxy: ProxyProcess, user: User, rng: random.Random, tally: SoakTa
         client.close()
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 240)
 def test_soak_expiry_racing_reuse(
     start_proxy: Callable[..., ProxyProcess],
     make_user: Callable[..., User],
     dovecot: DovecotInstance,
 ) -> None:
-    proxy = start_proxy(enable_select_cache=True, cache_expiration_time=1, cache_size=24)
+    proxy = start_proxy(enable_select_cache=True, cache_expiration_time=1, cache_size=48)
     users = [make_user(messages=3) for _ in range(30)]
     tally = SoakTally()
     deadline = time.monotonic() + SOAK_SECONDS
 
+    # a few busy users and a long tail: the busy ones are reused, the tail's sessions expire
+    # (cache_expiration_time 1) about when their next page comes, so expiry races reuse
+    weights = [1 / (rank + 1) ** 1.5 for rank in range(len(users))]
+
     def worker(seed: int) -> None:
         rng = random.Random(seed)
         while time.monotonic() < deadline:
-            user = rng.choice(users)
+            user = rng.choices(users, weights)[0]
             try:
                 soak_page(proxy, user, rng, tally)
             except Exception as error:  # collected: the test fails with all of them

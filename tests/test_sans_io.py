@@ -19,6 +19,7 @@ SANS_IO = [
             "credentials.py",
             "select_cache.py",
             "redact.py",
+            "throttle.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",

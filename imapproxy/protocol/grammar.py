@@ -32,12 +32,17 @@ _8BIT = frozenset(range(0x80, 0x100))
 MAX_QUOTED_BYTES = 1000
 
 
+# The characters allowed, for bytes.translate(None, allowed): what is left is not allowed.
+_TAG_CHARS = bytes(b for b in range(256) if b not in _TAG_SPECIALS and b not in _8BIT)
+_ATOM_CHARS = bytes(b for b in range(256) if b not in _ATOM_SPECIALS and b not in _8BIT)
+
+
 def is_valid_tag(tag: bytes) -> bool:
-    return bool(tag) and not any(b in _TAG_SPECIALS or b in _8BIT for b in tag)
+    return bool(tag) and not tag.translate(None, _TAG_CHARS)
 
 
 def is_atom(value: bytes) -> bool:
-    return bool(value) and not any(b in _ATOM_SPECIALS or b in _8BIT for b in value)
+    return bool(value) and not value.translate(None, _ATOM_CHARS)
 
 
 @dataclass(frozen=True, slots=True)
