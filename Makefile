@@ -89,7 +89,7 @@ demo: deps
 # -- benchmarks ---------------------------------------------------------------------------------
 
 bench: deps
-	$(PY) -m bench.run $(if $(QUICK),--quick,)
+	$(SUDO) $(PY) -m bench.run $(if $(QUICK),--quick,)
 
 # -- installation -------------------------------------------------------------------------------
 # make install       the program, in a private virtual environment under LIBDIR, with the

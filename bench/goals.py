@@ -1,0 +1,204 @@
+"""The project's performance goals, as data, and their verdict for one SELECT cache setting.
+
+Each goal reads the summaries (``Summaries``: case -> target key -> ``Summary``) and says met,
+missed or not measured, with the figures it compared. Target keys are ``dovecot``, ``limit``,
+``up-off``/``up-on`` and ``ipx-off``/``ipx-on``; ``cache`` is ``off`` or ``on``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench.figures import MemoryFigures, Summary
+from bench.workloads import Case
+
+Summaries = dict[Case, dict[str, Summary]]
+
+NOOP_BUDGET_US = 1.5 * 24  # the round trip imapproxy may add over direct Dovecot
+CACHED_SESSION_KIB = 16
+OPEN_CONNECTION_KIB = 32
+
+
+@dataclass(frozen=True)
+class Verdict:
+    met: bool | None  # None: not measured
+    text: str
+
+    @property
+    def cell(self) -> str:
+        word = {True: "**met**", False: "**missed**", None: "not measured"}[self.met]
+        return f"{word}: {self.text}" if self.text else word
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a goal may read."""
+
+    summaries: Summaries
+    memory: dict[str, MemoryFigures]
+    cache: str
+
+    def get(self, case: Case, key: str) -> Summary | None:
+        """The summary of ``key`` (``up``/``ipx`` take the cache setting) for ``case``."""
+        if key in ("up", "ipx"):
+            key = f"{key}-{self.cache}"
+        return self.summaries.get(case, {}).get(key)
+
+
+@dataclass(frozen=True)
+class Goal:
+    text: str
+    judge: Callable[[Evidence], Verdict]
+
+
+def number(value: float, digits: int = 0) -> str:
+    return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def compare(ours: float, limit: float, text: str, *, at_least: bool) -> Verdict:
+    if math.isnan(ours) or math.isnan(limit):
+        return Verdict(None, "")
+    met = ours >= limit if at_least else ours <= limit
+    return Verdict(met, text)
+
+
+def page(client: str, concurrency: int) -> Case:
+    return Case("page", client, concurrency)
+
+
+def throughput_vs_up(concurrency: int) -> Goal:
+    def judge(evidence: Evidence) -> Verdict:
+        up = evidence.get(page("quickack", concurrency), "up")
+        ours = [evidence.get(page(c, concurrency), "ipx") for c in ("plain", "quickack")]
+        if up is None or None in ours:
+            return Verdict(None, "")
+        worst = min(s.rate for s in ours if s is not None)
+        return compare(
+            worst, up.rate, f"{number(worst)} vs {number(up.rate)} pages/s", at_least=True
+        )
+
+    return Goal(
+        f"pages/s at c={concurrency}, either client, >= up-imapproxy with the quickack client",
+        judge,
+    )
+
+
+def no_errors(evidence: Evidence) -> Verdict:
+    counts = [
+        by_target.get(f"ipx-{evidence.cache}")
+        for case, by_target in evidence.summaries.items()
+        if case.workload == "page"
+    ]
+    present = [s for s in counts if s is not None]
+    if not present:
+        return Verdict(None, "")
+    errors = sum(s.error_count for s in present)
+    return Verdict(errors == 0, f"{errors} errors in {sum(s.units for s in present):,} pages")
+
+
+def faster_than_direct(evidence: Evidence) -> Verdict:
+    ratios = []
+    for client in ("plain", "quickack"):
+        ours, direct = (
+            evidence.get(page(client, 1), "ipx"),
+            evidence.get(page(client, 1), "dovecot"),
+        )
+        if ours is None or direct is None:
+            return Verdict(None, "")
+        ratios.append((ours.rate / direct.rate, client))
+    worst, client = min(ratios)
+    return compare(worst, 1.5, f"{worst:.2f}x direct ({client} client)", at_least=True)
+
+
+def near_the_limit(client: str) -> Goal:
+    def judge(evidence: Evidence) -> Verdict:
+        ours, limit = evidence.get(page(client, 1), "ipx"), evidence.get(page(client, 1), "limit")
+        if ours is None or limit is None:
+            return Verdict(None, "")
+        ratio = ours.p50_s / limit.p50_s
+        text = f"{ours.p50_s * 1e3:.2f} vs {limit.p50_s * 1e3:.2f} ms, {ratio:.2f}x"
+        return compare(ratio, 1.3, text, at_least=False)
+
+    return Goal(f"page p50 at c=1 ({client} client) <= 1.3x the limit's", judge)
+
+
+def bulk_rate(evidence: Evidence) -> Verdict:
+    case = Case("bulk", size="10 MiB")
+    ours, direct = evidence.get(case, "ipx"), evidence.get(case, "dovecot")
+    if ours is None or direct is None:
+        return Verdict(None, "")
+    ratio = ours.mib_per_s / direct.mib_per_s
+    text = f"{number(ours.mib_per_s)} vs {number(direct.mib_per_s)} MiB/s, {ratio:.2f}x"
+    return compare(ratio, 0.9, text, at_least=True)
+
+
+def noop_added(evidence: Evidence) -> Verdict:
+    ours, direct = evidence.get(Case("noop"), "ipx"), evidence.get(Case("noop"), "dovecot")
+    if ours is None or direct is None:
+        return Verdict(None, "")
+    added = (ours.p50_s - direct.p50_s) * 1e6
+    return compare(added, NOOP_BUDGET_US, f"+{added:.0f} µs", at_least=False)
+
+
+def memory_per(state: str, budget_kib: float) -> Callable[[Evidence], Verdict]:
+    def judge(evidence: Evidence) -> Verdict:
+        figures = evidence.memory.get("imapproxy")
+        found = figures.per_session(state) if figures else None
+        if found is None:
+            return Verdict(None, "")
+        sessions, kib = found
+        return compare(kib, budget_kib, f"{kib:.1f} KiB at {sessions:,}", at_least=False)
+
+    return judge
+
+
+def cpu_per_page(evidence: Evidence) -> Verdict:
+    ratios = []
+    for case in evidence.summaries:
+        if case.workload != "page":
+            continue
+        ours, up = evidence.get(case, "ipx"), evidence.get(case, "up")
+        if ours and up and ours.proxy_cpu_s_per_unit and up.proxy_cpu_s_per_unit:
+            ratios.append((ours.proxy_cpu_s_per_unit / up.proxy_cpu_s_per_unit, case))
+    if not ratios:
+        return Verdict(None, "")
+    worst, case = max(ratios, key=lambda pair: pair[0])
+    ours_ms = (evidence.get(case, "ipx") or _EMPTY).proxy_cpu_s_per_unit or math.nan
+    up_ms = (evidence.get(case, "up") or _EMPTY).proxy_cpu_s_per_unit or math.nan
+    text = f"worst {worst:.2f}x ({ours_ms * 1e3:.3f} vs {up_ms * 1e3:.3f} ms, {case.label})"
+    return compare(worst, 1.0, text, at_least=False)
+
+
+_EMPTY = Summary(0, math.nan, math.nan, math.nan, math.nan, math.nan, 0)
+
+GOALS = (
+    throughput_vs_up(1),
+    throughput_vs_up(8),
+    throughput_vs_up(32),
+    Goal("zero errors in every page run through imapproxy", no_errors),
+    Goal("pages/s at c=1, either client, >= 1.5x direct Dovecot", faster_than_direct),
+    near_the_limit("plain"),
+    near_the_limit("quickack"),
+    Goal("bulk 10 MiB FETCH >= 0.9x direct Dovecot's MiB/s", bulk_rate),
+    Goal(f"NOOP p50 added over direct <= {NOOP_BUDGET_US:.0f} µs (1.5 x 24 µs)", noop_added),
+    Goal(
+        f"memory <= {CACHED_SESSION_KIB} KiB per cached session (largest point)",
+        memory_per("cached", CACHED_SESSION_KIB),
+    ),
+    Goal(
+        f"memory <= {OPEN_CONNECTION_KIB} KiB per open client connection (largest point)",
+        memory_per("open", OPEN_CONNECTION_KIB),
+    ),
+    Goal("proxy CPU per page <= up-imapproxy's, every page case", cpu_per_page),
+)
+
+
+def verdicts(summaries: Summaries, memory: dict[str, MemoryFigures]) -> list[list[str]]:
+    """Rows of goal, verdict with SELECT cache off, verdict with it on."""
+    rows = []
+    for goal in GOALS:
+        cells = [goal.judge(Evidence(summaries, memory, cache)).cell for cache in ("off", "on")]
+        rows.append([goal.text, *cells])
+    return rows

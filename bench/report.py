@@ -1,0 +1,337 @@
+"""The report: Markdown tables of the figures, the goals' verdicts, the machine and the method.
+
+``render`` builds the whole results file; ``summary`` the part that goes into BENCHMARKS.md
+(between the ``SUMMARY_START``/``SUMMARY_END`` markers, with ``--publish``). Ratios are always
+imapproxy's figure divided by the other target's, whichever way is better for that row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.figures import MemoryFigures, Summary, summarize
+from bench.goals import Summaries, verdicts
+from bench.plan import Plan
+from bench.workloads import Case, Results
+
+SUMMARY_START = "<!-- bench:summary:start -->"
+SUMMARY_END = "<!-- bench:summary:end -->"
+COLUMNS = ("dovecot", "limit", "up", "ipx")
+PRODUCT_NAMES = {"dovecot": "Dovecot", "limit": "limit", "up": "up-imapproxy", "ipx": "imapproxy"}
+DASH = "—"
+NOISY_SHARE = 0.10  # other load above which a figure is called noisy
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    if value is None or math.isnan(value):
+        return DASH
+    return f"{value:,.{digits}f}"
+
+
+def summaries_of(results: Results) -> Summaries:
+    return {
+        case: {key: summarize(rounds) for key, rounds in by_target.items()}
+        for case, by_target in results.rounds.items()
+    }
+
+
+# -- the summary table --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of the summary: a figure of a case, higher or lower being better."""
+
+    label: str
+    case: Case | None
+    better: str  # "higher" or "lower"
+    digits: int
+    value: Callable[[Summary], float | None]
+
+
+def page_rows(concurrencies: Sequence[int]) -> list[Row]:
+    rows = []
+    for client in ("plain", "quickack"):
+        for c in concurrencies:
+            case = Case("page", client, c)
+            rows.append(Row(f"page {client} c={c}: pages/s", case, "higher", 0, rate))
+        case = Case("page", client, concurrencies[0])
+        rows.append(Row(f"page {client} c={concurrencies[0]}: p50 ms", case, "lower", 2, p50_ms))
+    case = Case("page", "quickack", concurrencies[len(concurrencies) // 2])
+    label = f"page quickack c={case.concurrency}: proxy CPU ms/page"
+    rows.append(Row(label, case, "lower", 3, proxy_ms))
+    return rows
+
+
+def rate(summary: Summary) -> float:
+    return summary.rate
+
+
+def p50_ms(summary: Summary) -> float:
+    return summary.p50_s * 1e3
+
+
+def proxy_ms(summary: Summary) -> float | None:
+    cpu = summary.proxy_cpu_s_per_unit
+    return None if cpu is None else cpu * 1e3
+
+
+OTHER_ROWS = [
+    Row("bulk 10 MiB: MiB/s", Case("bulk", size="10 MiB"), "higher", 0, lambda s: s.mib_per_s),
+    Row("bulk 1 MiB: MiB/s", Case("bulk", size="1 MiB"), "higher", 0, lambda s: s.mib_per_s),
+    Row("NOOP p50 µs", Case("noop"), "lower", 0, lambda s: s.p50_s * 1e6),
+    Row("NOOP p99 µs", Case("noop"), "lower", 0, lambda s: s.p99_s * 1e6),
+]
+
+
+def ratio(ours: float | None, other: float | None) -> str:
+    if ours is None or other is None or math.isnan(ours) or math.isnan(other) or other == 0:
+        return DASH
+    return f"{ours / other:.2f}x"
+
+
+def summary_table(summaries: Summaries, memory: dict[str, MemoryFigures], cache: str) -> str:
+    keys = {"dovecot": "dovecot", "limit": "limit", "up": f"up-{cache}", "ipx": f"ipx-{cache}"}
+    concurrencies = sorted({c.concurrency for c in summaries if c.workload == "page"}) or [1]
+    rows = []
+    for row in page_rows(concurrencies) + OTHER_ROWS:
+        assert row.case is not None
+        by_target = summaries.get(row.case, {})
+        values = {
+            col: (row.value(by_target[keys[col]]) if keys[col] in by_target else None)
+            for col in COLUMNS
+        }
+        rows.append(
+            [row.label]
+            + [fmt(values[col], row.digits) for col in COLUMNS]
+            + [ratio(values["ipx"], values[col]) for col in ("up", "dovecot", "limit")]
+            + [row.better]
+        )
+    rows += memory_rows(memory)
+    header = ["figure", *(PRODUCT_NAMES[c] for c in COLUMNS)]
+    header += ["÷ up-imapproxy", "÷ Dovecot", "÷ limit", "better"]
+    return table(header, rows)
+
+
+def memory_rows(memory: dict[str, MemoryFigures]) -> list[list[str]]:
+    rows = []
+    for state, label in (("cached", "KiB per cached session"), ("open", "KiB per open client")):
+        found = {p: f.per_session(state) for p, f in memory.items()}
+        up, ours = found.get("up-imapproxy"), found.get("imapproxy")
+        sessions = (ours or up or (0, 0.0))[0]
+        values = [DASH, DASH, fmt(up[1], 1) if up else DASH, fmt(ours[1], 1) if ours else DASH]
+        compared = ratio(ours[1] if ours else None, up[1] if up else None)
+        rows.append([f"memory: {label} at {sessions:,}", *values, compared, DASH, DASH, "lower"])
+    return rows
+
+
+# -- details ------------------------------------------------------------------------------------
+
+
+def errors_text(summary: Summary) -> str:
+    if not summary.errors:
+        return "0"
+    kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(summary.errors.items()))
+    return f"{summary.error_count} ({kinds})"
+
+
+def share(value: float | None) -> str:
+    return DASH if value is None else f"{value * 100:.0f} %"
+
+
+def cpu_ms(value: float | None) -> str:
+    return DASH if value is None else f"{value * 1e3:.3f}"
+
+
+def details(summaries: Summaries) -> str:
+    parts = []
+    header = ["target", "rate/s", "p50 ms", "p90 ms", "p99 ms", "MiB/s", "errors", "reuse"]
+    header += ["Dovecot logins/unit", "CPU ms/unit: proxy", "Dovecot", "load generator"]
+    header += ["other load"]
+    for case, by_target in summaries.items():
+        rows = []
+        for key, s in by_target.items():
+            rows.append(
+                [key, fmt(s.rate, 1), fmt(s.p50_s * 1e3, 3), fmt(s.p90_s * 1e3, 3)]
+                + [fmt(s.p99_s * 1e3, 3), fmt(s.mib_per_s, 0) if case.workload == "bulk" else DASH]
+                + [errors_text(s), share(s.reuse_share) if key != "limit" else DASH]
+                + [fmt(s.backend_logins_per_unit, 2), cpu_ms(s.proxy_cpu_s_per_unit)]
+                + [cpu_ms(s.dovecot_cpu_s_per_unit), cpu_ms(s.loadgen_cpu_s_per_unit)]
+                + [share(s.other_load)]
+            )
+        units = sum(s.units for s in by_target.values())
+        parts.append(f"#### {case.label} ({units:,} units)\n\n" + table(header, rows))
+    return "\n".join(parts)
+
+
+def memory_details(memory: dict[str, MemoryFigures]) -> str:
+    rows = []
+    for product, figures in memory.items():
+        rows.append([product, "0", "—", fmt(figures.baseline_kib), DASH, "0", "0"])
+        for point in figures.points:
+            rows.append(
+                [product, f"{point.sessions:,}", point.state, fmt(point.rss_kib)]
+                + [fmt(point.kib_per_session(figures.baseline_kib), 1)]
+                + [f"{point.dovecot_sessions:,}", str(point.errors)]
+            )
+    header = ["proxy", "sessions", "state", "RSS KiB", "KiB per session"]
+    header += ["Dovecot connections added", "errors"]
+    return table(header, rows)
+
+
+# -- the documents ------------------------------------------------------------------------------
+
+
+def command_output(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "?"
+    return done.stdout.strip() or "?"
+
+
+def machine() -> list[list[str]]:
+    cpu = "?"
+    with open("/proc/cpuinfo", encoding="utf-8") as info:
+        for line in info:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    debian = Path("/etc/debian_version")
+    return [
+        ["CPU", f"{cpu}, {os.cpu_count()} cores"],
+        ["memory", f"{memory_gib:.0f} GiB"],
+        ["kernel", platform.release()],
+        ["OS", f"Debian {debian.read_text().strip()}" if debian.exists() else platform.platform()],
+        ["Python", platform.python_version()],
+        ["Dovecot", command_output(["dovecot", "--version"])],
+        ["up-imapproxy", command_output(["dpkg-query", "-W", "-f=${Version}", "imapproxy"])],
+        ["imapproxy", command_output(["git", "describe", "--always", "--dirty"])],
+    ]
+
+
+def summary(results: Results, plan: Plan, date: str, elapsed_s: float, command: str) -> str:
+    summaries = summaries_of(results)
+    machine_text = "; ".join(f"{name} {value}" for name, value in machine())
+    parts = [
+        f"Run of {date}: `{command}` (plan {plan.name}), {elapsed_s / 60:.1f} minutes. "
+        f"Machine: {machine_text}.\n",
+        "Ratios are imapproxy ÷ the other target; *better* says which way is good.\n",
+        "#### SELECT cache off (both proxies)\n",
+        summary_table(summaries, results.memory, "off"),
+        "#### SELECT cache on (both proxies)\n",
+        summary_table(summaries, results.memory, "on"),
+        "#### Goals\n",
+        table(
+            ["goal", "SELECT cache off", "SELECT cache on"],
+            verdicts(summaries, results.memory),
+        ),
+    ]
+    notes = results.notes + noise_notes(summaries)
+    if notes:
+        parts.append("Notes:\n\n" + "".join(f"- {note}\n" for note in notes))
+    return "\n".join(parts)
+
+
+def noise_notes(summaries: Summaries) -> list[str]:
+    """A warning when other programs used a noticeable share of the machine during rounds."""
+    loads = [s.other_load for by in summaries.values() for s in by.values()]
+    known = [load for load in loads if load is not None]
+    noisy = [load for load in known if load > NOISY_SHARE]
+    if not noisy:
+        return []
+    return [
+        f"The machine was not quiet: in {len(noisy)} of {len(known)} figures (a target in a "
+        f"case), more than {NOISY_SHARE * 100:.0f} % of its CPU (up to {max(noisy) * 100:.0f} %) "
+        "went to neither the servers nor the load generator but to another program. Those "
+        "figures are lower, and their latencies shifted (a busy CPU wakes faster); see *other "
+        "load* in the report's details."
+    ]
+
+
+METHOD = """\
+- Targets: direct Dovecot; *limit*, the same SELECT + FETCH on sessions kept logged in to
+  Dovecot (what a perfect cache could reach); up-imapproxy (`/usr/sbin/imapproxyd`) and
+  imapproxy (`python -m imapproxy`), each in front of the same Dovecot, each with the SELECT
+  cache off and on, with the same `cache_size` 3072, `cache_expiration_time` 300 and
+  `syslog_prioritymask LOG_INFO`. Each round measures every target once, in the order
+  Dovecot, limit, up-imapproxy off, imapproxy off, up-imapproxy on, imapproxy on; figures are
+  medians over the rounds (errors are summed), after one unmeasured warm-up window per target.
+- Load generator: separate processes (two, threads inside), raw IMAP over blocking sockets,
+  literal-aware reading. *plain* client: no `TCP_NODELAY`, no `TCP_QUICKACK` (as PHP leaves
+  it); *quickack*: `TCP_QUICKACK` set after every `recv`. A page is connect, `LOGIN`,
+  `SELECT INBOX`, `UID FETCH 1:50 (UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (FROM
+  SUBJECT DATE)])`, `LOGOUT`, close, for a user drawn from 200 (50 messages each); its
+  latency is taken with `time.perf_counter`. Every FETCH must return 50 messages and exactly
+  the header bytes the user's own mailbox gives direct, otherwise it is an error (`wrong
+  data`), as is any non-OK reply, a time-out (5 s per I/O) or a refused connection. *reuse*
+  is the share of `LOGIN`s answered with `* OK [XPROXYREUSE]`; *Dovecot logins/unit* counts
+  the logins in Dovecot's log.
+- CPU: a proxy's `utime + stime` from `/proc/<pid>/stat` (all its threads, 10 ms ticks, so
+  summed over the rounds and not shown below 50 ms in all); Dovecot's from
+  `/proc/<pid>/schedstat` (ns) of its master and every live child plus the master's
+  `cutime + cstime` (children already reaped); the load generator's from its processes' stat.
+  Each round's CPU includes its untimed set-up (a bulk or NOOP session's LOGIN).
+- Memory: fresh proxy instances (`cache_size` as large as the descriptor limit allows for
+  up-imapproxy, which takes `2 * cache_size + 10` descriptors), RSS (`VmRSS`) with no session,
+  after LOGIN + LOGOUT of 1,000 then 10,000 distinct users (each leaves a cached session), and
+  with all of them logged in at once (open client connections). KiB per session is the RSS
+  above the empty proxy divided by the sessions; the established connections to Dovecot's port
+  (`/proc/net/tcp`) check that the proxy really holds them.
+"""
+
+
+def render(results: Results, plan: Plan, date: str, elapsed_s: float, command: str) -> str:
+    summaries = summaries_of(results)
+    return "\n".join(
+        [
+            f"# Benchmark results, {date}\n",
+            f"Command: `{command}`. Plan: {plan.describe()}.\n",
+            table(["machine", ""], machine()),
+            "## Summary\n",
+            summary(results, plan, date, elapsed_s, command),
+            "## Method\n",
+            METHOD,
+            "## Details\n",
+            "Per unit: a page, a FETCH or a NOOP. Rates per second; latencies per unit. "
+            "*other load*: the machine's busy CPU that neither the proxy, Dovecot nor the load "
+            "generator explains (other programs, kernel work), as a share of both cores: the "
+            "noise of the round.\n",
+            details(summaries),
+            "#### memory\n",
+            memory_details(results.memory),
+        ]
+    )
+
+
+def write_results(directory: Path, name: str, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def publish(document: Path, block: str) -> bool:
+    """Replace the summary between the markers of ``document``; False if it has none."""
+    if not document.exists():
+        return False
+    text = document.read_text(encoding="utf-8")
+    start, end = text.find(SUMMARY_START), text.find(SUMMARY_END)
+    if start < 0 or end < start:
+        return False
+    new = text[: start + len(SUMMARY_START)] + "\n" + block.rstrip() + "\n" + text[end:]
+    document.write_text(new, encoding="utf-8")
+    return True

@@ -1,0 +1,148 @@
+"""``python -m bench.run [--quick] [--no-publish] [--keep]``: the whole benchmark, start to end.
+
+Seeds and starts a private Dovecot, up-imapproxy and imapproxy (each SELECT cache off and on)
+in front of it, the load generator, runs every workload against every target, prints the
+summary and writes the report to ``bench/results/<date>.md`` (``<date>-quick.md`` for a quick
+run). A default run also puts the summary into BENCHMARKS.md (not with ``--no-publish``; a
+quick run never does). Everything started is stopped at the end, on Ctrl-C, SIGTERM or an
+error; the temporary directory is removed unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from bench import report
+from bench.loadgen import LoadGenerator
+from bench.mailstore import BenchDovecot, seed_all
+from bench.plan import DEFAULT, QUICK, TARGET_ORDER, Plan
+from bench.targets import IMAPPROXYD, REPO, direct_targets, start_dovecot, start_proxy
+from bench.workloads import Bench, Results, bulk, memory, noop, pages, warm_up
+from tests.support.dovecot import DOVECOT
+
+RESULTS_DIR = REPO / "bench" / "results"
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+DOVECOT_CLIENT_LIMIT = 25_000  # default_client_limit: room for the memory workload's sessions
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the short run (under 2 minutes)")
+    parser.add_argument(
+        "--no-publish", action="store_true", help="leave BENCHMARKS.md alone (default run)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    return parser.parse_args(argv)
+
+
+class Progress:
+    """Progress lines on stderr, with the time since the start."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        print(f"[{self.elapsed_s():6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+
+def check_prerequisites() -> None:
+    missing = [path for path in (DOVECOT, IMAPPROXYD) if not os.path.exists(path)]
+    if missing:
+        raise SystemExit(
+            f"missing {', '.join(missing)}: install dovecot-imapd and imapproxy (make deps)"
+        )
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: up-imapproxy starts as root to drop to nobody")
+
+
+def stop_on_sigterm() -> None:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def run_all(plan: Plan, root: Path, stack: contextlib.ExitStack, progress: Progress) -> Results:
+    progress(f"seeding Dovecot in {root}")
+    dovecot = BenchDovecot(root, fast=True, client_limit=DOVECOT_CLIENT_LIMIT)
+    seed_all(dovecot, plan.users, max(plan.memory_sessions))
+    start_dovecot(stack, dovecot)
+    loadgen = LoadGenerator(plan.workers)
+    stack.callback(loadgen.close)
+    progress("starting up-imapproxy and imapproxy, SELECT cache off and on")
+    targets = direct_targets(dovecot)
+    proxies = {}
+    for select_cache in (False, True):
+        for product in ("up-imapproxy", "imapproxy"):
+            target, process = start_proxy(
+                stack, product, dovecot, root / "proxies", select_cache=select_cache
+            )
+            targets.append(target)
+            proxies[target.key] = process
+    targets.sort(key=lambda t: TARGET_ORDER.index(t.key))
+    bench = Bench(plan, dovecot, targets, proxies, loadgen, root / "proxies", progress)
+    progress("warm-up")
+    warm_up(bench)
+    results = Results()
+    if plan is QUICK:
+        results.notes.append(
+            "Quick run: fewer and shorter rounds; the memory workload stops at 1,000 sessions "
+            "(the 10,000 point is skipped), so its goals are judged there."
+        )
+    pages(bench, results)
+    bulk(bench, results)
+    noop(bench, results)
+    memory(bench, stack, results)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = QUICK if args.quick else DEFAULT
+    check_prerequisites()
+    stop_on_sigterm()
+    progress = Progress()
+    root = Path(tempfile.mkdtemp(prefix="imapproxy-bench-"))
+    os.chmod(root, 0o755)  # Dovecot's mail user must traverse it
+    try:
+        with contextlib.ExitStack() as stack:
+            results = run_all(plan, root, stack, progress)
+            progress("stopping")
+    except KeyboardInterrupt:
+        progress("interrupted: everything started was stopped")
+        return 130
+    finally:
+        if args.keep:
+            progress(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    date = datetime.date.today().isoformat()
+    elapsed_s = progress.elapsed_s()
+    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    text = report.render(results, plan, date, elapsed_s, command)
+    name = date if plan is DEFAULT else f"{date}-{plan.name}"
+    path = report.write_results(RESULTS_DIR, name, text)
+    block = report.summary(results, plan, date, elapsed_s, command)
+    print(block)
+    progress(f"report written to {path.relative_to(REPO)}")
+    if plan is DEFAULT and not args.no_publish and report.publish(BENCHMARKS_MD, block):
+        progress(f"summary published in {BENCHMARKS_MD.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""What the benchmark measures: Dovecot, up-imapproxy and imapproxy, started on loopback.
+
+A ``Target`` is an address the load generator talks to and the process whose CPU and memory
+we read (None for direct Dovecot). Both proxies get the same ``SHARED_SETTINGS``; each is
+started twice, SELECT cache off and on. Every process started here is stopped by the
+``ExitStack`` it was registered with, also on Ctrl-C or an exception.
+
+Both start as root and drop to ``nobody``. up-imapproxy (``/usr/sbin/imapproxyd``) sets its
+own descriptor limit to ``2 * cache_size + 10`` and listens with a backlog of 5.
+imapproxy runs as ``python -m imapproxy`` from the repository, its soft descriptor limit raised
+to the hard one (it does not raise its own). Without ``CAP_SYS_RESOURCE`` nobody can go past
+the hard limit: it bounds the memory workload (``max_sessions``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.mailstore import BenchDovecot
+from tests.support.dovecot import free_port, wait_for_port
+from tests.support.proxy import write_config
+
+REPO = Path(__file__).resolve().parents[1]
+IMAPPROXYD = shutil.which("imapproxyd", path="/usr/sbin:/usr/local/sbin") or "/usr/sbin/imapproxyd"
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 15.0
+
+# The settings both proxies share (up-imapproxy's defaults for the cache, INFO logging).
+# Both start as root (up-imapproxy must, to set its descriptor limit) and drop to nobody.
+SHARED_SETTINGS: dict[str, Any] = {
+    "cache_size": 3072,
+    "cache_expiration_time": 300,
+    "syslog_prioritymask": "LOG_INFO",
+    "foreground_mode": True,
+    "proc_username": "nobody",
+    "proc_groupname": "nogroup",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to measure. ``key`` is unique; ``product`` is the report's column."""
+
+    key: str
+    product: str  # "Dovecot", "limit", "up-imapproxy", "imapproxy"
+    host: str
+    port: int
+    pid: int | None = None  # the proxy process, for CPU and RSS
+    select_cache: bool | None = None
+
+
+def start_dovecot(stack: contextlib.ExitStack, dovecot: BenchDovecot) -> BenchDovecot:
+    dovecot.start()
+    stack.callback(dovecot.stop)
+    return dovecot
+
+
+def dovecot_pid(dovecot: BenchDovecot) -> int:
+    assert dovecot.process is not None
+    return dovecot.process.pid
+
+
+def direct_targets(dovecot: BenchDovecot) -> list[Target]:
+    return [
+        Target("dovecot", "Dovecot", dovecot.host, dovecot.port),
+        Target("limit", "limit", dovecot.host, dovecot.port),
+    ]
+
+
+def nofile_hard_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def max_sessions(wanted: int) -> int:
+    """How many client connections a proxy can hold open, each with its backend session."""
+    return min(wanted, (nofile_hard_limit() - 200) // 2)
+
+
+def raise_soft_nofile() -> None:
+    hard = nofile_hard_limit()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def start_process(
+    stack: contextlib.ExitStack, argv: list[str], log: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with its output in ``log``; registered to be stopped with the stack."""
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            argv, cwd=REPO, stdout=out, stderr=out, preexec_fn=raise_soft_nofile, env=proxy_env()
+        )
+    stack.callback(stop_process, process)
+    return process
+
+
+def proxy_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def start_proxy(
+    stack: contextlib.ExitStack,
+    product: str,
+    dovecot: BenchDovecot,
+    workdir: Path,
+    *,
+    select_cache: bool,
+    name: str = "",
+    **overrides: Any,
+) -> tuple[Target, subprocess.Popen[bytes]]:
+    """Start up-imapproxy or imapproxy in front of ``dovecot``; wait until it listens."""
+    key = f"{'up' if product == 'up-imapproxy' else 'ipx'}-{'on' if select_cache else 'off'}"
+    port = free_port()
+    directory = workdir / f"{name or 'pages'}-{key}-{port}"
+    directory.mkdir(parents=True)
+    os.chmod(directory, 0o755)
+    settings = dict(SHARED_SETTINGS)
+    settings.update(
+        server_hostname=dovecot.host,
+        server_port=dovecot.port,
+        listen_address="127.0.0.1",
+        listen_port=port,
+        enable_select_cache=select_cache,
+        stat_filename=directory / "pimpstats",
+        protocol_log_filename=directory / "protocol.log",
+    )
+    settings.update(overrides)
+    config = write_config(directory / "imapproxy.conf", settings)
+    if product == "up-imapproxy":
+        argv = [IMAPPROXYD, "-f", str(config)]
+    else:
+        argv = [sys.executable, "-m", "imapproxy", "-f", str(config), "--foreground"]
+    process = start_process(stack, argv, directory / "output.log")
+    try:
+        wait_for_port("127.0.0.1", port, timeout=START_TIMEOUT_S)
+    except TimeoutError:
+        stop_process(process)
+        output = (directory / "output.log").read_text(errors="replace")
+        raise RuntimeError(f"{product} did not start:\n{output}") from None
+    target = Target(key, product, "127.0.0.1", port, process.pid, select_cache)
+    return target, process

@@ -1,0 +1,346 @@
+"""The workloads of the issue, each run against every target, alternating them per round.
+
+- ``pages``: the webmail page at each concurrency, with the plain client socket (as PHP leaves
+  it) and with the ``TCP_QUICKACK`` one; the ``limit`` target does the same SELECT + FETCH on
+  sessions kept logged in to Dovecot (a perfect cache);
+- ``bulk``: FETCH of whole 10 MiB (and 1 MiB) messages on one session, MiB/s;
+- ``noop``: sequential NOOPs on one logged-in session, latency;
+- ``memory``: RSS of each proxy with 0, 1,000 and 10,000 cached sessions, and with the
+  largest number of client connections open (separate proxy instances, started last).
+
+A ``Bench`` holds what they share and measures one round: CPU of the proxy, of Dovecot (see
+``procstat``) and of the load generator before and after, and Dovecot's logins from its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import procstat
+from bench.figures import Cost, MemoryFigures, MemoryPoint, Round
+from bench.loadgen import LoadGenerator
+from bench.mailstore import PASSWORD, BenchDovecot, big_users, memory_users, webmail_users
+from bench.pages import Job
+from bench.plan import Plan
+from bench.targets import (
+    Target,
+    dovecot_pid,
+    max_sessions,
+    nofile_hard_limit,
+    start_proxy,
+    stop_process,
+)
+
+JOB_MARGIN_S = 60.0
+MEMORY_CACHE_SIZE = 10_240  # the memory proxies' cache_size, where the descriptor limit allows
+MEMORY_SETTLE_S = 0.5
+BULK_SIZES = {"10 MiB": (5 << 20, 20 << 20), "1 MiB": (512 << 10, 5 << 20)}
+LOGIN_MARK = b"Login: user=<"
+LOG_DELAY_S = 0.02  # Dovecot's log process writes a login line a moment after the login
+
+
+@dataclass(frozen=True)
+class Case:
+    """A workload variant: the rows of the report."""
+
+    workload: str  # "page", "bulk", "noop"
+    client: str = "plain"  # "plain" or "quickack"
+    concurrency: int = 1
+    size: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.workload == "page":
+            return f"page, {self.client} client, c={self.concurrency}"
+        if self.workload == "bulk":
+            return f"bulk FETCH {self.size}"
+        return "NOOP round trip"
+
+
+@dataclass
+class Results:
+    rounds: dict[Case, dict[str, list[Round]]] = field(default_factory=dict)
+    memory: dict[str, MemoryFigures] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, case: Case, target: Target, measured: Round) -> None:
+        self.rounds.setdefault(case, {}).setdefault(target.key, []).append(measured)
+
+
+@dataclass
+class Bench:
+    """What the workloads share."""
+
+    plan: Plan
+    dovecot: BenchDovecot
+    targets: list[Target]
+    proxies: dict[str, subprocess.Popen[bytes]]
+    loadgen: LoadGenerator
+    workdir: Path
+    progress: Callable[[str], None]
+    expected: tuple[tuple[str, int], ...] = ()
+    log_offset: int = 0
+
+    @property
+    def users(self) -> list[str]:
+        return webmail_users(self.plan.users)
+
+    def job(
+        self,
+        script: str,
+        target: Target,
+        threads: list[list[str]],
+        *,
+        quickack: bool = False,
+        duration_s: float = float("inf"),
+        seed: int = 0,
+        size_range: tuple[int, int] = (0, 1 << 40),
+    ) -> Job:
+        return Job(
+            script=script,
+            host=target.host,
+            port=target.port,
+            quickack=quickack,
+            threads=tuple(tuple(users) for users in threads),
+            password=PASSWORD,
+            duration_s=duration_s,
+            timeout_s=self.plan.timeout_s,
+            seed=seed,
+            expected=self.expected,
+            size_range=size_range,
+        )
+
+    def max_wait_s(self, job: Job, units: int = 1) -> float:
+        window = job.duration_s if job.duration_s != float("inf") else 0.0
+        return window + units * 4 * job.timeout_s + JOB_MARGIN_S
+
+    def measure(self, target: Target, job: Job) -> Round:
+        """Run ``job`` once and account for what it cost."""
+        self.new_backend_logins()  # forget those of warm-ups and earlier rounds
+        before = self.costs(target)
+        outcome = self.loadgen.run(job, self.max_wait_s(job))
+        after = self.costs(target)
+        time.sleep(LOG_DELAY_S)
+        cost = Cost(
+            proxy_cpu_s=difference(after.proxy_cpu_s, before.proxy_cpu_s),
+            dovecot_cpu_s=after.dovecot_cpu_s - before.dovecot_cpu_s,
+            loadgen_cpu_s=after.loadgen_cpu_s - before.loadgen_cpu_s,
+            backend_logins=self.new_backend_logins(),
+            machine_cpu_s=after.machine_cpu_s - before.machine_cpu_s,
+            wall_s=after.wall_s - before.wall_s,
+        )
+        return Round.of(outcome.tally, outcome.rate, cost)
+
+    def costs(self, target: Target) -> Cost:
+        return Cost(
+            proxy_cpu_s=procstat.process_cpu_s(target.pid) if target.pid else None,
+            dovecot_cpu_s=procstat.tree_cpu_s(dovecot_pid(self.dovecot)),
+            loadgen_cpu_s=sum(procstat.process_cpu_s(pid) for pid in self.loadgen.pids()),
+            machine_cpu_s=procstat.machine_busy_s(),
+            wall_s=time.monotonic(),
+        )
+
+    def new_backend_logins(self) -> int:
+        """Logins Dovecot logged since the last call (its info log)."""
+        path = self.dovecot.root / "dovecot.info.log"
+        try:
+            with open(path, "rb") as log:
+                log.seek(self.log_offset)
+                text = log.read()
+        except OSError:
+            return 0
+        self.log_offset += len(text)
+        return text.count(LOGIN_MARK)
+
+
+def difference(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def split(users: list[str], threads: int) -> list[list[str]]:
+    """``users`` dealt out to ``threads`` threads (a partition)."""
+    return [users[i::threads] for i in range(threads) if users[i::threads]]
+
+
+# -- warm-up ------------------------------------------------------------------------------------
+
+
+def warm_up(bench: Bench) -> None:
+    """Two pages per user direct (Dovecot indexes and caches), one through each proxy.
+
+    The direct pages also record each user's header bytes, which every later page must match.
+    """
+    direct = next(t for t in bench.targets if t.key == "dovecot")
+    for _ in range(2):
+        outcome = bench.loadgen.run(
+            bench.job("warm", direct, split(bench.users, 8), quickack=True), JOB_MARGIN_S * 5
+        )
+        check_warm(outcome.tally.errors, direct)
+    bench.expected = tuple(sorted(outcome.tally.observed.items()))
+    for target in bench.targets:
+        if target.pid is not None:
+            outcome = bench.loadgen.run(
+                bench.job("warm", target, split(bench.users, 8), quickack=True), JOB_MARGIN_S * 5
+            )
+            check_warm(outcome.tally.errors, target)
+    bench.new_backend_logins()
+
+
+def check_warm(errors: dict[str, int], target: Target) -> None:
+    if errors:
+        raise RuntimeError(f"warm-up through {target.key} failed: {dict(errors)}")
+
+
+# -- pages --------------------------------------------------------------------------------------
+
+
+def page_job(bench: Bench, target: Target, client: str, concurrency: int, window_s: float) -> Job:
+    quickack = client == "quickack"
+    if target.key == "limit":  # one kept session per user, the users shared out to the threads
+        return bench.job(
+            "limit",
+            target,
+            split(bench.users, concurrency),
+            quickack=quickack,
+            duration_s=window_s,
+            seed=concurrency,
+        )
+    return bench.job(
+        "webmail",
+        target,
+        [bench.users] * concurrency,
+        quickack=quickack,
+        duration_s=window_s,
+        seed=concurrency,
+    )
+
+
+def pages(bench: Bench, results: Results) -> None:
+    plan = bench.plan
+    for client in ("plain", "quickack"):
+        for concurrency in plan.concurrencies:
+            case = Case("page", client, concurrency)
+            bench.progress(case.label)
+            for target in bench.targets:  # a window of 0 s still logs in the limit's sessions
+                if plan.warmup_window_s or target.key == "limit":
+                    job = page_job(bench, target, client, concurrency, plan.warmup_window_s)
+                    bench.loadgen.run(job, plan.warmup_window_s + JOB_MARGIN_S * 2)
+            for _ in range(plan.rounds):
+                for target in bench.targets:
+                    job = page_job(bench, target, client, concurrency, plan.page_window_s)
+                    results.add(case, target, bench.measure(target, job))
+
+
+# -- bulk and NOOP ------------------------------------------------------------------------------
+
+
+def bulk(bench: Bench, results: Results) -> None:
+    plan = bench.plan
+    owners = big_users()
+    for size, size_range in BULK_SIZES.items():
+        case = Case("bulk", size=size)
+        bench.progress(case.label)
+        measured = [t for t in bench.targets if t.key != "limit"]
+        for number in range(first_round(plan), plan.rounds + 1):  # round 0 warms up
+            for target in measured:
+                owner = owners[number % len(owners)]
+                job = bench.job(
+                    "bulk", target, [[owner]], duration_s=plan.bulk_window_s, size_range=size_range
+                )
+                measured_round = bench.measure(target, job)
+                if number:
+                    results.add(case, target, measured_round)
+
+
+def first_round(plan: Plan) -> int:
+    """0 to begin with an unmeasured warm-up round, 1 without one (quick)."""
+    return 0 if plan.warmup_window_s else 1
+
+
+def noop(bench: Bench, results: Results) -> None:
+    plan = bench.plan
+    case = Case("noop")
+    bench.progress(case.label)
+    measured = [t for t in bench.targets if t.key != "limit"]
+    for number in range(first_round(plan), plan.rounds + 1):  # round 0 warms up
+        for target in measured:
+            job = bench.job("noop", target, [[bench.users[number]]], duration_s=plan.noop_window_s)
+            measured_round = bench.measure(target, job)
+            if number:
+                results.add(case, target, measured_round)
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def memory(bench: Bench, stack: contextlib.ExitStack, results: Results) -> None:
+    """Stop the page proxies, then for each proxy product a fresh instance, sessions added.
+
+    Dovecot is restarted before each: the thousands of imap processes a proxy's sessions leave
+    idle (``service_count`` 256) would all wake for every new connection until their
+    ``idle_kill`` minute is over, and slow the next proxy's logins tenfold.
+    """
+    bench.loadgen.broadcast("reset")
+    for process in bench.proxies.values():
+        stop_process(process)
+    wanted = max(bench.plan.memory_sessions)
+    largest = max_sessions(wanted)
+    if largest < wanted:
+        results.notes.append(
+            f"Memory: {largest:,} sessions instead of {wanted:,}: the hard limit on open files "
+            f"is {nofile_hard_limit():,} here (no CAP_SYS_RESOURCE to raise it), and an open "
+            "client connection costs a proxy two descriptors."
+        )
+    points = sorted({min(n, largest) for n in bench.plan.memory_sessions})
+    # up-imapproxy takes 2 * cache_size + 10 descriptors, imapproxy checks for about as many
+    cache_size = min(MEMORY_CACHE_SIZE, (nofile_hard_limit() - 100) // 2)
+    for product in ("up-imapproxy", "imapproxy"):
+        bench.progress(f"memory, {product}")
+        bench.dovecot.restart()
+        results.memory[product] = memory_of(bench, stack, product, points, cache_size)
+
+
+def memory_of(
+    bench: Bench, stack: contextlib.ExitStack, product: str, points: list[int], cache_size: int
+) -> MemoryFigures:
+    target, process = start_proxy(
+        stack,
+        product,
+        bench.dovecot,
+        bench.workdir,
+        select_cache=False,
+        name="memory",
+        cache_size=cache_size,
+    )
+    assert target.pid is not None
+    port = bench.dovecot.port
+    time.sleep(MEMORY_SETTLE_S)
+    baseline = procstat.established_to(port)
+    figures = MemoryFigures(procstat.rss_kib(target.pid))
+    users = memory_users(points[-1])
+
+    def point(sessions: int, state: str, errors: int) -> MemoryPoint:
+        time.sleep(MEMORY_SETTLE_S)
+        held = procstat.established_to(port) - baseline
+        return MemoryPoint(sessions, state, procstat.rss_kib(target.pid or 0), held, errors)
+
+    done = 0
+    for sessions in points:  # LOGIN + LOGOUT of new users: each leaves a cached session
+        job = bench.job("cycle", target, split(users[done:sessions], 8), quickack=True)
+        outcome = bench.loadgen.run(job, bench.max_wait_s(job, units=sessions - done))
+        figures.points.append(point(sessions, "cached", sum(outcome.tally.errors.values())))
+        bench.progress(f"memory, {product}: {sessions:,} sessions cached")
+        done = sessions
+    job = bench.job("hold", target, split(users, 8), quickack=True)  # all logged in at once
+    outcome = bench.loadgen.run(job, bench.max_wait_s(job, units=len(users)))
+    figures.points.append(point(len(users), "open", sum(outcome.tally.errors.values())))
+    bench.progress(f"memory, {product}: {len(users):,} client connections open")
+    bench.loadgen.broadcast("release")
+    stop_process(process)
+    bench.progress(f"memory, {product}: stopped")
+    return figures
