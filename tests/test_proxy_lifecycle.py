@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.client import RawClient, login
 from tests.support.dovecot import DovecotInstance, User, free_port
-from tests.support.proxy import REPO, ProxyProcess, service_identity, write_config
+from tests.support.proxy import REPO, ProxyProcess, run_imapproxyd, service_identity, write_config
 
 
 @pytest.fixture
@@ -136,13 +136,7 @@ def test_backend_down_at_startup_exits_69(tmp_path: Path) -> None:
         },
     )
     started = time.monotonic()
-    run = subprocess.run(
-        [sys.executable, "-m", "imapproxy", "-f", str(conf)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_imapproxyd("-f", str(conf))
     assert run.returncode == 69
     assert 1 <= time.monotonic() - started < 20
     assert "(attempt 2 of 2)" in run.stderr

@@ -62,6 +62,14 @@ def direct_figures(dovecot: DovecotInstance, user: User) -> dict[str, int]:
         return found
 
 
+def store_elsewhere(dovecot: DovecotInstance, user: User, command: bytes) -> None:
+    """The same user, in a session of its own (a desktop client), changes flags."""
+    with RawClient(dovecot.host, dovecot.port) as other:
+        other.command(b"l", f'LOGIN {user.name} "{user.password}"'.encode())
+        other.command(b"s", b"SELECT INBOX")
+        assert other.command(b"f", b"STORE " + command)[-1].startswith(b"f OK")
+
+
 def selects_seen_by_dovecot(dovecot: DovecotInstance, user: User) -> int:
     return len(re.findall(r" (?:SELECT|select) ", dovecot.rawlog_text(user.name)))
 
@@ -174,10 +182,7 @@ def test_seen_flag_set_by_another_session(
     proxy: ProxyProcess, user: User, dovecot: DovecotInstance
 ) -> None:
     def between(_: RawClient) -> None:
-        with RawClient(dovecot.host, dovecot.port) as other:
-            other.command(b"l", f'LOGIN {user.name} "{user.password}"'.encode())
-            other.command(b"s", b"SELECT INBOX")
-            assert other.command(b"f", b"STORE 1 +FLAGS (\\Seen)")[-1].startswith(b"f OK")
+        store_elsewhere(dovecot, user, b"1 +FLAGS (\\Seen)")
 
     first, second = two_pages(proxy, user, between)
     assert counters(proxy)[1] == 0
@@ -190,10 +195,7 @@ def test_flagged_by_another_session_after_news_reached_the_client(
     """A change that does not alter the SELECT reply may be served: the reply is still exact."""
 
     def between(client: RawClient) -> None:
-        with RawClient(dovecot.host, dovecot.port) as other:
-            other.command(b"l", f'LOGIN {user.name} "{user.password}"'.encode())
-            other.command(b"s", b"SELECT INBOX")
-            other.command(b"f", b"STORE 2 +FLAGS (\\Flagged)")
+        store_elsewhere(dovecot, user, b"2 +FLAGS (\\Flagged)")
         client.command(b"n", b"NOOP")
 
     teach_closed_line(proxy, user)
@@ -289,10 +291,7 @@ def test_keyword_created_by_another_session(
     proxy: ProxyProcess, user: User, dovecot: DovecotInstance
 ) -> None:
     def between(client: RawClient) -> None:
-        with RawClient(dovecot.host, dovecot.port) as other:
-            other.command(b"l", f'LOGIN {user.name} "{user.password}"'.encode())
-            other.command(b"s", b"SELECT INBOX")
-            other.command(b"f", b"STORE 3 +FLAGS ($Important)")
+        store_elsewhere(dovecot, user, b"3 +FLAGS ($Important)")
         client.command(b"n", b"NOOP")  # the new FLAGS list reaches the first page only
 
     first, second = two_pages(proxy, user, between)

@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.client import login
 from tests.support.dovecot import DovecotInstance, User, free_port, wait_for_port
-from tests.support.proxy import REPO, ProxyProcess, write_config
+from tests.support.proxy import REPO, ProxyProcess, run_imapproxyd, write_config
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 NOBODY = 65534
@@ -166,13 +166,7 @@ def test_root_without_proc_username_is_refused(service_dir: Path, dovecot: Dovec
     config = daemon_config(
         service_dir, dovecot, proc_username="", proc_groupname="", foreground_mode=True
     )
-    run = subprocess.run(
-        [sys.executable, "-m", "imapproxy", "-f", str(config)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = run_imapproxyd("-f", str(config), timeout=30)
     assert run.returncode == 71
     assert "proc_username is not set: refusing to run as root" in run.stderr
 

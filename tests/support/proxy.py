@@ -15,6 +15,17 @@ from tests.support.dovecot import DovecotInstance, free_port, wait_for_port
 REPO = Path(__file__).resolve().parents[2]
 
 
+def run_imapproxyd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m imapproxy ARGS`` to its end; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "imapproxy", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def service_identity() -> dict[str, str]:
     """As root the proxy must drop privileges (as up-imapproxy): run it as nobody."""
     return {"proc_username": "nobody", "proc_groupname": "nogroup"} if os.geteuid() == 0 else {}
