@@ -2,7 +2,8 @@
 
 Each goal reads the summaries (``Summaries``: case -> target key -> ``Summary``) and says met,
 missed or not measured, with the figures it compared. Target keys are ``dovecot``, ``limit``,
-``up-off``/``up-on`` and ``ipx-off``/``ipx-on``; ``cache`` is ``off`` or ``on``.
+``floor`` (the floor relay), ``up-off``/``up-on`` and ``ipx-off``/``ipx-on``; ``cache`` is
+``off`` or ``on``.
 """
 
 from __future__ import annotations
@@ -135,11 +136,18 @@ def bulk_rate(evidence: Evidence) -> Verdict:
 
 
 def noop_added(evidence: Evidence) -> Verdict:
+    """Missed, it also says what the floor relay adds: the part any gevent relay pays."""
     ours, direct = evidence.get(Case("noop"), "ipx"), evidence.get(Case("noop"), "dovecot")
     if ours is None or direct is None:
         return Verdict(None, "")
     added = (ours.p50_s - direct.p50_s) * 1e6
-    return compare(added, NOOP_BUDGET_US, f"+{added:.0f} µs", at_least=False)
+    verdict = compare(added, NOOP_BUDGET_US, f"+{added:.0f} µs", at_least=False)
+    floor = evidence.get(Case("noop"), "floor")
+    if verdict.met is False and floor is not None:
+        floor_added = (floor.p50_s - direct.p50_s) * 1e6
+        text = f"{verdict.text} (a minimal gevent relay adds {floor_added:+.0f} µs on this machine)"
+        return Verdict(False, text)
+    return verdict
 
 
 def memory_per(state: str, budget_kib: float) -> Callable[[Evidence], Verdict]:

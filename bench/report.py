@@ -22,8 +22,14 @@ from bench.workloads import Case, Results
 
 SUMMARY_START = "<!-- bench:summary:start -->"
 SUMMARY_END = "<!-- bench:summary:end -->"
-COLUMNS = ("dovecot", "limit", "up", "ipx")
-PRODUCT_NAMES = {"dovecot": "Dovecot", "limit": "limit", "up": "up-imapproxy", "ipx": "imapproxy"}
+COLUMNS = ("dovecot", "limit", "floor", "up", "ipx")
+PRODUCT_NAMES = {
+    "dovecot": "Dovecot",
+    "limit": "limit",
+    "floor": "floor relay",
+    "up": "up-imapproxy",
+    "ipx": "imapproxy",
+}
 DASH = "—"
 NOISY_SHARE = 0.10  # other load above which a figure is called noisy
 
@@ -52,13 +58,17 @@ def summaries_of(results: Results) -> Summaries:
 
 @dataclass(frozen=True)
 class Row:
-    """A row of the summary: a figure of a case, higher or lower being better."""
+    """A row of the summary: a figure of a case, higher or lower being better.
+
+    ``over_direct``: the figure minus direct Dovecot's (what a relay adds); Dovecot shows none.
+    """
 
     label: str
     case: Case | None
     better: str  # "higher" or "lower"
     digits: int
     value: Callable[[Summary], float | None]
+    over_direct: bool = False
 
 
 def page_rows(concurrencies: Sequence[int]) -> list[Row]:
@@ -92,6 +102,7 @@ OTHER_ROWS = [
     Row("bulk 10 MiB: MiB/s", Case("bulk", size="10 MiB"), "higher", 0, lambda s: s.mib_per_s),
     Row("bulk 1 MiB: MiB/s", Case("bulk", size="1 MiB"), "higher", 0, lambda s: s.mib_per_s),
     Row("NOOP p50 µs", Case("noop"), "lower", 0, lambda s: s.p50_s * 1e6),
+    Row("NOOP p50 added over direct µs", Case("noop"), "lower", 0, lambda s: s.p50_s * 1e6, True),
     Row("NOOP p99 µs", Case("noop"), "lower", 0, lambda s: s.p99_s * 1e6),
 ]
 
@@ -103,7 +114,8 @@ def ratio(ours: float | None, other: float | None) -> str:
 
 
 def summary_table(summaries: Summaries, memory: dict[str, MemoryFigures], cache: str) -> str:
-    keys = {"dovecot": "dovecot", "limit": "limit", "up": f"up-{cache}", "ipx": f"ipx-{cache}"}
+    keys = {"dovecot": "dovecot", "limit": "limit", "floor": "floor"}
+    keys.update(up=f"up-{cache}", ipx=f"ipx-{cache}")
     concurrencies = sorted({c.concurrency for c in summaries if c.workload == "page"}) or [1]
     rows = []
     for row in page_rows(concurrencies) + OTHER_ROWS:
@@ -113,6 +125,8 @@ def summary_table(summaries: Summaries, memory: dict[str, MemoryFigures], cache:
             col: (row.value(by_target[keys[col]]) if keys[col] in by_target else None)
             for col in COLUMNS
         }
+        if row.over_direct:
+            values = over_direct(values)
         rows.append(
             [row.label]
             + [fmt(values[col], row.digits) for col in COLUMNS]
@@ -125,13 +139,23 @@ def summary_table(summaries: Summaries, memory: dict[str, MemoryFigures], cache:
     return table(header, rows)
 
 
+def over_direct(values: dict[str, float | None]) -> dict[str, float | None]:
+    """Each column's value minus Dovecot's; None for Dovecot itself and where unknown."""
+    direct = values["dovecot"]
+    return {
+        col: None if col == "dovecot" or value is None or direct is None else value - direct
+        for col, value in values.items()
+    }
+
+
 def memory_rows(memory: dict[str, MemoryFigures]) -> list[list[str]]:
     rows = []
     for state, label in (("cached", "KiB per cached session"), ("open", "KiB per open client")):
         found = {p: f.per_session(state) for p, f in memory.items()}
         up, ours = found.get("up-imapproxy"), found.get("imapproxy")
         sessions = (ours or up or (0, 0.0))[0]
-        values = [DASH, DASH, fmt(up[1], 1) if up else DASH, fmt(ours[1], 1) if ours else DASH]
+        values = [DASH, DASH, DASH, fmt(up[1], 1) if up else DASH]
+        values.append(fmt(ours[1], 1) if ours else DASH)
         compared = ratio(ours[1] if ours else None, up[1] if up else None)
         rows.append([f"memory: {label} at {sessions:,}", *values, compared, DASH, DASH, "lower"])
     return rows
@@ -267,9 +291,14 @@ METHOD = """\
   Dovecot (what a perfect cache could reach); up-imapproxy (`/usr/sbin/imapproxyd`) and
   imapproxy (`python -m imapproxy`), each in front of the same Dovecot, each with the SELECT
   cache off and on, with the same `cache_size` 3072, `cache_expiration_time` 300 and
-  `syslog_prioritymask LOG_INFO`. Each round measures every target once, in the order
-  Dovecot, limit, up-imapproxy off, imapproxy off, up-imapproxy on, imapproxy on; figures are
-  medians over the rounds (errors are summed), after one unmeasured warm-up window per target.
+  `syslog_prioritymask LOG_INFO`; in the bulk and NOOP workloads only, the *floor relay*
+  (`python -m bench.floor_relay`), the least a gevent relay can do: per client, `TCP_NODELAY`
+  on both sockets, then `recv` from the client, `send` to Dovecot, `recv_into` one buffer and
+  `send` it back until a read ends with the tagged line, nothing parsed. What it adds over
+  direct Dovecot is what any gevent relay pays on this machine. Each round measures every
+  target once, in the order Dovecot, limit, floor relay, up-imapproxy off, imapproxy off,
+  up-imapproxy on, imapproxy on; figures are medians over the rounds (errors are summed),
+  after one unmeasured warm-up window per target.
 - Load generator: separate processes (two, threads inside), raw IMAP over blocking sockets,
   literal-aware reading. *plain* client: no `TCP_NODELAY`, no `TCP_QUICKACK` (as PHP leaves
   it); *quickack*: `TCP_QUICKACK` set after every `recv`. A page is connect, `LOGIN`,

@@ -1,11 +1,11 @@
 """``python -m bench.run [--quick] [--no-publish] [--keep]``: the whole benchmark, start to end.
 
 Seeds and starts a private Dovecot, up-imapproxy and imapproxy (each SELECT cache off and on)
-in front of it, the load generator, runs every workload against every target, prints the
-summary and writes the report to ``bench/results/<date>.md`` (``<date>-quick.md`` for a quick
-run). A default run also puts the summary into BENCHMARKS.md (not with ``--no-publish``; a
-quick run never does). Everything started is stopped at the end, on Ctrl-C, SIGTERM or an
-error; the temporary directory is removed unless ``--keep``.
+and the floor relay in front of it, the load generator, runs every workload against its
+targets, prints the summary and writes the report to ``bench/results/<date>.md``
+(``<date>-quick.md`` for a quick run). A default run also puts the summary into BENCHMARKS.md
+(not with ``--no-publish``; a quick run never does). Everything started is stopped at the end,
+on Ctrl-C, SIGTERM or an error; the temporary directory is removed unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from bench import report
 from bench.loadgen import LoadGenerator
 from bench.mailstore import BenchDovecot, seed_all
 from bench.plan import DEFAULT, QUICK, TARGET_ORDER, Plan
-from bench.targets import IMAPPROXYD, REPO, direct_targets, start_dovecot, start_proxy
+from bench.targets import (
+    IMAPPROXYD,
+    REPO,
+    direct_targets,
+    start_dovecot,
+    start_floor_relay,
+    start_proxy,
+)
 from bench.workloads import Bench, Results, bulk, memory, noop, pages, warm_up
 from tests.support.dovecot import DOVECOT
 
@@ -93,6 +100,10 @@ def run_all(plan: Plan, root: Path, stack: contextlib.ExitStack, progress: Progr
             )
             targets.append(target)
             proxies[target.key] = process
+    progress("starting the floor relay")
+    target, process = start_floor_relay(stack, dovecot, root / "proxies")
+    targets.append(target)
+    proxies[target.key] = process
     targets.sort(key=lambda t: TARGET_ORDER.index(t.key))
     bench = Bench(plan, dovecot, targets, proxies, loadgen, root / "proxies", progress)
     progress("warm-up")

@@ -1,9 +1,10 @@
-"""What the benchmark measures: Dovecot, up-imapproxy and imapproxy, started on loopback.
+"""What the benchmark measures: Dovecot, up-imapproxy, imapproxy and the floor relay, on loopback.
 
 A ``Target`` is an address the load generator talks to and the process whose CPU and memory
 we read (None for direct Dovecot). Both proxies get the same ``SHARED_SETTINGS``; each is
-started twice, SELECT cache off and on. Every process started here is stopped by the
-``ExitStack`` it was registered with, also on Ctrl-C or an exception.
+started twice, SELECT cache off and on. The floor relay (``bench.floor_relay``) is the least a
+gevent relay can do, a reference for the bulk and NOOP workloads. Every process started here
+is stopped by the ``ExitStack`` it was registered with, also on Ctrl-C or an exception.
 
 Both start as root and drop to ``nobody``. up-imapproxy (``/usr/sbin/imapproxyd``) sets its
 own descriptor limit to ``2 * cache_size + 10`` and listens with a backlog of 5.
@@ -50,7 +51,7 @@ class Target:
     """One thing to measure. ``key`` is unique; ``product`` is the report's column."""
 
     key: str
-    product: str  # "Dovecot", "limit", "up-imapproxy", "imapproxy"
+    product: str  # "Dovecot", "limit", "floor relay", "up-imapproxy", "imapproxy"
     host: str
     port: int
     pid: int | None = None  # the proxy process, for CPU and RSS
@@ -150,11 +151,30 @@ def start_proxy(
     else:
         argv = [sys.executable, "-m", "imapproxy", "-f", str(config), "--foreground"]
     process = start_process(stack, argv, directory / "output.log")
+    wait_listening(process, port, product, directory / "output.log")
+    target = Target(key, product, "127.0.0.1", port, process.pid, select_cache)
+    return target, process
+
+
+def start_floor_relay(
+    stack: contextlib.ExitStack, dovecot: BenchDovecot, workdir: Path
+) -> tuple[Target, subprocess.Popen[bytes]]:
+    """Start the floor relay in front of ``dovecot``; wait until it listens."""
+    port = free_port()
+    directory = workdir / f"floor-{port}"
+    directory.mkdir(parents=True)
+    backend = f"{dovecot.host}:{dovecot.port}"
+    argv = [sys.executable, "-m", "bench.floor_relay", "--listen", str(port), "--backend", backend]
+    process = start_process(stack, argv, directory / "output.log")
+    wait_listening(process, port, "floor relay", directory / "output.log")
+    return Target("floor", "floor relay", "127.0.0.1", port, process.pid), process
+
+
+def wait_listening(process: subprocess.Popen[bytes], port: int, product: str, log: Path) -> None:
+    """Wait until ``process`` listens on ``port``; stop it and raise with its output if not."""
     try:
         wait_for_port("127.0.0.1", port, timeout=START_TIMEOUT_S)
     except TimeoutError:
         stop_process(process)
-        output = (directory / "output.log").read_text(errors="replace")
+        output = log.read_text(errors="replace")
         raise RuntimeError(f"{product} did not start:\n{output}") from None
-    target = Target(key, product, "127.0.0.1", port, process.pid, select_cache)
-    return target, process

@@ -4,7 +4,8 @@
   it) and with the ``TCP_QUICKACK`` one; the ``limit`` target does the same SELECT + FETCH on
   sessions kept logged in to Dovecot (a perfect cache);
 - ``bulk``: FETCH of whole 10 MiB (and 1 MiB) messages on one session, MiB/s;
-- ``noop``: sequential NOOPs on one logged-in session, latency;
+- ``noop``: sequential NOOPs on one logged-in session, latency; bulk and NOOP also measure the
+  floor relay (``bench.floor_relay``), the least any gevent relay adds;
 - ``memory``: RSS of each proxy with 0, 1,000 and 10,000 cached sessions, and with the
   largest number of client connections open (separate proxy instances, started last).
 
@@ -26,7 +27,7 @@ from bench.figures import Cost, MemoryFigures, MemoryPoint, Round
 from bench.loadgen import LoadGenerator
 from bench.mailstore import PASSWORD, BenchDovecot, big_users, memory_users, webmail_users
 from bench.pages import Job
-from bench.plan import Plan
+from bench.plan import ONLY_IN, Plan
 from bench.targets import (
     Target,
     dovecot_pid,
@@ -79,7 +80,7 @@ class Bench:
     plan: Plan
     dovecot: BenchDovecot
     targets: list[Target]
-    proxies: dict[str, subprocess.Popen[bytes]]
+    proxies: dict[str, subprocess.Popen[bytes]]  # and the floor relay: stopped before memory
     loadgen: LoadGenerator
     workdir: Path
     progress: Callable[[str], None]
@@ -89,6 +90,10 @@ class Bench:
     @property
     def users(self) -> list[str]:
         return webmail_users(self.plan.users)
+
+    def targets_of(self, workload: str) -> list[Target]:
+        """The targets ``workload`` measures (see ``plan.ONLY_IN``), in their order."""
+        return [t for t in self.targets if workload in ONLY_IN.get(t.key, (workload,))]
 
     def job(
         self,
@@ -182,7 +187,7 @@ def warm_up(bench: Bench) -> None:
         )
         check_warm(outcome.tally.errors, direct)
     bench.expected = tuple(sorted(outcome.tally.observed.items()))
-    for target in bench.targets:
+    for target in bench.targets_of("page"):
         if target.pid is not None:
             outcome = bench.loadgen.run(
                 bench.job("warm", target, split(bench.users, 8), quickack=True), JOB_MARGIN_S * 5
@@ -226,12 +231,12 @@ def pages(bench: Bench, results: Results) -> None:
         for concurrency in plan.concurrencies:
             case = Case("page", client, concurrency)
             bench.progress(case.label)
-            for target in bench.targets:  # a window of 0 s still logs in the limit's sessions
+            for target in bench.targets_of("page"):  # 0 s still logs in the limit's sessions
                 if plan.warmup_window_s or target.key == "limit":
                     job = page_job(bench, target, client, concurrency, plan.warmup_window_s)
                     bench.loadgen.run(job, plan.warmup_window_s + JOB_MARGIN_S * 2)
             for _ in range(plan.rounds):
-                for target in bench.targets:
+                for target in bench.targets_of("page"):
                     job = page_job(bench, target, client, concurrency, plan.page_window_s)
                     results.add(case, target, bench.measure(target, job))
 
@@ -245,7 +250,7 @@ def bulk(bench: Bench, results: Results) -> None:
     for size, size_range in BULK_SIZES.items():
         case = Case("bulk", size=size)
         bench.progress(case.label)
-        measured = [t for t in bench.targets if t.key != "limit"]
+        measured = bench.targets_of("bulk")
         for number in range(first_round(plan), plan.rounds + 1):  # round 0 warms up
             for target in measured:
                 owner = owners[number % len(owners)]
@@ -266,7 +271,7 @@ def noop(bench: Bench, results: Results) -> None:
     plan = bench.plan
     case = Case("noop")
     bench.progress(case.label)
-    measured = [t for t in bench.targets if t.key != "limit"]
+    measured = bench.targets_of("noop")
     for number in range(first_round(plan), plan.rounds + 1):  # round 0 warms up
         for target in measured:
             job = bench.job("noop", target, [[bench.users[number]]], duration_s=plan.noop_window_s)
@@ -279,7 +284,7 @@ def noop(bench: Bench, results: Results) -> None:
 
 
 def memory(bench: Bench, stack: contextlib.ExitStack, results: Results) -> None:
-    """Stop the page proxies, then for each proxy product a fresh instance, sessions added.
+    """Stop the earlier workloads' relays, then for each proxy a fresh instance, sessions added.
 
     Dovecot is restarted before each: the thousands of imap processes a proxy's sessions leave
     idle (``service_count`` 256) would all wake for every new connection until their
