@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gevent import socket
+from gevent import socket, ssl
 
 from imapproxy.protocol.scanner import INITIAL_CARRY, MAX_TAGGED_PREFIX_BYTES, ResponseScanner
 from imapproxy.send import send_all
@@ -56,6 +56,8 @@ class Copier:
         self.client_alive = True
         self.drained = 0
         self.trace: SessionTrace | None = None
+        # TLS hands back one record (16 KiB at most) per read: more are gathered before a send
+        self.tls = isinstance(backend, ssl.SSLSocket)
         self.before_send: Callable[[], None] | None = None  # duplex: wait while C writes
         self.on_park: Callable[[bool], None] | None = None  # duplex: parked in recv or not
 
@@ -89,6 +91,8 @@ class Copier:
                         on_park(False)
                 if not count:
                     raise BackendGone("connection closed by server")
+                if self.tls and count < size:
+                    count += self._more_records(view[carry + count : carry + size])
                 carry = self._forward(buf, view, carry, carry + count)
                 if count == size and size < MAX_READ_BYTES:  # bulk data: read bigger pieces
                     size *= 2
@@ -101,6 +105,23 @@ class Copier:
             raise BackendGone(f"read error: {error}") from None
         finally:
             self.carry = bytes(buf[:carry])
+
+    def _more_records(self, space: memoryview) -> int:
+        """Read what TLS records have already arrived, without waiting; return the count."""
+        timeout = self.backend.gettimeout()
+        self.backend.settimeout(0.0)
+        got = 0
+        try:
+            while got < len(space):
+                count = self.backend.recv_into(space[got:])
+                if not count:
+                    break
+                got += count
+        except (ssl.SSLWantReadError, BlockingIOError, TimeoutError):
+            pass  # nothing more yet
+        finally:
+            self.backend.settimeout(timeout)
+        return got
 
     def _forward(self, buf: bytearray, view: memoryview, start: int, end: int) -> int:
         """Scan and send ``buf[start:end]``; return the carry for the next read."""
