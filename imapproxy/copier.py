@@ -94,8 +94,10 @@ class Copier:
                 if self.tls and count < size:
                     count += self._more_records(view[carry + count : carry + size])
                 carry = self._forward(buf, view, carry, carry + count)
-                if count == size and size < MAX_READ_BYTES:  # bulk data: read bigger pieces
-                    size *= 2
+                if size < MAX_READ_BYTES and (
+                    count == size or self.scanner.literal_remaining > size
+                ):  # bulk data (a full read, or a big literal under way): read bigger pieces
+                    size = MAX_READ_BYTES if count < size else size * 2
                     bigger = bytearray(size + _SPARE)
                     bigger[:carry] = buf[:carry]
                     buf, view = bigger, memoryview(bigger)

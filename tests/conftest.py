@@ -30,6 +30,22 @@ USER_POOL = 200
 MASTER_USER, MASTER_PASSWORD = "master", "Master-pw-1"
 
 
+FIGURES: list[str] = []
+
+
+@pytest.fixture
+def report_figure() -> Callable[[str], None]:
+    """Record a measured figure (memory per connection, soak totals) for the run's summary."""
+    return FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("figures measured by the tests")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[DovecotInstance]:
     # Not under pytest's tmp_path: its parents are mode 0700 and the mail user must get in.

@@ -1,5 +1,5 @@
 """Load: thousands of open connections, a burst beyond cache_size, and a soak of mixed webmail
-traffic with expiry racing reuse. Figures are printed (pytest -s shows them)."""
+traffic with expiry racing reuse. Figures go to the run's summary."""
 
 from __future__ import annotations
 
@@ -62,7 +62,9 @@ def webmail_page(proxy: ProxyProcess, user: User) -> bool:
 
 
 def test_thousands_of_open_connections(
-    start_proxy: Callable[..., ProxyProcess], make_user: Callable[..., User]
+    start_proxy: Callable[..., ProxyProcess],
+    make_user: Callable[..., User],
+    report_figure: Callable[[str], None],
 ) -> None:
     raise_own_file_limit(HELD_CONNECTIONS + 500)
     proxy = start_proxy(client_login_timeout=300)
@@ -83,8 +85,8 @@ def test_thousands_of_open_connections(
             assert sock.recv(4096).startswith(b"* OK [CAPABILITY ")
         rss_held = proc_status(pid, "VmRSS")
         per_connection = (rss_held - rss_before) / HELD_CONNECTIONS
-        print(
-            f"\n{HELD_CONNECTIONS} open client connections: proxy RSS {rss_before} -> {rss_held} KiB, "
+        report_figure(
+            f"{HELD_CONNECTIONS} open client connections: proxy RSS {rss_before} -> {rss_held} KiB, "
             f"{per_connection:.1f} KiB per connection"
         )
         assert per_connection < 32  # the issue's bound for an open client connection
@@ -181,6 +183,7 @@ def test_soak_expiry_racing_reuse(
     start_proxy: Callable[..., ProxyProcess],
     make_user: Callable[..., User],
     dovecot: DovecotInstance,
+    report_figure: Callable[[str], None],
 ) -> None:
     proxy = start_proxy(enable_select_cache=True, cache_expiration_time=1, cache_size=48)
     users = [make_user(messages=3) for _ in range(30)]
@@ -210,8 +213,8 @@ def test_soak_expiry_racing_reuse(
         thread.join(timeout=SOAK_SECONDS + 120)
     counters = stats.read_file(str(proxy.stat_path))
     assert counters is not None
-    print(
-        f"\nsoak {SOAK_SECONDS:.0f} s: {tally.pages} pages, {tally.reused} reused, "
+    report_figure(
+        f"soak {SOAK_SECONDS:.0f} s: {tally.pages} pages, {tally.reused} reused, "
         f"{tally.aborted} aborted mid-FETCH, expired {counters.TotalServerConnectionsExpired}, "
         f"resynced {counters.TotalClientAbortsResynced}, dropped {counters.TotalServerConnectionsDropped}, "
         f"SELECT hits {counters.SelectCacheHits} of {counters.TotalSelectCommands}"
