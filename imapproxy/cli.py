@@ -80,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"in.imapproxyd: {error}", file=sys.stderr)
         return config_module.EX_CONFIG
     if args.check_config:
+        try:
+            tls_contexts(config)  # certificate and key files too, not only the syntax
+        except StartupError as error:
+            print(f"in.imapproxyd: {error}", file=sys.stderr)
+            return error.status
         sys.stdout.write(config_module.describe(config))
         return 0
     foreground = args.foreground or config.foreground_mode

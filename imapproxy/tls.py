@@ -44,8 +44,14 @@ def _setting(key: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ssl.SSLError, ValueError) as error:
-        reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or str(error)
+        code = getattr(error, "reason", None)  # OpenSSL's, for an SSLError
+        if code in _PLAIN_REASONS:
+            raise TLSSetupError(f"{key}: {_PLAIN_REASONS[code]}") from None
+        reason = getattr(error, "strerror", None) or code or str(error)
         raise TLSSetupError(f"{key}: {reason}") from None
+
+
+_PLAIN_REASONS = {"KEY_VALUES_MISMATCH": "the private key does not match the certificate"}
 
 
 def backend_context(config: Config) -> ssl.SSLContext:

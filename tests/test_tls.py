@@ -21,7 +21,7 @@ import trustme
 from tests.conftest import MASTER_PASSWORD, MASTER_USER
 from tests.support.client import RawClient, login
 from tests.support.dovecot import DovecotInstance, User, free_port, make_message
-from tests.support.proxy import ProxyProcess
+from tests.support.proxy import ProxyProcess, run_imapproxyd, service_identity, write_config
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def pki() -> Iterator[dict[str, Path]]:
     directory = Path(tempfile.mkdtemp(prefix="ipx-pki-"))
     os.chmod(directory, 0o755)
     ca, other_ca = trustme.CA(), trustme.CA()
-    files = {name: directory / f"{name}.pem" for name in ("ca", "other_ca", "server", "key")}
+    names = ("ca", "other_ca", "server", "key", "client", "client_key")
+    files = {name: directory / f"{name}.pem" for name in names}
     ca.cert_pem.write_to_path(str(files["ca"]))
     other_ca.cert_pem.write_to_path(str(files["other_ca"]))
     leaf = ca.issue_cert("localhost", "127.0.0.2")
@@ -38,6 +39,9 @@ def pki() -> Iterator[dict[str, Path]]:
     for pem in leaf.cert_chain_pems[1:]:
         pem.write_to_path(str(files["server"]), append=True)
     leaf.private_key_pem.write_to_path(str(files["key"]))
+    proxy_identity = ca.issue_cert("imapproxy.test")  # the proxy's client certificate
+    proxy_identity.cert_chain_pems[0].write_to_path(str(files["client"]))
+    proxy_identity.private_key_pem.write_to_path(str(files["client_key"]))
     for path in files.values():
         path.chmod(0o644)
     files["dir"] = directory
@@ -154,6 +158,67 @@ def test_no_verification_accepts_an_unknown_ca(
         **backend_settings(tls_dovecot, pki, tls_ca_file=pki["other_ca"], tls_verify_server=False),
     )
     assert not page(proxy.host, proxy.port, "alice", "alice-pw")
+
+
+def test_client_certificate_to_the_backend(
+    start_proxy: Callable[..., ProxyProcess], pki: dict[str, Path]
+) -> None:
+    """Dovecot that takes logins only with a client certificate from our CA."""
+    root = Path(tempfile.mkdtemp(prefix="ipx-dovecot-cert-"))
+    os.chmod(root, 0o755)
+    backend = DovecotInstance(
+        root,
+        listen="127.0.0.2",
+        ssl_cert=pki["server"],
+        ssl_key=pki["key"],
+        ssl_client_ca=pki["ca"],
+    )
+    backend.write_config()
+    backend.add_user("alice", "alice-pw")
+    backend.start()
+    try:
+        backend.deliver("alice", make_message("alice with a certificate"))
+        address = ("127.0.0.2", backend.imaps_port)
+        settings = backend_settings(backend, pki, server_port=backend.imaps_port, server_tls=True)
+        anonymous = start_proxy(address, **settings)
+        imap = imaplib.IMAP4(anonymous.host, anonymous.port)
+        try:
+            with pytest.raises(imaplib.IMAP4.error, match="present valid SSL certificate"):
+                imap.login("alice", "alice-pw")  # Dovecot's own refusal, passed on
+        finally:
+            imap.shutdown()
+        known = start_proxy(
+            address, **settings, tls_cert_file=pki["client"], tls_key_file=pki["client_key"]
+        )
+        assert not page(known.host, known.port, "alice", "alice-pw")
+    finally:
+        backend.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_key_that_does_not_match_its_certificate_stops_start_up(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    conf = write_config(
+        tmp_path / "imapproxy.conf",
+        {
+            "server_hostname": "127.0.0.1",
+            "server_port": free_port(),
+            "listen_port": free_port(),
+            "stat_filename": tmp_path / "stats",
+            "protocol_log_filename": tmp_path / "trace",
+            "foreground_mode": True,
+            "tls_cert_file": pki["client"],
+            "tls_key_file": pki["key"],
+            **service_identity(),
+        },
+    )
+    message = "tls_key_file: the private key does not match the certificate"
+    for args in (("--check-config",), ()):
+        run = run_imapproxyd("-f", str(conf), *args)
+        assert run.returncode == 78
+        assert message in run.stderr
+        assert run.stdout == ""
 
 
 def test_force_tls_without_starttls_refuses_to_send_the_password(

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import time
 
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")
 
 
 class RawClient:
-    def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:  # implicit TLS (port 993 style)
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
         self.buffer = b""
         self.greeting = self.read_line()
 

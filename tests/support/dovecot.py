@@ -137,6 +137,7 @@ class DovecotInstance:
         ssl_cert: Path | None = None,
         ssl_key: Path | None = None,
         ssl_required: bool = False,
+        ssl_client_ca: Path | None = None,
         rawlog: bool = False,
         client_limit: int = 1000,
     ) -> None:
@@ -147,6 +148,7 @@ class DovecotInstance:
         self.imaps_port = free_port(self.host)
         self.fast = fast
         self.ssl_cert, self.ssl_key, self.ssl_required = ssl_cert, ssl_key, ssl_required
+        self.ssl_client_ca = ssl_client_ca  # logins need a client certificate from this CA
         self.rawlog = rawlog
         self.client_limit = client_limit
         self.users: dict[str, User] = {}
@@ -198,7 +200,13 @@ class DovecotInstance:
         if self.ssl_cert is None:
             return "ssl = no"
         mode = "required" if self.ssl_required else "yes"
-        return f"ssl = {mode}\nssl_cert = <{self.ssl_cert}\nssl_key = <{self.ssl_key}"
+        settings = f"ssl = {mode}\nssl_cert = <{self.ssl_cert}\nssl_key = <{self.ssl_key}"
+        if self.ssl_client_ca is not None:  # trustme's CA publishes no CRL
+            settings += (
+                f"\nssl_ca = <{self.ssl_client_ca}\nssl_verify_client_cert = yes"
+                "\nssl_require_crl = no\nauth_ssl_require_client_cert = yes"
+            )
+        return settings
 
     def write_config(self) -> None:
         for sub in ("run", "state", "home", "rawlog"):
