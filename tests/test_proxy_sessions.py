@@ -48,6 +48,23 @@ def test_login_again_reuses_the_same_backend_session(
     assert f"LOGOUT: '{user.name}' from server sd [" in log
 
 
+def test_simultaneous_logins_of_one_user_get_two_sessions(
+    proxy: ProxyProcess, user: User, dovecot: DovecotInstance
+) -> None:
+    before = dovecot.logins(user.name)
+    first, first_reused = webmail_page(proxy, user)
+    second, second_reused = webmail_page(proxy, user)  # while the first is still logged in
+    assert not first_reused and not second_reused
+    assert dovecot.logins(user.name) == before + 2
+    first.logout()
+    second.logout()
+    pages = [webmail_page(proxy, user) for _ in range(2)]  # both cached: both reused at once
+    assert all(was_reused for _, was_reused in pages)
+    for imap, _ in pages:
+        imap.logout()
+    assert dovecot.logins(user.name) == before + 2
+
+
 def test_reuse_reply_is_one_write_with_post_login_capabilities(
     proxy: ProxyProcess, user: User
 ) -> None:
