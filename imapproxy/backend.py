@@ -29,7 +29,6 @@ from imapproxy.backend_login import (
     LoginResult,
     Send,
     Steps,
-    check_shared_secret,
     greeting,
     login_dialogue,
 )
@@ -84,7 +83,6 @@ class BackendSession:
         "login",
         "username",
         "created_at",
-        "capabilities",
         "selected",
     )
 
@@ -96,7 +94,6 @@ class BackendSession:
         self.login = login
         self.username = b""
         self.created_at = time.monotonic()
-        self.capabilities = login.capabilities
         self.selected = False  # a mailbox is selected (tracked by the relay)
         self.select_entry: SelectEntry | None = None  # the SELECT cache's entry
         self.select_checked_at: float | None = None  # when the entry was last found valid
@@ -105,7 +102,7 @@ class BackendSession:
 
     def has_capability(self, name: bytes) -> bool | None:
         """True/False when the post-login capabilities are known, None when they are not."""
-        return name.upper() in self.login.capability_set if self.capabilities else None
+        return name.upper() in self.login.capability_set if self.login.capabilities else None
 
     # -- control-plane I/O ----------------------------------------------------------------------
 
@@ -268,18 +265,21 @@ def policy_from_config(config: Config, tls_available: bool = False) -> BackendPo
     """The login policy the configuration asks for (auth_sasl_*, preauth_command, force_tls)."""
     static = None
     if config.auth_sasl_plain_username and config.auth_sasl_plain_password:
-        static = (
-            config.auth_sasl_plain_username.encode(),
-            config.auth_sasl_plain_password.encode(),
-        )
+        static = (_raw(config.auth_sasl_plain_username), _raw(config.auth_sasl_plain_password))
     return BackendPolicy(
         force_tls=config.force_tls,
         tls_available=tls_available,
-        preauth_command=config.preauth_command.encode() if config.preauth_command else None,
+        preauth_command=_raw(config.preauth_command) if config.preauth_command else None,
         sasl_plain=config.auth_sasl_mech == "plain",
         static_identity=static,
-        shared_secret=config.auth_shared_secret.encode() if config.auth_shared_secret else None,
+        shared_secret=_raw(config.auth_shared_secret) if config.auth_shared_secret else None,
     )
+
+
+def _raw(value: str) -> bytes:
+    """A setting's bytes as the file has them (it is read with ``surrogateescape``): a strict
+    encode would fail on non-UTF-8 bytes, and its message would show one of a secret's."""
+    return value.encode("utf-8", "surrogateescape")
 
 
 class Backend:
@@ -366,7 +366,6 @@ class Backend:
         self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None
     ) -> BackendSession:
         """Connect and log in; the session's ``login`` holds what the backend said."""
-        check_shared_secret(credentials, self.policy)
         sock, address = self.connect()
         reader = ResponseReader()
         try:

@@ -18,12 +18,11 @@ backend has it), or the static identity of ``auth_sasl_plain_username`` (master 
 from __future__ import annotations
 
 import functools
-import hmac
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TypeAlias, TypeVar
 
-from imapproxy.credentials import Credentials
+from imapproxy.credentials import Credentials, same_digest
 from imapproxy.errors import BackendFailure, FailureKind
 from imapproxy.protocol import capability, sasl
 from imapproxy.protocol.framing import Marker
@@ -160,9 +159,7 @@ def check_shared_secret(credentials: Credentials, policy: BackendPolicy) -> None
     """
     if policy.static_identity is None:
         return
-    if policy.shared_secret is None or not hmac.compare_digest(
-        credentials.password, policy.shared_secret
-    ):
+    if policy.shared_secret is None or not same_digest(credentials.password, policy.shared_secret):
         raise _failure(
             FailureKind.AUTH_REJECTED, "shared secret was wrong", reply=AUTHENTICATION_FAILED
         )
@@ -210,12 +207,9 @@ def authenticate_plain(message: bytes, caps: tuple[bytes, ...]) -> Steps[Exchang
     if capability.has(caps, b"SASL-IR"):  # RFC 4959
         return (yield from command(b"A0001 AUTHENTICATE PLAIN " + message + b"\r\n", b"A0001"))
     yield Send(b"A0001 AUTHENTICATE PLAIN\r\n")
-    response = yield READ
-    assert isinstance(response, Response)
-    if response.tag == b"A0001":
-        return [], response
-    if response.tag != b"+":
-        raise _failure(FailureKind.PROTOCOL, "expected a continuation for AUTHENTICATE")
+    refused = yield from go_ahead("AUTHENTICATE")
+    if refused is not None:
+        return [], refused
     return (yield from command(message + b"\r\n", b"A0001"))
 
 
@@ -230,12 +224,19 @@ def login(credentials: Credentials, caps: tuple[bytes, ...]) -> Steps[Exchange]:
         return (yield from command(b"".join(parts) + wire.pieces[-1], b"A0001"))
     for piece, literal in zip(wire.pieces, wire.literals, strict=False):
         yield Send(piece)
-        if wire.synchronizing:
-            response = yield READ
-            assert isinstance(response, Response)
-            if response.tag == b"A0001":
-                return [], response
-            if response.tag != b"+":
-                raise _failure(FailureKind.PROTOCOL, "expected a continuation for a literal")
+        refused = yield from go_ahead("a literal")
+        if refused is not None:
+            return [], refused
         yield Send(literal)
     return (yield from command(wire.pieces[-1], b"A0001"))
+
+
+def go_ahead(what: str) -> Steps[Response | None]:
+    """After a line that waits for "+": None on "+", the completion if the server refused."""
+    response = yield READ
+    assert isinstance(response, Response)
+    if response.tag == b"A0001":
+        return response
+    if response.tag != b"+":
+        raise _failure(FailureKind.PROTOCOL, f"expected a continuation for {what}")
+    return None

@@ -111,8 +111,10 @@ class Startup:
         return self.pidfile or (None if self.foreground else DEFAULT_PIDFILE)
 
 
-def wait_for_backend(backend: Backend, config: Config) -> LoginResult:
-    """Start-up: try the server for ``connect_retries`` more rounds, ``connect_delay`` apart."""
+def wait_for_backend(backend: Backend, config: Config) -> LoginResult | None:
+    """Start-up: try the server for ``connect_retries`` more rounds, ``connect_delay`` apart.
+
+    None when the server answers but TLS with it fails: the proxy serves all the same."""
     for attempt in range(config.connect_retries + 1):
         try:
             backend.resolve()
@@ -125,7 +127,7 @@ def wait_for_backend(backend: Backend, config: Config) -> LoginResult:
                     backend.name,
                     error.detail,
                 )
-                return LoginResult(b"imapproxy ready.", (), b"", (), ())
+                return None
             LOGGER.warning(
                 "IMAP server %s not usable (attempt %d of %d): %s",
                 backend.name,
@@ -187,39 +189,28 @@ def _listen(
 def open_counters(config: Config, identity: daemon.Identity | None) -> Counters:
     if not config.stat_filename:
         return Counters.in_memory()
-    try:
+    with _os_errors(f"cannot create stat_filename {config.stat_filename}"):
         counters = create_file(config.stat_filename)
         daemon.hand_over(config.stat_filename, identity)
-        return counters
-    except OSError as error:
-        raise StartupError(
-            f"cannot create stat_filename {config.stat_filename}: {error.strerror}", EX_OSERR
-        ) from None
+    return counters
 
 
 def open_tracer(config: Config, identity: daemon.Identity | None) -> Tracer | None:
     if not config.protocol_log_filename:
         return None
-    try:
+    with _os_errors(f"cannot open protocol_log_filename {config.protocol_log_filename}"):
         tracer = Tracer(config.protocol_log_filename)
         daemon.hand_over(config.protocol_log_filename, identity)
-        return tracer
-    except OSError as error:
-        raise StartupError(
-            f"cannot open protocol_log_filename {config.protocol_log_filename}: {error.strerror}",
-            EX_OSERR,
-        ) from None
+    return tracer
 
 
 def write_pidfile(path: str) -> None:
     """Write the pid atomically (a reader never sees an empty file), as up-imapproxy's "%u\\n"."""
     temporary = f"{path}.{os.getpid()}.tmp"
-    try:
+    with _os_errors(f"cannot write pid file {path}"):
         with open(temporary, "w", encoding="ascii") as file:
             file.write(f"{os.getpid()}\n")
         os.replace(temporary, path)
-    except OSError as error:
-        raise StartupError(f"cannot write pid file {path}: {error.strerror}", EX_OSERR) from None
 
 
 def run(config: Config, startup: Startup) -> int:
@@ -250,14 +241,15 @@ def run(config: Config, startup: Startup) -> int:
     proxy = Proxy(config, backend, counters)
     proxy.tracer = tracer
     proxy.client_tls = client_tls
-    proxy.refresh(first_contact)
+    if first_contact is not None:
+        proxy.refresh(first_contact)
     return serve(proxy, listeners, tls_listeners, startup)
 
 
 def tls_contexts(config: Config) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
     """The backend and client TLS contexts; a bad file or key is a configuration error."""
     try:
-        return tls.backend_context(config), tls.client_context(config)
+        return tls.contexts(config)
     except tls.TLSSetupError as error:
         raise StartupError(str(error), config_module.EX_CONFIG) from None
 
@@ -310,10 +302,7 @@ def reload(proxy: Proxy, startup: Startup) -> None:
         return
     result = config_module.reload(proxy.config, new)
     try:  # certificates are re-read even when their paths did not change: renewed in place
-        backend_tls, client_tls = (
-            tls.backend_context(result.config),
-            tls.client_context(result.config),
-        )
+        backend_tls, client_tls = tls.contexts(result.config)
     except tls.TLSSetupError as error:
         LOGGER.error("reload: %s; TLS contexts kept", error)
         backend_tls, client_tls = proxy.backend.tls_context, proxy.client_tls
@@ -327,6 +316,15 @@ def reload(proxy: Proxy, startup: Startup) -> None:
         LOGGER.warning(
             "reload: %s changed in the file; this needs a restart", ", ".join(result.needs_restart)
         )
+
+
+@contextlib.contextmanager
+def _os_errors(what: str) -> Iterator[None]:
+    """An ``OSError`` becomes ``StartupError("<what>: <reason>", EX_OSERR)``."""
+    try:
+        yield
+    except OSError as error:
+        raise StartupError(f"{what}: {error.strerror}", EX_OSERR) from None
 
 
 @contextlib.contextmanager

@@ -146,9 +146,20 @@ def network_list(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
     return tuple(networks)
 
 
-def setting(default: Any, parse: Parser, doc: str, *, key: str | None = None) -> Any:
-    """A ``Config`` field: its default, parser, description and (if not its name) file key."""
-    return field(default=default, metadata={"parse": parse, "doc": doc, "key": key})
+def setting(
+    default: Any,
+    parse: Parser,
+    doc: str,
+    *,
+    key: str | None = None,
+    secret: bool = False,
+    restart: bool = False,
+) -> Any:
+    """A ``Config`` field: its default, parser, description, (if not its name) file key;
+    ``secret``: masked by ``--check-config`` and left out of ``repr``; ``restart``: a SIGHUP
+    cannot change it (it shapes sockets, files, identity or the cache's preallocation)."""
+    metadata = {"parse": parse, "doc": doc, "key": key, "secret": secret, "restart": restart}
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -159,31 +170,41 @@ class Config:
     """Effective settings. Field order is the order of ``--check-config`` output."""
 
     # -- up-imapproxy 1.2.8 keys ----------------------------------------------------------------
-    server_hostname: str | None = setting(None, string, "IMAP server to proxy to (required)")
-    server_port: int = setting(143, port, "its port")
-    listen_address: tuple[str, ...] = setting(
-        (), host_list, "addresses to listen on (all if unset)"
+    server_hostname: str | None = setting(
+        None, string, "IMAP server to proxy to (required)", restart=True
     )
-    listen_port: int = setting(143, port, "port to listen on")
+    server_port: int = setting(143, port, "its port", restart=True)
+    listen_address: tuple[str, ...] = setting(
+        (), host_list, "addresses to listen on (all if unset)", restart=True
+    )
+    listen_port: int = setting(143, port, "port to listen on", restart=True)
     connect_retries: int = setting(10, non_negative_int, "start-up: extra rounds of connect tries")
     connect_delay: int = setting(5, non_negative_int, "start-up: seconds between rounds")
-    cache_size: int = setting(3072, positive_int, "backend sessions, active plus cached")
+    cache_size: int = setting(
+        3072, positive_int, "backend sessions, active plus cached", restart=True
+    )
     cache_expiration_time: int = setting(
         300, non_negative_int, "seconds a logged-out session is kept"
     )
-    proc_username: str | None = setting(None, string, "user to run as")
-    proc_groupname: str | None = setting(None, string, "group to run as")
-    stat_filename: str = setting("/var/run/pimpstats", string, "mmap'd statistics file")
-    protocol_log_filename: str = setting(
-        "/var/log/imapproxy_protocol.log", string, "protocol trace file (XPROXY_TRACE)"
+    proc_username: str | None = setting(None, string, "user to run as", restart=True)
+    proc_groupname: str | None = setting(None, string, "group to run as", restart=True)
+    stat_filename: str = setting(
+        "/var/run/pimpstats", string, "mmap'd statistics file", restart=True
     )
-    syslog_facility: str = setting("LOG_MAIL", syslog_facility, "syslog facility")
+    protocol_log_filename: str = setting(
+        "/var/log/imapproxy_protocol.log",
+        string,
+        "protocol trace file (XPROXY_TRACE)",
+        restart=True,
+    )
+    # restart: openlog() again would fail inside a chroot (no /dev/log there)
+    syslog_facility: str = setting("LOG_MAIL", syslog_facility, "syslog facility", restart=True)
     syslog_prioritymask: str | None = setting(None, syslog_priority, "log up to this priority")
-    send_tcp_keepalives: bool = setting(False, boolean, "SO_KEEPALIVE on all sockets")
+    send_tcp_keepalives: bool = setting(False, boolean, "SO_KEEPALIVE on all sockets", restart=True)
     enable_select_cache: bool = setting(False, boolean, "answer repeated SELECTs from a cache")
-    foreground_mode: bool = setting(False, boolean, "do not detach")
+    foreground_mode: bool = setting(False, boolean, "do not detach", restart=True)
     force_tls: bool = setting(False, boolean, "always STARTTLS to the backend")
-    chroot_directory: str | None = setting(None, string, "chroot here after start-up")
+    chroot_directory: str | None = setting(None, string, "chroot here after start-up", restart=True)
     preauth_command: str | None = setting(None, string, "command sent before each backend login")
     enable_admin_commands: bool = setting(False, boolean, "allow the XPROXY_* commands")
     tls_ca_file: str | None = setting(None, string, "CA certificates to verify the backend")
@@ -196,14 +217,22 @@ class Config:
     tls_no_tlsv1_1: bool = setting(False, boolean, "refuse TLS 1.1", key="tls_no_tlsv1.1")
     tls_no_tlsv1_2: bool = setting(False, boolean, "refuse TLS 1.2", key="tls_no_tlsv1.2")
     auth_sasl_plain_username: str | None = setting(None, string, "static SASL identity: user")
-    auth_sasl_plain_password: str | None = setting(None, string, "static SASL identity: password")
-    auth_shared_secret: str | None = setting(None, string, "password clients give in that mode")
+    auth_sasl_plain_password: str | None = setting(
+        None, string, "static SASL identity: password", secret=True
+    )
+    auth_shared_secret: str | None = setting(
+        None, string, "password clients give in that mode", secret=True
+    )
     auth_sasl_mech: str | None = setting(None, sasl_mech, '"plain": AUTHENTICATE PLAIN to backend')
     dns_rr: bool = setting(False, boolean, "rotate through the backend's addresses")
-    ipversion_only: int | None = setting(None, ip_version, "4 or 6: backend address family")
+    ipversion_only: int | None = setting(
+        None, ip_version, "4 or 6: backend address family", restart=True
+    )
 
     # -- keys imapproxy adds --------------------------------------------------------------------
-    listen_backlog: int = setting(1024, positive_int, "listen queue length (up-imapproxy: 5)")
+    listen_backlog: int = setting(
+        1024, positive_int, "listen queue length (up-imapproxy: 5)", restart=True
+    )
     client_login_timeout: int = setting(60, positive_int, "seconds a client has to log in")
     client_idle_timeout: int = setting(1800, positive_int, "seconds of client silence after login")
     server_connect_timeout: int = setting(10, positive_int, "seconds to connect to the backend")
@@ -216,7 +245,9 @@ class Config:
     client_tls_chain_file: str | None = setting(None, string, "intermediate certificates")
     client_tls_ciphers: str | None = setting(None, string, "OpenSSL cipher list for clients")
     client_tls_min_version: str = setting("TLSv1.2", tls_version, "oldest TLS for clients")
-    client_tls_port: int | None = setting(None, port, "implicit-TLS listener port (993)")
+    client_tls_port: int | None = setting(
+        None, port, "implicit-TLS listener port (993)", restart=True
+    )
     client_starttls: bool = setting(False, boolean, "offer STARTTLS to clients")
     client_tls_required: bool = setting(False, boolean, "no login before TLS (LOGINDISABLED)")
     admin_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may use XPROXY_* commands")
@@ -225,14 +256,13 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-SECRET_KEYS = frozenset({"auth_sasl_plain_password", "auth_shared_secret"})
-
-
 def file_key(spec: dataclasses.Field[Any]) -> str:
     return spec.metadata["key"] or spec.name
 
 
 SETTINGS: dict[str, dataclasses.Field[Any]] = {file_key(f): f for f in dataclasses.fields(Config)}
+SECRET_KEYS = frozenset(key for key, spec in SETTINGS.items() if spec.metadata["secret"])
+RESTART_KEYS = frozenset(key for key, spec in SETTINGS.items() if spec.metadata["restart"])
 
 
 def parse_lines(lines: Iterator[str], path: str) -> Config:
@@ -246,7 +276,7 @@ def parse_lines(lines: Iterator[str], path: str) -> Config:
         key = parts[0].lower()
         spec = SETTINGS.get(key)
         if spec is None:
-            raise ConfigError(path, lineno, parts[0], "unknown key")
+            raise _unknown_key(path, lineno, parts[0])
         try:
             values[spec.name] = spec.metadata["parse"](parts[1] if len(parts) > 1 else "")
         except ValueError as error:
@@ -254,6 +284,20 @@ def parse_lines(lines: Iterator[str], path: str) -> Config:
     config = Config(**values)
     check(config, path)
     return config
+
+
+def _unknown_key(path: str, lineno: int, word: str) -> ConfigError:
+    """The error for a first word that is no key; only its key-like start is shown, since a
+    line like ``auth_shared_secret=...`` would otherwise put the secret on the screen."""
+    name = word[: len(word) - len(word.lstrip(_KEY_CHARACTERS))]
+    if name == word:
+        return ConfigError(path, lineno, word, "unknown key")
+    return ConfigError(
+        path, lineno, name or None, "not a key: key and value are separated by spaces or tabs"
+    )
+
+
+_KEY_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_."
 
 
 def check(config: Config, path: str) -> None:
@@ -292,30 +336,6 @@ def check(config: Config, path: str) -> None:
             "client_tls_required",
             "needs client_starttls or client_tls_port (clients could never log in)",
         )
-
-
-# Settings a running proxy cannot take on SIGHUP: they shape sockets, files, identity or the
-# cache's preallocation. Everything else takes effect for the next connection or login.
-RESTART_KEYS = frozenset(
-    {
-        "server_hostname",
-        "server_port",
-        "listen_address",
-        "listen_port",
-        "listen_backlog",
-        "cache_size",
-        "proc_username",
-        "proc_groupname",
-        "chroot_directory",
-        "stat_filename",
-        "protocol_log_filename",
-        "foreground_mode",
-        "ipversion_only",
-        "send_tcp_keepalives",
-        "syslog_facility",  # openlog() again would fail inside a chroot (no /dev/log)
-        "client_tls_port",
-    }
-)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from imapproxy.backend import BackendSession
 from imapproxy.cache import Slot
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
 from imapproxy.relay import Outcome, Relay, RelaySettings
-from imapproxy.send import send_all
+from imapproxy.send import send_quietly
 from imapproxy.session import (
     AdminRequested,
     Closed,
@@ -102,11 +102,7 @@ class ClientConnection:
                 self.sock.close()
 
     def _send(self, data: bytes) -> bool:
-        try:
-            send_all(self.sock, data)
-        except OSError:
-            return False
-        return True
+        return send_quietly(self.sock, data)
 
     def _serve(self) -> None:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

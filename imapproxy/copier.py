@@ -17,7 +17,7 @@ from collections.abc import Callable
 from gevent import socket, ssl
 
 from imapproxy.protocol.scanner import INITIAL_CARRY, MAX_TAGGED_PREFIX_BYTES, ResponseScanner
-from imapproxy.send import send_all
+from imapproxy.send import send_quietly
 from imapproxy.trace import SessionTrace
 
 FIRST_READ_BYTES = 16384  # most replies (a webmail page's FETCH) fit in one or two reads
@@ -135,10 +135,7 @@ class Copier:
                 self.before_send()
             if self.trace is not None:
                 self.trace.server(bytes(view[start:end]))
-            try:
-                send_all(self.client, view[start:end])
-            except OSError:
-                self.client_alive = False
+            self.client_alive = send_quietly(self.client, view[start:end])
         else:
             self.drained += end - start
             if self.drained > DRAIN_MAX_BYTES:

@@ -114,23 +114,22 @@ def set_no_new_privs() -> None:
         raise DaemonError(f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(ctypes.get_errno())}")
 
 
-def raise_file_limit(cache_size: int) -> int:
-    """Make sure ``cache_size`` sessions fit in the open-file limit; return the soft limit."""
+def raise_file_limit(cache_size: int) -> None:
+    """Make sure ``cache_size`` sessions fit in the open-file limit."""
     needed = cache_size * FILES_PER_SLOT + SPARE_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= needed:
-        return soft
+        return
     if hard != resource.RLIM_INFINITY and hard < needed:
         try:  # root may raise the hard limit too
             resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
-            return needed
+            return
         except (ValueError, OSError):
             raise DaemonError(
                 f"cache_size {cache_size} needs {needed} open files, but the limit is {hard} "
                 "(raise it: ulimit -n, or LimitNOFILE= in the systemd unit)"
             ) from None
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    return needed
 
 
 def detach() -> None:

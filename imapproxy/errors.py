@@ -97,3 +97,10 @@ class BackendFailure(ProxyError):
 
     def response(self, tag: bytes) -> bytes:
         return tag + b" " + self.reply + CRLF
+
+
+def why(error: BaseException) -> str:
+    """What the log says of an error: a ``BackendFailure``'s detail, else its message."""
+    if isinstance(error, BackendFailure):
+        return error.detail
+    return str(error) or type(error).__name__

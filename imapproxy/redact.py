@@ -18,8 +18,20 @@ REDACTED: Final = b"<redacted>"
 SECRET_COMMANDS: Final = frozenset({b"LOGIN", b"AUTHENTICATE"})
 
 
+def names_secret(line: bytes) -> bool:
+    """Whether a client line may be a LOGIN or AUTHENTICATE, however malformed (a bad tag, two
+    spaces, a line the relay took for an answer to "+"): one of its first three words."""
+    return any(word.upper() in SECRET_COMMANDS for word in line.split(None, 3)[:3])
+
+
 class ClientRedactor:
-    """Follows one client's command stream and says what the trace may show of each piece."""
+    """Follows one client's command stream and says what the trace may show of each piece.
+
+    It fails closed: it does not trust the relay's reading of a hostile stream. Any line that
+    names LOGIN or AUTHENTICATE is secret, and so is a line that does not parse as a command
+    while a secret exchange is under way (a SASL response sent before the server's "+", or a
+    literal the server refused, reach the relay as such lines).
+    """
 
     def __init__(self) -> None:
         self._in_secret = False  # inside a LOGIN/AUTHENTICATE command or its exchange
@@ -27,11 +39,13 @@ class ClientRedactor:
 
     def command_line(self, data: bytes, tag: bytes | None, name: bytes | None) -> bytes:
         """A line that starts a command (``tag``/``name`` None when it is not parseable)."""
-        self._in_secret = name in SECRET_COMMANDS
-        self.saw_secret = self.saw_secret or self._in_secret
-        if self._in_secret and tag is not None and name is not None:
+        parsed = tag is not None and name is not None
+        self._secret(names_secret(data) or (self._in_secret and not parsed))
+        if not self._in_secret:
+            return data
+        if tag is not None and name is not None:
             return tag + b" " + name + b" " + REDACTED + b"\r\n"
-        return data
+        return REDACTED + b"\r\n"
 
     def continuation_line(self, data: bytes) -> bytes:
         """A line that continues the current command after a literal."""
@@ -41,5 +55,12 @@ class ClientRedactor:
         return REDACTED if self._in_secret else data
 
     def response_line(self, data: bytes) -> bytes:
-        """A line answering a server's "+" (IDLE's DONE, or a SASL response)."""
+        """A line answering a server's "+" (IDLE's DONE, or a SASL response); if it names a
+        secret command, the relay counted a "+" too many, and it is that command."""
+        if names_secret(data):
+            self._secret(True)
         return REDACTED + b"\r\n" if self._in_secret else data
+
+    def _secret(self, secret: bool) -> None:
+        self._in_secret = secret
+        self.saw_secret = self.saw_secret or secret

@@ -36,7 +36,7 @@ from gevent.event import Event
 
 from imapproxy.backend import BackendSession
 from imapproxy.copier import BackendGone, Copier, DrainExceeded
-from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
+from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind, why
 from imapproxy.protocol.framing import (
     AWAIT_CONTINUATION,
     NEED_DATA,
@@ -50,7 +50,7 @@ from imapproxy.protocol.framing import Event as FramerEvent
 from imapproxy.protocol.grammar import Arguments, CommandStart, split_command_line
 from imapproxy.protocol.scanner import CONTINUATION, FLAGS_CHANGE, ResponseScanner
 from imapproxy.select_cache import closed_line, drops_entry, entry_from_reply, mailbox_key
-from imapproxy.send import send_all
+from imapproxy.send import send_all, send_quietly
 from imapproxy.stats import Counters
 from imapproxy.trace import SessionTrace
 
@@ -139,6 +139,8 @@ class Relay:
         self._greenlet: gevent.Greenlet | None = None  # the connection's own
         self._backend_watch = gevent.get_hub().loop.io(session.sock.fileno(), 1)  # EV_READ
         self._waiting_for_client = False
+        # TLS: bytes decrypted but not yet read, which the descriptor's watcher cannot see
+        self._tls_pending: Callable[[], int] | None = getattr(session.sock, "pending", None)
 
     @property
     def client_alive(self) -> bool:
@@ -205,7 +207,7 @@ class Relay:
     def _backend_lost(self, why: str) -> None:
         self.backend_gone = why
         if self.client_alive:
-            self.client_alive = _send_quietly(self.client, BACKEND_LOST_BYE)
+            self.client_alive = send_quietly(self.client, BACKEND_LOST_BYE)
         with contextlib.suppress(OSError):
             self.client.shutdown(socket.SHUT_RDWR)  # in duplex mode, wakes the client side
 
@@ -220,9 +222,7 @@ class Relay:
     def _run_pump(self) -> None:
         try:
             self.copier.copy_until(lambda: self._stop_when_idle and self._idle())
-        except BackendGone as error:
-            self._backend_lost(str(error))
-        except DrainExceeded as error:
+        except (BackendGone, DrainExceeded) as error:
             self._backend_lost(str(error))
         finally:
             self._notify()
@@ -282,11 +282,11 @@ class Relay:
         try:
             return self._client_loop()
         except (_Desync, BackendFailure) as error:
-            LOGGER.info("closing session: %s", _why(error))
+            LOGGER.info("closing session: %s", why(error))
             self._close()
             if self.client_alive and not self.backend_gone:  # else it was told already
-                message = b"* BYE IMAP session failed: " + _why(error).encode() + b"\r\n"
-                _send_quietly(self.client, message)
+                message = b"* BYE IMAP session failed: " + why(error).encode() + b"\r\n"
+                send_quietly(self.client, message)
             return Outcome.CLOSED
         finally:
             self._close()
@@ -319,8 +319,7 @@ class Relay:
         """
         if self._pump is not None:
             return self._recv_client()
-        pending = getattr(self.session.sock, "pending", None)  # TLS: decrypted, not yet read
-        if pending is not None and pending():
+        if self._tls_pending is not None and self._tls_pending():
             self._copy(self._idle, read_first=True)
             return None
         self._waiting_for_client = True
@@ -477,7 +476,7 @@ class Relay:
         if self.trace is not None:
             self.trace.server(data)
         if self._pump_dead():  # sequential: nothing else writes to the client
-            self.client_alive = _send_quietly(self.client, data)
+            self.client_alive = send_quietly(self.client, data)
             return
         if not self._wait_until(
             lambda: self._pump_parked and self.scanner.at_boundary, self.settings.response_timeout
@@ -485,7 +484,7 @@ class Relay:
             raise _Desync("backend never reached a response boundary")
         self._client_writing = True
         try:
-            self.client_alive = _send_quietly(self.client, data)
+            self.client_alive = send_quietly(self.client, data)
         finally:
             self._client_writing = False
             self._wakeup.set()
@@ -527,7 +526,7 @@ class Relay:
             line = event if isinstance(event, Line) else self._next_client_event()
             assert isinstance(line, Line) and not line.first
             if self.trace is not None:
-                self.trace.client(bytes(data) + line.data)
+                self.trace.client(bytes(data), line.data)
             lines.append(line.data)
             spec = line.literal
         return lines, literals
@@ -604,7 +603,7 @@ class Relay:
         try:
             self._resync()
         except (_Desync, BackendFailure) as error:
-            LOGGER.info("session not reusable after LOGOUT: %s", _why(error))
+            LOGGER.info("session not reusable after LOGOUT: %s", why(error))
             return self._close()
         return Outcome.REUSABLE
 
@@ -620,7 +619,7 @@ class Relay:
         try:
             self._resync()
         except (_Desync, BackendFailure) as error:
-            LOGGER.info("session dropped after client left: %s", _why(error))
+            LOGGER.info("session dropped after client left: %s", why(error))
             return self._close()
         return Outcome.RESYNCED
 
@@ -647,16 +646,3 @@ def _select_mailbox(tag: bytes, lines: list[bytes], literals: list[bytes]) -> by
     except ClientProtocolError:
         return None
     return mailbox if args.at_end() else None
-
-
-def _why(error: BaseException) -> str:
-    return error.detail if isinstance(error, BackendFailure) else str(error)
-
-
-def _send_quietly(sock: socket.socket, data: bytes) -> bool:
-    """Send to a client that may be gone; True if it took the data."""
-    try:
-        send_all(sock, data)
-    except OSError:
-        return False
-    return True

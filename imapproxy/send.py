@@ -15,3 +15,12 @@ def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
     sent = sock.send(data)
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
+
+
+def send_quietly(sock: socket.socket, data: bytes | bytearray | memoryview) -> bool:
+    """Send to a client that may be gone; True if it took the data."""
+    try:
+        send_all(sock, data)
+    except OSError:
+        return False
+    return True

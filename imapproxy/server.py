@@ -2,13 +2,8 @@
 
 ``Proxy`` holds what all clients share: the configuration, the ``Backend``, the connection
 cache and the counters, the greeting and pre-login capabilities (refreshed from every new
-backend connection), and the expiry greenlet. ``ClientConnection`` runs one client from
-greeting to close: the pre-login dialogue (``session.PreLoginSession``), the login (reuse of a
-cached session or a new one), the relay, and what becomes of the backend session afterwards.
-
-One triage point per connection (``ClientConnection.run``): a known error sends its response,
-anything else is logged with a traceback (which never holds a password: ``Credentials`` masks
-it) and the client gets ``* BYE Internal proxy error``. Nothing escapes to the hub.
+backend connection), and the expiry greenlet. Each accepted client is run by a
+``connection.ClientConnection`` in a greenlet of its own.
 """
 
 from __future__ import annotations
@@ -26,12 +21,12 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 
 from imapproxy.backend import Backend, BackendSession
-from imapproxy.backend_login import LoginResult
+from imapproxy.backend_login import LoginResult, check_shared_secret
 from imapproxy.cache import ConnectionCache, Slot
 from imapproxy.config import Config
 from imapproxy.connection import ClientConnection
 from imapproxy.credentials import CredentialHasher, Credentials
-from imapproxy.errors import BackendFailure, FailureKind
+from imapproxy.errors import BackendFailure, FailureKind, why
 from imapproxy.protocol import capability
 from imapproxy.relay import Outcome
 from imapproxy.session import id_command_args
@@ -117,7 +112,12 @@ class Proxy:
     def checkout(
         self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None, where: str
     ) -> tuple[Slot[BackendSession], bool]:
-        """A backend session for these credentials: a cached one if alive, else a new one."""
+        """A backend session for these credentials: a cached one if alive, else a new one.
+
+        In static-identity mode the shared secret is checked first: before the cache (the
+        setting may have changed on SIGHUP) and before a slot is made free for a new session.
+        """
+        check_shared_secret(credentials, self.backend.policy)
         digest = self.hasher.digest(credentials)
         while (slot := self.cache.take_cached(credentials.username, digest)) is not None:
             self._update_gauges()
@@ -131,7 +131,7 @@ class Proxy:
                     credentials.username_text,
                     where,
                     session.sd,
-                    _why(error),
+                    why(error),
                 )
                 self.discard(slot)
                 continue
@@ -246,13 +246,12 @@ class Proxy:
         """Serve: clients on ``listeners`` start in clear, on ``tls_listeners`` with TLS."""
         self.counters.start(int(time.time()))
         self._expiry = gevent.spawn(self._expire_loop)
-        for listener, implicit_tls in [(s, False) for s in listeners] + [
-            (s, True) for s in tls_listeners
-        ]:
+        for group, implicit_tls in ((listeners, False), (tls_listeners, True)):
             handle = functools.partial(self._handle, implicit_tls=implicit_tls)
-            server = StreamServer(listener, handle, spawn=self.clients.spawn)
-            server.start()
-            self.servers.append(server)
+            for listener in group:
+                server = StreamServer(listener, handle, spawn=self.clients.spawn)
+                server.start()
+                self.servers.append(server)
 
     def _handle(
         self, client: socket.socket, address: tuple[object, ...], implicit_tls: bool
@@ -272,7 +271,3 @@ class Proxy:
         self._logouts.join(timeout=max(1.0, timeout))
         if self._expiry is not None:
             self._expiry.kill()
-
-
-def _why(error: BaseException) -> str:
-    return error.detail if isinstance(error, BackendFailure) else str(error) or type(error).__name__

@@ -169,6 +169,7 @@ TIME_FIELDS: Final = _names("_times")
 COUNTER_FIELDS: Final = _names("_counts")  # up-imapproxy's order
 EXTENSION_FIELDS: Final = _names("_extension")
 assert len(TIME_FIELDS) == 2 and len(COUNTER_FIELDS) == 13
+assert len(EXTENSION_FIELDS) == EXTENSION_COUNT
 
 
 def summary(counters: Counters) -> str:
@@ -199,20 +200,26 @@ def create_file(path: str) -> Counters:
 
 
 def read_file(path: str) -> Counters | None:
-    """A snapshot of a statistics file (ours or up-imapproxy's), mapped read-only; None if missing
-    or short. Readers take a fresh snapshot per refresh: a live map of a file that shrinks under
-    it would fault (SIGBUS).
+    """A snapshot of a statistics file (``read_file_or_reason``), None if it cannot be read."""
+    counters = read_file_or_reason(path)
+    return counters if isinstance(counters, Counters) else None
+
+
+def read_file_or_reason(path: str) -> Counters | str:
+    """A snapshot of a statistics file (ours or up-imapproxy's), or why there is none (missing,
+    unreadable, short). Readers take a fresh snapshot per refresh: a live map of a file that
+    shrinks under it would fault (SIGBUS).
 
     A file of at least 72 bytes is readable; the extension counters read as 0 without it.
     """
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
+    except OSError as error:
+        return error.strerror or str(error)
     try:
         size = os.fstat(fd).st_size
         if size < UP_IMAPPROXY_SIZE:
-            return None
+            return f"{size} bytes, shorter than a statistics file ({UP_IMAPPROXY_SIZE} bytes)"
         mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
     finally:
         os.close(fd)

@@ -25,14 +25,10 @@ from collections.abc import Iterator
 
 from gevent import ssl
 
-from imapproxy.config import Config
+from imapproxy.config import TLS_VERSIONS, Config
 
-VERSIONS = {  # client_tls_min_version (config.TLS_VERSIONS)
-    "TLSv1": ssl.TLSVersion.TLSv1,
-    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
-    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
-    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
-}
+# client_tls_min_version: "TLSv1.2" is ssl.TLSVersion.TLSv1_2
+VERSIONS = {name: ssl.TLSVersion[name.replace(".", "_")] for name in TLS_VERSIONS}
 
 
 class TLSSetupError(Exception):
@@ -52,6 +48,11 @@ def _setting(key: str) -> Iterator[None]:
 
 
 _PLAIN_REASONS = {"KEY_VALUES_MISMATCH": "the private key does not match the certificate"}
+
+
+def contexts(config: Config) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
+    """The backend's and the clients' contexts; ``TLSSetupError`` if a setting cannot be used."""
+    return backend_context(config), client_context(config)
 
 
 def backend_context(config: Config) -> ssl.SSLContext:

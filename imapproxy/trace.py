@@ -26,23 +26,19 @@ class Tracer:
     def close(self) -> None:
         os.close(self.fd)
 
-    def _header(self, user: bytes, what: bytes) -> bytes:
-        return b"\n\n-----> C= %d %s %s\n" % (int(time.time()), user, what)
-
-    def _write(self, data: bytes) -> None:
-        os.write(self.fd, data)
+    def record(self, user: bytes, what: bytes, data: bytes = b"") -> None:
+        """One record: up-imapproxy's header line, then the bytes."""
+        os.write(self.fd, b"\n\n-----> C= %d %s %s\n" % (int(time.time()), user, what) + data)
 
     def enable(self, user: bytes) -> None:
         self.user = user
-        self._write(self._header(user, b"PROXY: user tracing enabled."))
+        self.record(user, b"PROXY: user tracing enabled.")
 
     def disable(self) -> None:
         if self.user is not None:
-            self._write(
-                self._header(
-                    self.user,
-                    b"PROXY: user tracing disabled. Expect further output until client logout.",
-                )
+            self.record(
+                self.user,
+                b"PROXY: user tracing disabled. Expect further output until client logout.",
             )
         self.user = None
 
@@ -65,8 +61,7 @@ class SessionTrace:
         self._server_muted = False
 
     def _record(self, who: bytes, data: bytes) -> None:
-        header = self.tracer._header(self.username, b"%s: sd [%d]" % (who, self.sd))
-        self.tracer._write(header + data)
+        self.tracer.record(self.username, b"%s: sd [%d]" % (who, self.sd), data)
 
     def server(self, data: bytes) -> None:
         if not self.redactor.saw_secret:
@@ -75,9 +70,10 @@ class SessionTrace:
             self._server_muted = True
             self.proxy("server data no longer traced: the client sent credentials after login")
 
-    def client(self, data: bytes) -> None:
-        """Client data that cannot hold a secret (a SELECT's mailbox literal)."""
-        self._record(b"CLIENT", data)
+    def client(self, literal: bytes, line: bytes) -> None:
+        """A literal and the line after it, read by the proxy itself (a SELECT's mailbox)."""
+        redactor = self.redactor
+        self._record(b"CLIENT", redactor.literal(literal) + redactor.continuation_line(line))
 
     def client_command(self, data: bytes, tag: bytes | None, name: bytes | None) -> None:
         self._record(b"CLIENT", self.redactor.command_line(data, tag, name))
@@ -93,4 +89,4 @@ class SessionTrace:
 
     def proxy(self, note: str) -> None:
         """A note of the proxy's own, as up-imapproxy's "PROXY: user tracing enabled." lines."""
-        self.tracer._write(self.tracer._header(self.username, b"PROXY: " + note.encode()))
+        self.tracer.record(self.username, b"PROXY: " + note.encode())

@@ -96,23 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def print_counters(stat_filename: str) -> int:
     """``-c``: up-imapproxy's 12 lines on stdout, or why the file cannot be read on stderr."""
-    counters = stats.read_file(stat_filename)
-    if counters is None:
-        problem = why_unreadable(stat_filename)
-        print(f"pimpstat: cannot read statistics file {stat_filename}: {problem}", file=sys.stderr)
+    counters = stats.read_file_or_reason(stat_filename)
+    if isinstance(counters, str):
+        print(f"pimpstat: cannot read statistics file {stat_filename}: {counters}", file=sys.stderr)
         return EX_NOINPUT
     sys.stdout.write(view.command_line_text(counters))
     return 0
-
-
-def why_unreadable(path: str) -> str:
-    """Why ``stats.read_file`` gave nothing: the error opening the file, or its short size."""
-    try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-    except OSError as error:
-        return error.strerror or str(error)
-    return f"{size} bytes, shorter than a statistics file ({stats.UP_IMAPPROXY_SIZE} bytes)"
 
 
 # -- the model: readings of the file ------------------------------------------------------------
@@ -134,10 +123,10 @@ class Monitor:
 
     def read(self, now: float) -> None:
         """Read the file (``now`` on a monotonic clock); a failed read forgets both readings."""
-        counters = stats.read_file(self.stat_filename)
-        if counters is None:
+        counters = stats.read_file_or_reason(self.stat_filename)
+        if isinstance(counters, str):
             self.current = self.previous = self._read_at = None
-            self.problem = why_unreadable(self.stat_filename)
+            self.problem = counters
             return
         self.previous, self.current = self.current, counters.snapshot()
         counters.release()

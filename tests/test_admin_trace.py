@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 from collections.abc import Callable
 
 import pytest
 
-from imapproxy import __version__, stats
+from imapproxy import __version__
 from tests.support.client import RawClient, login
 from tests.support.dovecot import User
 from tests.support.proxy import ProxyProcess
@@ -67,8 +68,7 @@ def test_admin_commands(
         b"a OK Completed\r\n",
     ]
     assert admin(proxy, b"xproxy_resetcounters") == [b"a OK Counters reset\r\n"]
-    counters = stats.read_file(str(proxy.stat_path))
-    assert counters is not None
+    counters = proxy.counters()
     # at the reset: the active client and the admin connection (which may be gone by now)
     assert counters.TotalClientLogins == 0 and counters.PeakClientConnections == 2
     assert admin(proxy, b"XPROXY_NEWLOG") == [b"a OK Logfile cleared\r\n"]
@@ -129,3 +129,31 @@ def test_trace_records_and_never_holds_a_password(
     assert admin(proxy, b"XPROXY_TRACE") == [b"a OK Tracing disabled\r\n"]
     assert admin(proxy, b"XPROXY_NEWLOG") == [b"a OK Logfile cleared\r\n"]
     assert proxy.trace_path.read_bytes() == b""
+
+
+def test_trace_holds_no_password_from_malformed_or_hurried_commands(
+    start_proxy: Callable[..., ProxyProcess], make_user: Callable[..., User]
+) -> None:
+    """After login, LOGIN lines the relay cannot parse and SASL or literal data sent before the
+    server's go-ahead: the redactor does not trust the relay's reading of them."""
+    proxy = start_proxy(enable_admin_commands=True)
+    user = make_user(password="Hurried-Secret-pw")
+    secret, name = user.password.encode(), user.name.encode()
+    plain = base64.b64encode(b"\0" + name + b"\0" + secret)
+    admin(proxy, b"XPROXY_TRACE " + name)
+    hostile = [
+        b"x+ LOGIN %s %s\r\n" % (name, secret),  # a bad tag
+        b"y  LOGIN %s %s\r\n" % (name, secret),  # two spaces
+        b"w AUTHENTICATE PLAIN\r\n" + plain + b"\r\n",  # the response before the "+"
+        b"r LOGIN %s {%d}\r\n%s\r\n" % (name, len(secret), secret),  # the literal unasked
+    ]
+    for data in hostile:
+        client, _ = login(proxy.host, proxy.port, user.name, user.password)
+        client.send(data + b"n NOOP\r\n")
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            client.read_until_tagged(b"n")
+        client.close()
+    trace = proxy.trace_path.read_bytes()
+    assert trace.count(b"CLIENT: sd [") >= len(hostile)  # the lines were traced, redacted
+    for form in (secret, plain):
+        assert form not in trace

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from imapproxy import config
 from imapproxy.config import SETTINGS, Config, ConfigError
+from tests.support.proxy import REPO, run_imapproxyd
 
-REPO = Path(__file__).resolve().parents[1]
 DEBIAN_CONF = Path("/etc/imapproxy.conf")
 UP_IMAPPROXY_KEYS = [
     "server_hostname",
@@ -163,6 +160,11 @@ def test_every_key_parses_a_value() -> None:
             'imapproxy.conf:2: listen_port: expected a port number from 1 to 65535, got "99999"',
         ),
         ("server_hostname x\n\n# c\nfoo_bar 1\n", "imapproxy.conf:4: foo_bar: unknown key"),
+        (  # the rest of the word is not shown: it would be the secret
+            "server_hostname x\nauth_shared_secret=Hunter2\n",
+            "imapproxy.conf:2: auth_shared_secret: not a key: key and value are separated by "
+            "spaces or tabs",
+        ),
         (
             "server_hostname x\nforce_tls maybe\n",
             'imapproxy.conf:2: force_tls: expected yes or no, got "maybe"',
@@ -206,6 +208,13 @@ def test_errors_name_file_line_and_key(text: str, message: str) -> None:
     assert error_of(text).startswith(message)
 
 
+def test_a_mistyped_secret_line_is_not_echoed() -> None:
+    assert "Hunter2" not in error_of("server_hostname x\nauth_shared_secret=Hunter2\n")
+    static = "auth_sasl_plain_username u\nauth_sasl_plain_password Hunter3\n"
+    config = parse("server_hostname x\nauth_shared_secret Hunter2\n" + static)
+    assert "Hunter2" not in repr(config) and "Hunter3" not in repr(config)
+
+
 def test_hash_starts_a_comment_anywhere() -> None:
     c = parse("server_hostname imap.example.org#here\npreauth_command NOOP # trailing\n")
     assert c.server_hostname == "imap.example.org" and c.preauth_command == "NOOP"
@@ -214,7 +223,7 @@ def test_hash_starts_a_comment_anywhere() -> None:
 def test_our_sample_loads_and_documents_every_key() -> None:
     sample = REPO / "etc" / "imapproxy.conf"
     c = config.load(str(sample))
-    assert c.server_hostname
+    assert (c.server_hostname, c.listen_port, c.proc_username) == ("localhost", 1143, "nobody")
     text = sample.read_text()
     for key in SETTINGS:
         assert f"## {key}\n" in text or f"#{key} " in text or f"\n{key} " in text, key
@@ -239,22 +248,11 @@ def test_describe_masks_secrets() -> None:
 def test_check_config_command(tmp_path: Path) -> None:
     good = tmp_path / "good.conf"
     good.write_text("server_hostname localhost\ncache_size 7\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "imapproxy", "-f", str(good), "--check-config"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ),
-    )
+    run = run_imapproxyd("-f", str(good), "--check-config")
     assert run.returncode == 0 and "cache_size 7\n" in run.stdout
     bad = tmp_path / "bad.conf"
     bad.write_text("server_hostname localhost\ncache_size abc\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "imapproxy", "-f", str(bad), "--check-config"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    run = run_imapproxyd("-f", str(bad), "--check-config")
     assert run.returncode == 78
     assert (
         run.stderr.strip()

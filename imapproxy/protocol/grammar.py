@@ -34,15 +34,10 @@ MAX_QUOTED_BYTES = 1000
 
 # The characters allowed, for bytes.translate(None, allowed): what is left is not allowed.
 _TAG_CHARS = bytes(b for b in range(256) if b not in _TAG_SPECIALS and b not in _8BIT)
-_ATOM_CHARS = bytes(b for b in range(256) if b not in _ATOM_SPECIALS and b not in _8BIT)
 
 
 def is_valid_tag(tag: bytes) -> bool:
     return bool(tag) and not tag.translate(None, _TAG_CHARS)
-
-
-def is_atom(value: bytes) -> bool:
-    return bool(value) and not value.translate(None, _ATOM_CHARS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,10 +37,6 @@ class Response:
         return self.tag not in (b"*", b"+")
 
     @property
-    def is_status(self) -> bool:
-        return self.word in (b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH")
-
-    @property
     def code(self) -> bytes | None:
         """The response code of a status response, ``[...]`` without brackets (RFC 9051 §7.1)."""
         if not self.text.startswith(b"["):
