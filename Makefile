@@ -2,7 +2,7 @@
 #
 #   make demo    install what is needed, start a private Dovecot with demo users, run the proxy
 #   make test    install what the tests need and run them all (what .ci/run does)
-#   make fuzz    the deep hypothesis profile of the protocol fuzz tests
+#   make fuzz    the deep hypothesis profile of every property test on hostile input
 #
 # Debian packages come from apt (as root, or through sudo); Python packages go into .venv.
 
@@ -78,8 +78,12 @@ unit: venv
 
 test: deps lint typecheck unit
 
+# every file with hypothesis tests on hostile input
+PROPERTY_TESTS := tests/test_fuzz.py tests/test_framing.py tests/test_scanner.py \
+                  tests/test_grammar.py tests/test_session.py
+
 fuzz: deps
-	HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q -p no:cacheprovider $(PROPERTY_TESTS)
 
 # -- demo ---------------------------------------------------------------------------------------
 

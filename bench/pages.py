@@ -113,14 +113,20 @@ class Script:
     def finish(self) -> None:
         """Untimed clean-up after the window closes."""
 
-    def connect(self) -> Connection:
+    def logged_in(self, user: str) -> Connection:
+        """Connect and LOGIN as ``user`` (counted); the connection is closed if LOGIN fails."""
         job = self.job
-        return Connection.open(job.host, job.port, quickack=job.quickack, timeout_s=job.timeout_s)
-
-    def login(self, connection: Connection, user: str) -> None:
-        reply = connection.login(user, self.job.password)
+        connection = Connection.open(
+            job.host, job.port, quickack=job.quickack, timeout_s=job.timeout_s
+        )
+        try:
+            reply = connection.login(user, job.password)
+        except WireError:
+            connection.close()
+            raise
         self.tally.logins += 1
         self.tally.reuses += reply.reused
+        return connection
 
     def page_fetch(self, connection: Connection, user: str) -> int:
         """SELECT INBOX and the header FETCH; checks the reply is this user's."""
@@ -136,9 +142,8 @@ class Script:
 
     def page(self, user: str) -> int:
         """A webmail page: connect, LOGIN, SELECT, FETCH, LOGOUT, close."""
-        connection = self.connect()
+        connection = self.logged_in(user)
         try:
-            self.login(connection, user)
             size = self.page_fetch(connection, user)
             connection.logout()
         finally:
@@ -177,9 +182,7 @@ class LimitPage(Script):
         key = (self.job.host, self.job.port, user)
         connection = self.state.sessions.get(key)
         if connection is None:
-            connection = self.connect()
-            self.login(connection, user)
-            self.state.sessions[key] = connection
+            connection = self.state.sessions[key] = self.logged_in(user)
         return connection
 
     def step(self) -> None:
@@ -200,8 +203,7 @@ class SessionScript(Script):
     stop_on_error = True
 
     def prepare(self) -> None:
-        self.connection = self.connect()
-        self.login(self.connection, self.users[0])
+        self.connection = self.logged_in(self.users[0])
 
     def finish(self) -> None:
         if self.connection is not None:
@@ -248,10 +250,8 @@ class BulkFetch(SessionScript):
 
 class Cycle(FiniteScript):
     def step(self) -> None:
-        user = self.take_user()
-        connection = self.connect()
+        connection = self.logged_in(self.take_user())
         try:
-            self.login(connection, user)
             connection.logout()
         finally:
             connection.close()
@@ -259,13 +259,7 @@ class Cycle(FiniteScript):
 
 class Hold(FiniteScript):
     def step(self) -> None:
-        user = self.take_user()
-        connection = self.connect()
-        try:
-            self.login(connection, user)
-        except WireError:
-            connection.close()
-            raise
+        connection = self.logged_in(self.take_user())
         with self.state.lock:
             self.state.held.append(connection)
 

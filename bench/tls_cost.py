@@ -9,7 +9,6 @@ backend. Prints the figures; everything it starts is stopped at the end.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import ssl
@@ -20,10 +19,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import trustme
-
+from bench.procstat import process_cpu_s
 from tests.support.client import RawClient
-from tests.support.dovecot import DovecotInstance, free_port, make_message, wait_for_port
+from tests.support.dovecot import (
+    DovecotInstance,
+    free_port,
+    make_message,
+    running_dovecot,
+    wait_for_port,
+)
+from tests.support.pki import write_pki
 from tests.support.proxy import ProxyProcess
 
 BIG_MIB = 10
@@ -33,20 +38,7 @@ LOGINS = 100
 
 def proxy_cpu_seconds(proxy: ProxyProcess) -> float:
     assert proxy.process is not None
-    fields = Path(f"/proc/{proxy.process.pid}/stat").read_text().split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
-
-
-def write_pki(root: Path) -> dict[str, Path]:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", "127.0.0.2")
-    files = {name: root / f"{name}.pem" for name in ("ca", "server", "key")}
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    leaf.cert_chain_pems[0].write_to_path(str(files["server"]))
-    leaf.private_key_pem.write_to_path(str(files["key"]))
-    for path in files.values():
-        path.chmod(0o644)
-    return files
+    return process_cpu_s(proxy.process.pid)
 
 
 @contextmanager
@@ -118,18 +110,11 @@ def new_sessions(proxy: ProxyProcess, name: str) -> str:
 
 def measure(root: Path) -> None:
     pki = write_pki(root)
-    (root / "dovecot").mkdir(mode=0o755)
-    dovecot = DovecotInstance(
-        root / "dovecot", listen="127.0.0.2", ssl_cert=pki["server"], ssl_key=pki["key"], fast=True
-    )
-    dovecot.write_config()
-    dovecot.add_user("u", "pw")
-    dovecot.start()
-    try:
+    with running_dovecot(
+        {"u": "pw"}, listen="127.0.0.2", ssl_cert=pki["server"], ssl_key=pki["key"], fast=True
+    ) as dovecot:
         dovecot.deliver("u", make_message("big", size=BIG_MIB << 20))
         measure_proxies(root, dovecot, pki)
-    finally:
-        dovecot.stop()
 
 
 def measure_proxies(root: Path, dovecot: DovecotInstance, pki: dict[str, Path]) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests.support.dovecot import DovecotInstance, User, make_message
+from tests.support.dovecot import DovecotInstance, User, make_message, running_dovecot
 from tests.support.proxy import ProxyProcess
 
 settings.register_profile(
@@ -48,21 +48,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[DovecotInstance]:
-    # Not under pytest's tmp_path: its parents are mode 0700 and the mail user must get in.
-    root = Path(tempfile.mkdtemp(prefix="ipx-dovecot-"))
-    os.chmod(root, 0o755)
-    instance = DovecotInstance(root, rawlog=True)
-    instance.write_config()
     # Dovecot re-reads the passwd-file at most once a second, so users are made up front.
-    for number in range(1, USER_POOL + 1):
-        instance.add_user(f"user{number:04d}", f"pw-user{number:04d}-S3cret")
-    instance.add_master(MASTER_USER, MASTER_PASSWORD)
-    instance.start()
-    try:
+    users = {f"user{n:04d}": f"pw-user{n:04d}-S3cret" for n in range(1, USER_POOL + 1)}
+    masters = {MASTER_USER: MASTER_PASSWORD}
+    with running_dovecot(users, masters=masters, rawlog=True) as instance:
         yield instance
-    finally:
-        instance.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 _user_numbers = itertools.count(1)

@@ -12,16 +12,10 @@ from collections.abc import Callable
 import pytest
 
 from imapproxy import stats
-from tests.support.client import RawClient, login
+from tests.support.client import RawClient, assert_in_sync, logged_in, login
 from tests.support.dovecot import DovecotInstance, User, make_message
 from tests.support.proxy import ProxyProcess
 from tests.support.scripted_backend import Conn, ScriptedBackend, serve_imap
-
-
-def counters(proxy: ProxyProcess) -> stats.Counters:
-    found = stats.read_file(str(proxy.stat_path))
-    assert found is not None
-    return found
 
 
 def settle(
@@ -30,7 +24,7 @@ def settle(
     """Wait until the gauges say so (the proxy finishes its side after the client's)."""
     deadline = time.monotonic() + timeout
     while True:
-        c = counters(proxy)
+        c = proxy.counters()
         if (c.InUseServerConnections, c.CurrentClientConnections) == (active, clients):
             return c
         assert time.monotonic() < deadline, (c.InUseServerConnections, c.CurrentClientConnections)
@@ -180,13 +174,8 @@ def test_greeting_without_capability_and_literal_login(
 
 
 def next_page_in_sync(proxy: ProxyProcess, user: User) -> None:
-    client, replies = login(proxy.host, proxy.port, user.name, user.password)
-    assert replies[-1].startswith(b"L1 OK")
-    assert client.command(b"n", b"NOOP")[-1].startswith(b"n OK")
-    select = client.command(b"s", b"SELECT INBOX")
-    assert select[-1].startswith(b"s OK [READ-WRITE]")
-    fetched = client.command(b"f", b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-    assert f"{user.name} message 1".encode() in fetched[0] and fetched[-1].startswith(b"f OK")
+    client, _ = logged_in(proxy.host, proxy.port, user.name, user.password)
+    assert_in_sync(client, user.name)
     client.command(b"z", b"LOGOUT")
     assert client.read_available() == b""
     client.close()

@@ -18,28 +18,16 @@ from imapproxy.protocol.framing import (
     LiteralSpec,
     parse_literal_marker,
 )
-
-
-def events(framer: CommandFramer, accept: bool = True) -> list[object]:
-    out: list[object] = []
-    while (event := framer.next_event()) is not NEED_DATA:
-        if event is AWAIT_CONTINUATION:
-            out.append(event)
-            framer.accept_literal() if accept else framer.reject_literal()
-            continue
-        out.append(event)
-        if isinstance(event, ClientClosed):
-            break
-    return out
+from tests.support.feed import framer_events, split
 
 
 def feed(data: bytes, *, step: int | None = None, accept: bool = True) -> list[object]:
     framer = CommandFramer(1024)
     out: list[object] = []
-    chunks = [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
+    chunks = [data] if step is None else split(data, step)
     for chunk in filter(None, chunks):  # b"" would mean EOF
         framer.receive_data(chunk)
-        out.extend(events(framer, accept))
+        out.extend(framer_events(framer, accept))
     return merge_literals(out)
 
 
@@ -132,7 +120,7 @@ def test_eof(data: bytes, mid: bool) -> None:
     framer = CommandFramer(1024)
     framer.receive_data(data)
     framer.receive_data(b"")
-    assert events(framer)[-1] == ClientClosed(mid_command=mid)
+    assert framer_events(framer)[-1] == ClientClosed(mid_command=mid)
 
 
 @pytest.mark.parametrize("line", [b"a {5}\r\n", b"a {5+}\r\n", b"a ~{5}\r\n", b"x {5}\n"])
@@ -160,9 +148,9 @@ def test_hostile_bytes_only_raise_our_errors(data: bytes, step: int) -> None:
     framer = CommandFramer(256)
     consumed = 0
     try:
-        for i in range(0, len(data), step):
-            framer.receive_data(data[i : i + step])
-            for event in events(framer):
+        for chunk in split(data, step):
+            framer.receive_data(chunk)
+            for event in framer_events(framer):
                 if isinstance(event, (Line, LiteralData)):
                     consumed += len(event.data)
     except ProxyError:

@@ -9,15 +9,12 @@ from hypothesis import strategies as st
 
 from imapproxy.errors import ProxyError
 from imapproxy.protocol.framing import (
-    AWAIT_CONTINUATION,
     NEED_DATA,
-    ClientClosed,
     CommandFramer,
     Line,
     LiteralData,
 )
 from imapproxy.protocol.response import Response, ResponseReader
-from imapproxy.protocol.scanner import INITIAL_CARRY, MAX_TAGGED_PREFIX_BYTES, ResponseScanner
 from imapproxy.session import (
     AdminRequested,
     Closed,
@@ -27,6 +24,7 @@ from imapproxy.session import (
     Reply,
     StartTLSRequested,
 )
+from tests.support.feed import framer_events, scan_stream, split
 
 ATOMS = st.sampled_from([b"a", b"A1", b"x.y", b"tag]", b"*", b"+", b"", b"\xff", b"{3}", b"NIL"])
 COMMANDS = st.sampled_from(
@@ -89,15 +87,11 @@ def test_framer_gives_back_every_byte(data: bytes, step: int) -> None:
     framer = CommandFramer(4096)
     out = bytearray()
     try:
-        for i in range(0, len(data), step):
-            framer.receive_data(data[i : i + step])
-            while (event := framer.next_event()) is not NEED_DATA:
-                if event is AWAIT_CONTINUATION:
-                    framer.accept_literal()
-                elif isinstance(event, Line | LiteralData):
+        for chunk in split(data, step):
+            framer.receive_data(chunk)
+            for event in framer_events(framer):
+                if isinstance(event, Line | LiteralData):
                     out += event.data
-                elif isinstance(event, ClientClosed):
-                    break
     except ProxyError:
         return
     assert data.startswith(bytes(out))  # in order, nothing invented, nothing duplicated
@@ -141,15 +135,6 @@ def test_scanner_agrees_with_the_full_reader(responses: list[bytes], step: int) 
             expected.append((b"+", b""))
         elif response.tag != b"*":
             expected.append((response.tag, response.word))
-    scanner = ResponseScanner()
-    seen, carry = [], INITIAL_CARRY
-    for i in range(0, len(data), step):
-        chunk = data[i : i + step]
-        buf = bytearray(carry + chunk + bytes(MAX_TAGGED_PREFIX_BYTES))
-        end = len(carry) + len(chunk)
-        keep = scanner.scan(buf, end)
-        carry = bytes(buf[end - keep : end])
-        seen.extend(event for event in scanner.events if event[0] != b"*")
-        scanner.events.clear()
-    assert seen == expected
+    events, scanner = scan_stream(split(data, step))
+    assert [event for event in events if event[0] != b"*"] == expected
     assert (scanner.at_boundary or not data) and not scanner.broken

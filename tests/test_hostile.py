@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.client import RawClient, login
+from tests.support.client import RawClient, login, page
 from tests.support.dovecot import DovecotInstance, User
 from tests.support.proxy import ProxyProcess
 
@@ -23,11 +23,7 @@ def rss_kib(proxy: ProxyProcess) -> int:
 
 
 def second_client_fine(proxy: ProxyProcess, user: User) -> None:
-    client, replies = login(proxy.host, proxy.port, user.name, user.password)
-    assert replies[-1].startswith(b"L1 OK")
-    assert client.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
-    client.command(b"z", b"LOGOUT")
-    client.close()
+    page(proxy.host, proxy.port, user.name, user.password)
 
 
 CASES: list[tuple[str, bytes, list[bytes], bool]] = [

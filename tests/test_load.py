@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from imapproxy import stats
 from tests.support.client import RawClient, login
 from tests.support.dovecot import DovecotInstance, User, make_message
+from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess
 
 HELD_CONNECTIONS = 5000
@@ -95,12 +95,8 @@ def test_thousands_of_open_connections(
     finally:
         for sock in held:
             sock.close()
-    deadline = time.monotonic() + 30
-    while open_fds(pid) > fds_before + 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert open_fds(pid) <= fds_before + 2  # no descriptor leaked
-    counters = stats.read_file(str(proxy.stat_path))
-    assert counters is not None and counters.CurrentClientConnections == 0
+    assert wait_until(lambda: open_fds(pid) <= fds_before + 2, timeout=30)  # no fd leaked
+    assert proxy.counters().CurrentClientConnections == 0
 
 
 def test_burst_beyond_cache_size(
@@ -131,8 +127,7 @@ def test_burst_beyond_cache_size(
         client.close()
     for user in users[:10]:  # service resumes: cached ones make room
         webmail_page(proxy, user)
-    counters = stats.read_file(str(proxy.stat_path))
-    assert counters is not None and counters.TotalCapacityRefusals == 15
+    assert proxy.counters().TotalCapacityRefusals == 15
 
 
 @dataclass
@@ -211,8 +206,7 @@ def test_soak_expiry_racing_reuse(
         thread.start()
     for thread in threads:
         thread.join(timeout=SOAK_SECONDS + 120)
-    counters = stats.read_file(str(proxy.stat_path))
-    assert counters is not None
+    counters = proxy.counters()
     report_figure(
         f"soak {SOAK_SECONDS:.0f} s: {tally.pages} pages, {tally.reused} reused, "
         f"{tally.aborted} aborted mid-FETCH, expired {counters.TotalServerConnectionsExpired}, "

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from imapproxy import stats
-from tests.support.client import RawClient, login
+from tests.support.client import RawClient, logged_in
 from tests.support.dovecot import User
+from tests.support.polling import wait_until
 from tests.support.proxy import REPO, ProxyProcess, write_config
 
 PIMPSTAT = [sys.executable, "-m", "pimpstat.app"]
@@ -45,10 +46,8 @@ def pimpstat_config(tmp_path: Path, stat_path: Path) -> Path:
     return write_config(tmp_path / "imapproxy.conf", values)
 
 
-def logged_in(proxy: ProxyProcess, user: User) -> RawClient:
-    client, replies = login(proxy.host, proxy.port, user.name, user.password)
-    assert replies[-1].startswith(b"L1 OK"), replies
-    return client
+def logged_in_as(proxy: ProxyProcess, user: User) -> RawClient:
+    return logged_in(proxy.host, proxy.port, user.name, user.password)[0]
 
 
 def log_out(client: RawClient) -> None:
@@ -78,9 +77,9 @@ def test_dash_c_is_byte_identical_to_debians_on_a_live_proxy(
 ) -> None:
     proxy = start_proxy()
     first, second = make_user(), make_user()
-    log_out(logged_in(proxy, first))
-    log_out(logged_in(proxy, first))  # reuses the cached connection
-    active = logged_in(proxy, second)
+    log_out(logged_in_as(proxy, first))
+    log_out(logged_in_as(proxy, first))  # reuses the cached connection
+    active = logged_in_as(proxy, second)
     try:
         ours = steady_counters(proxy.config_path)
         theirs = debian_pimpstat("-c", "-f", str(proxy.config_path))
@@ -195,10 +194,7 @@ class TmuxSession:
         return self.wait_for(lambda screen: all(text in screen for text in texts), repr(texts))
 
     def wait_for_end(self) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not self.alive(), self.screen()
+        assert wait_until(lambda: not self.alive(), WAIT_S), self.screen()
 
     def kill(self) -> None:
         self.tmux("kill-server")
@@ -259,8 +255,8 @@ def test_the_screen_follows_a_live_proxy(
     assert "IMAPPROXY TOTALS" in screen  # our file has the extension
 
     user = make_user()
-    log_out(logged_in(proxy, user))
-    log_out(logged_in(proxy, user))
+    log_out(logged_in_as(proxy, user))
+    log_out(logged_in_as(proxy, user))
     screen = session.wait_for(showing("client logins:", "2"), "client logins 2")
     assert figure(screen, "server connections created:") == "1"
     assert figure(screen, "server connection reuses:") == "1"
@@ -269,7 +265,7 @@ def test_the_screen_follows_a_live_proxy(
     screen = choose(session, "2", "rates")
     assert "RATES PER SECOND (LAST INTERVAL)" in screen
     assert figure(screen, "connection cache (reuses / logins):") == "50.0 %"
-    log_out(logged_in(proxy, user))
+    log_out(logged_in_as(proxy, user))
     session.wait_for(
         lambda s: figure(s, "client logins:") not in (None, "N/A", "0.00 /s"), "a login rate"
     )

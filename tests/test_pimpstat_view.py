@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +12,6 @@ from pimpstat.view import BLANK, Row
 
 START = 1_700_000_000  # Tue Nov 14 22:13:20 2023 UTC
 RESET = START + 3600
-VIEW_PY = Path(__file__).resolve().parents[1] / "pimpstat" / "view.py"
 
 
 def make_snapshot(values: dict[str, int], *, extension: bool) -> dict[str, int]:
@@ -343,26 +340,3 @@ def test_figures_fit_before_the_value_column_and_beside_column() -> None:
             assert app.LABEL_COL + len(row.label) < app.VALUE_END_COL - len(row.value), row
         elif row.beside is not None:
             assert app.PAIR_VALUE_COL + len(row.value) < app.BESIDE_LABEL_COL, row
-
-
-def test_view_does_no_io_and_reads_no_clock() -> None:
-    tree = ast.parse(VIEW_PY.read_text())
-    imported = {
-        alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    }
-    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    roots = {name.split(".")[0] for name in imported}
-    assert not roots & {
-        "curses",
-        "cursesmenu",
-        "os",
-        "io",
-        "mmap",
-        "time",
-        "datetime",
-        "socket",
-        "gevent",
-    }

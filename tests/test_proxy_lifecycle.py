@@ -3,60 +3,32 @@
 from __future__ import annotations
 
 import base64
-import os
-import shutil
+import contextlib
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.client import RawClient, login
-from tests.support.dovecot import DovecotInstance, User, free_port
+from tests.support.client import RawClient, login, page
+from tests.support.dovecot import DovecotInstance, User, free_port, running_dovecot
+from tests.support.polling import wait_until
 from tests.support.proxy import REPO, ProxyProcess, run_imapproxyd, service_identity, write_config
 
 
 @pytest.fixture
 def private_dovecot() -> Iterator[Callable[..., DovecotInstance]]:
     """Dovecots of a test's own, for tests that stop or restart them."""
-    started: list[DovecotInstance] = []
+    with contextlib.ExitStack() as stack:
 
-    def start(listen: str = "127.0.0.1") -> DovecotInstance:
-        root = Path(tempfile.mkdtemp(prefix="ipx-dovecot-"))
-        os.chmod(root, 0o755)
-        instance = DovecotInstance(root, listen=listen)
-        instance.write_config()
-        instance.add_user("alice", "alice-pw")
-        instance.add_user("bob", "bob-pw")
-        started.append(instance)
-        return instance.start()
+        def start(listen: str = "127.0.0.1") -> DovecotInstance:
+            users = {"alice": "alice-pw", "bob": "bob-pw"}
+            return stack.enter_context(running_dovecot(users, listen=listen))
 
-    yield start
-    for instance in started:
-        instance.stop()
-        shutil.rmtree(instance.root, ignore_errors=True)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
-def page(proxy: ProxyProcess, user: str, password: str) -> list[bytes]:
-    client, replies = login(proxy.host, proxy.port, user, password)
-    assert replies[-1].startswith(b"L1 OK"), replies
-    assert client.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
-    client.command(b"z", b"LOGOUT")
-    client.close()
-    return replies
+        yield start
 
 
 def test_sigterm_logs_out_cached_sessions_and_exits(
@@ -64,7 +36,7 @@ def test_sigterm_logs_out_cached_sessions_and_exits(
 ) -> None:
     proxy = start_proxy()
     before = dovecot.logouts(user.name)
-    page(proxy, user.name, user.password)
+    page(proxy.host, proxy.port, user.name, user.password)
     proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
     started = time.monotonic()
     assert proxy.stop(signal.SIGTERM) == 0
@@ -157,7 +129,7 @@ def test_backend_up_during_startup_retries(
         from tests.support.dovecot import wait_for_port
 
         wait_for_port(proxy.host, proxy.port, timeout=15)
-        page(proxy, "alice", "alice-pw")
+        page(proxy.host, proxy.port, "alice", "alice-pw")
     finally:
         proxy.stop()
 
@@ -166,11 +138,11 @@ def test_dead_cached_session_is_replaced_invisibly(
     start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
 ) -> None:
     proxy = start_proxy()
-    page(proxy, user.name, user.password)
+    page(proxy.host, proxy.port, user.name, user.password)
     proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
     dovecot.doveadm("kick", user.name)  # the backend drops the cached session
     logins = dovecot.logins(user.name)
-    replies = page(proxy, user.name, user.password)
+    replies = page(proxy.host, proxy.port, user.name, user.password)
     assert not replies[0].startswith(b"* OK [XPROXYREUSE]")
     assert dovecot.logins(user.name) == logins + 1
     assert "is dead" in proxy.log_text()
@@ -182,15 +154,17 @@ def test_backend_restart_byes_active_clients_and_serves_new_ones(
     backend = private_dovecot()
     proxy = ProxyProcess(tmp_path / "p", backend).start()
     try:
-        page(proxy, "bob", "bob-pw")  # cached
+        page(proxy.host, proxy.port, "bob", "bob-pw")  # cached
         active, _ = login(proxy.host, proxy.port, "alice", "alice-pw")
         backend.restart()
         assert active.is_closed()
         assert active.buffer.endswith(b"* BYE IMAP server connection lost\r\n")
         active.close()
-        replies = page(proxy, "bob", "bob-pw")  # the dead cached one is replaced, no error
+        replies = page(
+            proxy.host, proxy.port, "bob", "bob-pw"
+        )  # the dead cached one is replaced, no error
         assert replies[-1].startswith(b"L1 OK")
-        page(proxy, "alice", "alice-pw")
+        page(proxy.host, proxy.port, "alice", "alice-pw")
     finally:
         proxy.stop()
 
@@ -224,7 +198,7 @@ def test_preauth_command(
     start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
 ) -> None:
     proxy = start_proxy(preauth_command=f'ID ("GUID" "preauth-{user.name}")')
-    page(proxy, user.name, user.password)
+    page(proxy.host, proxy.port, user.name, user.password)
     assert wait_until(lambda: f"ID sent: GUID=preauth-{user.name}" in dovecot.log_text())
 
 
@@ -270,8 +244,8 @@ def test_ipv6_listener_and_backend(
     proxy.host = "::1"
     proxy.start()
     try:
-        page(proxy, "alice", "alice-pw")
-        replies = page(proxy, "alice", "alice-pw")
+        page(proxy.host, proxy.port, "alice", "alice-pw")
+        replies = page(proxy.host, proxy.port, "alice", "alice-pw")
         assert replies[0].startswith(b"* OK [XPROXYREUSE]")
     finally:
         proxy.stop()

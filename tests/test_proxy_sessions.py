@@ -9,20 +9,17 @@ from collections.abc import Callable
 import pytest
 from imapclient import IMAPClient
 
-from tests.support.client import RawClient, login
+from tests.support.client import REUSED, RawClient, assert_in_sync, imaplib_reused, logged_in, login
 from tests.support.dovecot import DovecotInstance, User, make_message
+from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess
-
-
-def reused(imap: imaplib.IMAP4) -> bool:
-    return any(b"[XPROXYREUSE]" in line for line in imap.untagged_responses.get("OK", []))
 
 
 def webmail_page(proxy: ProxyProcess, user: User) -> tuple[imaplib.IMAP4, bool]:
     """LOGIN, SELECT, FETCH as webmail does; return the connection and whether it was a reuse."""
     imap = imaplib.IMAP4(proxy.host, proxy.port)
     imap.login(user.name, user.password)
-    was_reused = reused(imap)
+    was_reused = imaplib_reused(imap)
     status, data = imap.select("INBOX")
     assert status == "OK"
     status, fetched = imap.fetch("1:*", "(UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
@@ -117,10 +114,7 @@ def test_expiry_logs_the_session_out(
     imap, _ = webmail_page(proxy, user)
     imap.logout()
     proxy.wait_for_log("Expiring server sd [", timeout=5)
-    deadline = time.monotonic() + 5
-    while dovecot.logouts(user.name) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert dovecot.logouts(user.name) == before + 1
+    assert wait_until(lambda: dovecot.logouts(user.name) == before + 1, timeout=5)
     imap, was_reused = webmail_page(proxy, user)  # and the next login makes a new one
     assert not was_reused
     imap.logout()
@@ -176,16 +170,9 @@ def test_client_killed_mid_fetch_then_next_login_is_in_sync(
     client.read_exact(1000)
     client.close()  # vanish mid-FETCH
     proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")  # drained, resynced, cached
-    client, replies = login(proxy.host, proxy.port, user.name, user.password)
-    assert replies[0].startswith(b"* OK [XPROXYREUSE]")
-    assert client.command(b"n1", b"NOOP") == [b"n1 OK NOOP completed.\r\n"] or client.command(
-        b"n2", b"NOOP"
-    )[-1].startswith(b"n2 OK")
-    select = client.command(b"s2", b"SELECT INBOX")
-    assert select[-1].startswith(b"s2 OK [READ-WRITE]")
-    fetched = client.command(b"f2", b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-    assert f"{user.name} message 1".encode() in fetched[0] and fetched[-1].startswith(b"f2 OK")
-    assert client.read_available() == b""
+    client, replies = logged_in(proxy.host, proxy.port, user.name, user.password)
+    assert replies[0].startswith(REUSED)
+    assert_in_sync(client, user.name)
     client.close()
 
 
@@ -196,10 +183,9 @@ def test_client_killed_mid_idle_then_next_login_is_in_sync(proxy: ProxyProcess, 
     assert client.read_line().startswith(b"+ ")
     client.close()
     proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
-    client, replies = login(proxy.host, proxy.port, user.name, user.password)
-    assert replies[0].startswith(b"* OK [XPROXYREUSE]")
-    assert client.command(b"n", b"NOOP")[-1].startswith(b"n OK")
-    assert client.read_available() == b""
+    client, replies = logged_in(proxy.host, proxy.port, user.name, user.password)
+    assert replies[0].startswith(REUSED)
+    assert_in_sync(client, user.name)
     client.close()
 
 

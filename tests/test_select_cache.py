@@ -7,8 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from imapproxy import stats
-from tests.support.client import RawClient, login
+from tests.support.client import RawClient, logged_in
 from tests.support.dovecot import DovecotInstance, User, make_message
 from tests.support.proxy import ProxyProcess
 
@@ -19,15 +18,12 @@ def proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
 
 
 def counters(proxy: ProxyProcess) -> tuple[int, int, int]:
-    c = stats.read_file(str(proxy.stat_path))
-    assert c is not None
+    c = proxy.counters()
     return c.TotalSelectCommands, c.SelectCacheHits, c.SelectCacheMisses
 
 
 def open_page(proxy: ProxyProcess, user: User) -> RawClient:
-    client, replies = login(proxy.host, proxy.port, user.name, user.password)
-    assert replies[-1].startswith(b"L1 OK"), replies
-    return client
+    return logged_in(proxy.host, proxy.port, user.name, user.password)[0]
 
 
 def end_page(proxy: ProxyProcess, client: RawClient, user: User) -> None:

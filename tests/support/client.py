@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import imaplib
 import re
 import socket
 import ssl
@@ -105,3 +106,40 @@ class RawClient:
 def login(host: str, port: int, user: str, password: str) -> tuple[RawClient, list[bytes]]:
     client = RawClient(host, port)
     return client, client.command(b"L1", b'LOGIN "%s" "%s"' % (user.encode(), password.encode()))
+
+
+REUSED = b"* OK [XPROXYREUSE]"
+
+
+def imaplib_reused(imap: imaplib.IMAP4) -> bool:
+    """Whether an ``imaplib`` login through the proxy got a cached session."""
+    return any(b"[XPROXYREUSE]" in line for line in imap.untagged_responses.get("OK", []))
+
+
+def logged_in(host: str, port: int, user: str, password: str) -> tuple[RawClient, list[bytes]]:
+    """``login`` that must succeed; the client and the LOGIN's replies."""
+    client, replies = login(host, port, user, password)
+    assert replies[-1].startswith(b"L1 OK"), replies
+    return client, replies
+
+
+def assert_in_sync(client: RawClient, user: str) -> None:
+    """A (reused) session answers as a fresh one would: nothing of an earlier command's reply
+    before the NOOP's completion or after the FETCH's, and the user's own first message."""
+    noop = client.command(b"n", b"NOOP")
+    assert noop[-1].startswith(b"n OK"), noop
+    assert all(r.startswith(b"* ") and b" FETCH " not in r for r in noop[:-1]), noop
+    assert client.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK [READ-WRITE]")
+    fetched = client.command(b"f", b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert f"{user} message 1".encode() in fetched[0] and fetched[-1].startswith(b"f OK"), fetched
+    assert client.read_available() == b""
+
+
+def page(host: str, port: int, user: str, password: str) -> list[bytes]:
+    """A short webmail page (LOGIN, SELECT INBOX, LOGOUT) that must succeed; the LOGIN's
+    replies (``replies[0].startswith(REUSED)`` on reuse)."""
+    client, replies = logged_in(host, port, user, password)
+    assert client.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+    client.command(b"z", b"LOGOUT")
+    client.close()
+    return replies

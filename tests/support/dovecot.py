@@ -7,16 +7,19 @@ else to the current user. Nothing in ``/etc/dovecot`` is read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
@@ -353,3 +356,31 @@ def make_message(
         line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/0123456789\r\n"
         text += line * ((size - len(header) - len(body)) // len(line))
     return (header + text).encode()
+
+
+@contextlib.contextmanager
+def running_dovecot(
+    users: Mapping[str, str],
+    *,
+    masters: Mapping[str, str] | None = None,
+    prefix: str = "ipx-dovecot-",
+    **options: Any,
+) -> Iterator[DovecotInstance]:
+    """A private Dovecot with these users (name: password), stopped and removed at the end.
+
+    Its directory is not under pytest's ``tmp_path``, whose parents are mode 0700: Dovecot's
+    mail user must get in.
+    """
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(root, 0o755)
+    instance = DovecotInstance(root, **options)
+    try:
+        instance.write_config()
+        for name, password in users.items():
+            instance.add_user(name, password)
+        for name, password in (masters or {}).items():
+            instance.add_master(name, password)
+        yield instance.start()
+    finally:
+        instance.stop()
+        shutil.rmtree(root, ignore_errors=True)

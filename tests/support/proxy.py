@@ -7,18 +7,23 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from imapproxy import stats
 from tests.support.dovecot import DovecotInstance, free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_imapproxyd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m imapproxy ARGS`` to its end; its output as text."""
+def run_imapproxyd(
+    *args: str, timeout: float = 60, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m imapproxy ARGS`` to its end (under ``prefix``, e.g. ``prlimit ...``);
+    its output as text."""
     return subprocess.run(
-        [sys.executable, "-m", "imapproxy", *args],
+        [*prefix, sys.executable, "-m", "imapproxy", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -109,6 +114,12 @@ class ProxyProcess:
         code = self.process.returncode
         self.process = None
         return code
+
+    def counters(self) -> stats.Counters:
+        """A snapshot of the proxy's statistics file."""
+        counters = stats.read_file(str(self.stat_path))
+        assert counters is not None, f"no statistics file at {self.stat_path}"
+        return counters
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
