@@ -341,6 +341,7 @@ def test_master_user_and_shared_secret(
         auth_sasl_plain_username=MASTER_USER,
         auth_sasl_plain_password=MASTER_PASSWORD,
         auth_shared_secret="Shared-S3cret",
+        auth_failure_delay=0,
     )
     assert not page(proxy.host, proxy.port, user.name, "Shared-S3cret")
     assert f"Login: user=<{user.name}>, method=PLAIN" in dovecot.log_text()
@@ -352,3 +353,14 @@ def test_master_user_and_shared_secret(
         "Shared-S3cret" not in proxy.log_text()
         and base64.b64encode(b"Shared-S3cret").decode() not in proxy.log_text()
     )
+
+    # a new secret on SIGHUP: the old one no longer opens the session cached with it
+    proxy.settings["auth_shared_secret"] = "New-S3cret"
+    write_config(proxy.config_path, proxy.settings)
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for_log("reload: auth_shared_secret changed")
+    client, replies = login(proxy.host, proxy.port, user.name, "Shared-S3cret")
+    client.close()
+    assert replies == [b"L1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"]
+    assert not page(proxy.host, proxy.port, user.name, "New-S3cret")
