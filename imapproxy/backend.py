@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import select
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from imapproxy.credentials import Credentials
 from imapproxy.errors import BackendFailure, BackendProtocolError, FailureKind
 from imapproxy.protocol.framing import NEED_DATA, parse_literal_marker
 from imapproxy.protocol.response import Response, ResponseReader
+from imapproxy.reuse_check import ReuseCheck
 from imapproxy.select_cache import SelectEntry, check_commands, still_valid
 from imapproxy.send import send_all
 
@@ -84,6 +86,9 @@ class BackendSession:
         "username",
         "created_at",
         "selected",
+        "check",
+        "check_tags",
+        "news",
     )
 
     def __init__(self, sock: socket.socket, address: Address, login: LoginResult) -> None:
@@ -99,6 +104,9 @@ class BackendSession:
         self.select_checked_at: float | None = None  # when the entry was last found valid
         self.pending: dict[bytes, bytes] = {}  # tag -> command sent without waiting for it
         self.traits = ServerTraits()
+        self.check: ReuseCheck | None = None  # a reuse check sent, its replies not yet read
+        self.check_tags: list[bytes] = []
+        self.news: list[Response] = []  # untagged replies that came while cached
 
     def has_capability(self, name: bytes) -> bool | None:
         """True/False when the post-login capabilities are known, None when they are not."""
@@ -125,13 +133,16 @@ class BackendSession:
     def pipeline(self, lines: list[bytes], timeout: float) -> tuple[list[Response], list[Response]]:
         """Send several commands in one write; return all untagged replies and the tagged ones
         in the order of ``lines`` (servers may complete pipelined commands out of order)."""
-        tags = [_new_tag() for _ in lines]
         with _Deadline(timeout, "no reply to " + lines[0].split(b" ", 1)[0].decode()):
-            self.send(
-                b"".join(t + b" " + line + b"\r\n" for t, line in zip(tags, lines, strict=True))
-            )
+            tags = self._send_tagged(lines)
             untagged, done = self._read_tagged(set(tags))
             return untagged, [done[tag] for tag in tags]
+
+    def _send_tagged(self, lines: tuple[bytes, ...] | list[bytes]) -> list[bytes]:
+        """Send commands (without tags) in one write under fresh tags; return the tags."""
+        tags = [_new_tag() for _ in lines]
+        self.send(b"".join(t + b" " + line + b"\r\n" for t, line in zip(tags, lines, strict=True)))
+        return tags
 
     def _read_tagged(self, tags: set[bytes]) -> tuple[list[Response], dict[bytes, Response]]:
         """Read until every tag in ``tags`` completed; return untagged replies and completions.
@@ -174,37 +185,91 @@ class BackendSession:
             untagged, done = self._read_tagged({tag})
             return untagged, done[tag]
 
-    def check_alive(self, client_id_args: bytes | None, now: float) -> None:
-        """Before reuse: a tagged NOOP (after the client's ID, replayed, if it sent one).
+    def read_waiting(self) -> None:
+        """Read, without waiting, what the server sent while the session sat in the cache.
 
-        With a SELECT cache entry, the entry's check goes in the same round trip, so that the
-        page's SELECT, coming next, is answered at once (``select_checked_at``). Otherwise
-        untagged replies are dropped, and with them the entry, which could no longer be checked.
+        A BYE or the end of the connection (the server logged it out, its process was
+        killed) makes it dead (``BackendFailure``) before the client is told of a reuse;
+        completions of commands sent without waiting are checked; untagged news is kept for
+        the reuse check, which judges it.
+        """
+        self.sock.settimeout(0.0)
+        try:
+            while data := self.sock.recv(RECV_BYTES):
+                self.reader.receive_data(data)
+            raise BackendFailure(FailureKind.CONNECT, "connection closed by server while cached")
+        except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
+            pass  # all that came is read
+        finally:
+            self.sock.settimeout(None)
+        try:
+            while (response := self.reader.next_response()) is not NEED_DATA:
+                assert isinstance(response, Response)
+                self._waiting_response(response)
+        except BackendProtocolError as error:
+            raise BackendFailure(FailureKind.PROTOCOL, str(error)) from None
+
+    def _waiting_response(self, response: Response) -> None:
+        if response.tag in self.pending:
+            self._pending_done(response)
+        elif response.tag != b"*":
+            raise BackendFailure(FailureKind.PROTOCOL, "reply to a command not sent")
+        elif response.word == b"BYE":
+            raise BackendFailure(FailureKind.PROTOCOL, "server said BYE while cached")
+        else:
+            self.news.append(response)
+
+    def start_check(self, client_id_args: bytes | None) -> None:
+        """Before reuse: send the liveness check (``reuse_check``) without waiting for it.
+
+        Its replies are read by ``finish_check``, before anything else is sent or read on
+        this session. Raises ``OSError`` if the session is already gone.
         """
         entry = self.select_entry if self.selected else None
-        lines = [b"ID " + client_id_args] if client_id_args is not None else []
-        lines += self._entry_check(entry) if entry is not None else [b"NOOP"]
-        untagged, done = self.pipeline(lines, REUSE_CHECK_TIMEOUT_S)
-        if client_id_args is not None:
-            untagged = [r for r in untagged if r.word != b"ID"]
-            if done.pop(0).word not in (b"OK", b"NO"):  # the ID may be refused
-                raise BackendFailure(FailureKind.PROTOCOL, "liveness check failed")
-        if any(d.word != b"OK" for d in done):
-            raise BackendFailure(FailureKind.PROTOCOL, "liveness check failed")
-        if entry is not None and still_valid(entry, untagged):
-            self.select_checked_at = now
-        elif entry is not None or untagged:
+        esearch = self.has_capability(b"ESEARCH") is True
+        self.check = check = ReuseCheck(entry, client_id_args, esearch=esearch)
+        self.check_tags = self._send_tagged(check.lines)
+
+    def check_arrived(self) -> bool:
+        """Whether the check's replies have (at least begun to) come in: reading them will
+        not wait for the server, the case the overlap is for."""
+        tls_pending = getattr(self.sock, "pending", None)  # TLS: records already decrypted
+        if self.reader.has_buffered() or (tls_pending is not None and tls_pending()):
+            return True
+        readable, _, _ = select.select([self.sd], [], [], 0)
+        return bool(readable)
+
+    def finish_check(self, now: float) -> None:
+        """Read the check's replies; ``BackendFailure`` if the session is dead or out of sync.
+
+        With a SELECT cache entry that still holds, the page's SELECT, coming next, is
+        answered at once (``select_checked_at``); an entry that no longer holds is dropped.
+        """
+        check, tags = self.check, self.check_tags
+        assert check is not None
+        self.check, self.check_tags = None, []
+        with _Deadline(REUSE_CHECK_TIMEOUT_S, "no reply to the liveness check"):
+            untagged, done = self._read_tagged(set(tags))
+        untagged, self.news = self.news + untagged, []
+        verdict = check.verdict(untagged, [done[tag] for tag in tags])
+        if verdict.drop_entry:
             self.select_entry = None
+        if not verdict.alive:
+            raise BackendFailure(FailureKind.PROTOCOL, verdict.reason)
+        if verdict.entry_holds:
+            self.select_checked_at = now
 
     def _entry_check(self, entry: SelectEntry) -> list[bytes]:
         return list(check_commands(entry.mailbox, esearch=self.has_capability(b"ESEARCH") is True))
 
-    def select_entry_holds(self, entry: SelectEntry, now: float, timeout: float) -> bool:
-        """Whether a fresh SELECT would still give ``entry``'s reply: checked just now at
-        login (and nothing sent since), or asked of the server now."""
+    def select_checked_just_now(self, now: float) -> bool:
+        """Whether the SELECT cache entry was found valid at login, just now, with nothing
+        sent since; true once (the check is used up)."""
         checked, self.select_checked_at = self.select_checked_at, None
-        if checked is not None and now - checked < SELECT_CHECK_FRESH_S:
-            return True
+        return checked is not None and now - checked < SELECT_CHECK_FRESH_S
+
+    def select_entry_holds(self, entry: SelectEntry, timeout: float) -> bool:
+        """Whether a fresh SELECT would still give ``entry``'s reply, asked of the server now."""
         untagged, done = self.pipeline(self._entry_check(entry), timeout)
         return all(d.word == b"OK" for d in done) and still_valid(entry, untagged)
 

@@ -21,7 +21,7 @@ from imapproxy import admin
 from imapproxy.backend import BackendSession
 from imapproxy.cache import Slot
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
-from imapproxy.relay import Outcome, Relay, RelaySettings
+from imapproxy.relay import IDLE_TIMEOUT_BYE, Outcome, Relay, RelaySettings
 from imapproxy.send import send_quietly
 from imapproxy.session import (
     AdminRequested,
@@ -42,9 +42,10 @@ REUSE_NOTICE = b"* OK [XPROXYREUSE] IMAP connection reused by imapproxy\r\n"  # 
 INTERNAL_ERROR_BYE = b"* BYE Internal proxy error\r\n"
 SHUTDOWN_BYE = b"* BYE imapproxy shutting down\r\n"
 LOGIN_TIMEOUT_BYE = b"* BYE Login timeout\r\n"
+SESSION_LOST_BYE = b"* BYE IMAP server unavailable, try again later\r\n"
 PRELOGIN_RECV_BYTES = 16384
 
-LoggedIn = tuple[Slot[BackendSession], bool, bytes]  # slot, reused, the login's tag
+LoggedIn = tuple[Slot[BackendSession], bool, LoginRequested]  # slot, reused, the login
 
 
 def format_address(address: tuple[object, ...]) -> str:
@@ -192,14 +193,22 @@ class ClientConnection:
             )
             self._send(error.response(request.tag))
             return None
-        return slot, reused, request.tag
+        return slot, reused, request
 
-    def _logged_in(self, slot: Slot[BackendSession], reused: bool, tag: bytes) -> None:
+    def _logged_in(self, slot: Slot[BackendSession], reused: bool, request: LoginRequested) -> None:
         session = slot.session
         assert session is not None
         login = session.login
-        reply = b"".join(login.untagged) + tag + b" " + login.reply + b"\r\n"
-        if not self._send(REUSE_NOTICE + reply if reused else reply):
+        reply = b"".join(login.untagged) + request.tag + b" " + login.reply + b"\r\n"
+        sent = self._send(REUSE_NOTICE + reply if reused else reply)
+        if reused:
+            confirmed = self._confirm(slot, request, sent)
+            if confirmed is None:
+                return
+            reused, slot = confirmed is slot, confirmed
+            session = slot.session
+            assert session is not None
+        if not sent:
             self.proxy.checkin(slot, Outcome.RESYNCED)  # gone before its first command: idle
             return
         relay = self._relay(session, reused)
@@ -210,6 +219,40 @@ class ClientConnection:
             self.proxy.checkin(slot, outcome)
         if relay.farewell and relay.client_alive:  # after checkin: the next login can reuse it
             self._send(relay.farewell)
+
+    def _confirm(
+        self, slot: Slot[BackendSession], request: LoginRequested, sent: bool
+    ) -> Slot[BackendSession] | None:
+        """The overlap of a reuse: the client's next command is awaited while the session's
+        check (sent at checkout) travels, then the check is read. A session that failed it is
+        replaced by a new one, opened with the credentials this connection still holds (and
+        drops afterwards); the client notices nothing. None if no session can be had."""
+        framer = self.session.framer
+        if sent and not framer.has_input:
+            framer.receive_data(self._receive_first_command())
+        try:
+            return self.proxy.confirm(slot, request.credentials, self.session.client_id, self.where)
+        except BackendFailure as error:
+            LOGGER.info(
+                "LOGIN: '%s' (%s) no session after a dead cached one: %s",
+                request.credentials.username_text,
+                self.where,
+                error.detail,
+            )
+            self._send(SESSION_LOST_BYE)
+            return None
+
+    def _receive_first_command(self) -> bytes:
+        self.sock.settimeout(self.proxy.config.client_idle_timeout)
+        try:
+            return self.sock.recv(PRELOGIN_RECV_BYTES)
+        except TimeoutError:
+            self._send(IDLE_TIMEOUT_BYE)
+            return b""
+        except OSError:
+            return b""
+        finally:
+            self.sock.settimeout(None)
 
     def _relay(self, session: BackendSession, reused: bool) -> Relay:
         config = self.proxy.config

@@ -49,7 +49,13 @@ from imapproxy.protocol.framing import (
 from imapproxy.protocol.framing import Event as FramerEvent
 from imapproxy.protocol.grammar import Arguments, CommandStart, split_command_line
 from imapproxy.protocol.scanner import CONTINUATION, FLAGS_CHANGE, ResponseScanner
-from imapproxy.select_cache import closed_line, drops_entry, entry_from_reply, mailbox_key
+from imapproxy.select_cache import (
+    SelectEntry,
+    closed_line,
+    drops_entry,
+    entry_from_reply,
+    mailbox_key,
+)
 from imapproxy.send import send_all, send_quietly
 from imapproxy.stats import Counters
 from imapproxy.trace import SessionTrace
@@ -385,6 +391,7 @@ class Relay:
             if self.idle_tag is None and not self._duplex_for_good and not self._stop_pump():
                 raise _Desync(self.backend_gone or "server did not end the IDLE")
             return
+        self.counters.BackendWaits += 1
         self._copy(self._replies_done)
         if (self.idle_tag is not None and self.continuations) or self._duplex_for_good:
             self._go_duplex()  # IDLE (or NOTIFY) is on: the server speaks when it likes
@@ -460,6 +467,7 @@ class Relay:
             return self.continuations > 0 or spec_tag not in self.outstanding
 
         if self._pump is None:
+            self.counters.BackendWaits += 1
             self._copy(answered, self.settings.response_timeout)
         elif not self._wait_until(answered, self.settings.response_timeout):
             raise _Desync("no reply to a literal")
@@ -553,7 +561,7 @@ class Relay:
             and closed is not None
             and session.selected
             and entry.mailbox == mailbox_key(mailbox)
-            and session.select_entry_holds(entry, time.monotonic(), self.settings.response_timeout)
+            and self._entry_holds(entry)
         ):
             self.counters.SelectCacheHits += 1
             if self.trace is not None:
@@ -561,6 +569,7 @@ class Relay:
             self._send_own(entry.reply(tag, closed))
             return
         self.counters.SelectCacheMisses += 1
+        self.counters.BackendWaits += 1
         session.select_entry = None
         pieces = [line if line.endswith(b"\n") else line + b"\r\n" for line in lines]
         untagged, done = session.relay_command(
@@ -573,6 +582,13 @@ class Relay:
             session.selected = done.word == b"OK"
         if mailbox is not None:
             session.select_entry = entry_from_reply(mailbox, untagged, done)
+
+    def _entry_holds(self, entry: SelectEntry) -> bool:
+        """Checked by the reuse check at login (no wait), or else asked now (one wait)."""
+        if self.session.select_checked_just_now(time.monotonic()):
+            return True
+        self.counters.BackendWaits += 1
+        return self.session.select_entry_holds(entry, self.settings.response_timeout)
 
     # -- endings --------------------------------------------------------------------------------
 

@@ -112,7 +112,11 @@ class Proxy:
     def checkout(
         self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None, where: str
     ) -> tuple[Slot[BackendSession], bool]:
-        """A backend session for these credentials: a cached one if alive, else a new one.
+        """A backend session for these credentials: a cached one, else a new one.
+
+        A cached session is handed over at once, its liveness check only sent
+        (``BackendSession.start_check``): the caller answers the client and calls ``confirm``
+        before the client's first command goes to the server.
 
         In static-identity mode the shared secret is checked first: before the cache (the
         setting may have changed on SIGHUP) and before a slot is made free for a new session.
@@ -124,16 +128,10 @@ class Proxy:
             session = slot.session
             assert session is not None
             try:
-                session.check_alive(id_command_args(client_id) if client_id else None, self.clock())
+                session.read_waiting()
+                session.start_check(id_command_args(client_id) if client_id else None)
             except (BackendFailure, OSError) as error:
-                LOGGER.info(
-                    "LOGIN: '%s' (%s) cached sd [%d] is dead (%s): creating a new one",
-                    credentials.username_text,
-                    where,
-                    session.sd,
-                    why(error),
-                )
-                self.discard(slot)
+                self._dead(slot, credentials, where, error)
                 continue
             self.counters.TotalServerConnectionsReused += 1
             LOGGER.info(
@@ -141,6 +139,41 @@ class Proxy:
             )
             return slot, True
         return self._new_session(credentials, client_id, digest, where), False
+
+    def confirm(
+        self,
+        slot: Slot[BackendSession],
+        credentials: Credentials,
+        client_id: tuple[bytes | None, ...] | None,
+        where: str,
+    ) -> Slot[BackendSession]:
+        """Read a reused session's check: its slot if it passed, else a new session's (with the
+        credentials the connection still holds); ``BackendFailure`` if none can be had."""
+        session = slot.session
+        assert session is not None
+        if not session.check_arrived():
+            self.counters.BackendWaits += 1  # the overlap did not hide the check this time
+        try:
+            session.finish_check(self.clock())
+        except (BackendFailure, OSError) as error:
+            self.counters.TotalServerConnectionsReused -= 1
+            self._dead(slot, credentials, where, error)
+            return self._new_session(credentials, client_id, self.hasher.digest(credentials), where)
+        return slot
+
+    def _dead(
+        self, slot: Slot[BackendSession], credentials: Credentials, where: str, error: Exception
+    ) -> None:
+        session = slot.session
+        assert session is not None
+        LOGGER.info(
+            "LOGIN: '%s' (%s) cached sd [%d] is dead (%s): creating a new one",
+            credentials.username_text,
+            where,
+            session.sd,
+            why(error),
+        )
+        self.discard(slot)
 
     def _new_session(
         self,

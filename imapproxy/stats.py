@@ -27,6 +27,9 @@ Our extension follows, marked so that a reader can tell our file from up-imappro
     76      uint32    extension version (1)
     80      uint64    × EXTENSION_COUNT, in the order of ``EXTENSION_FIELDS``
 
+Fields are only ever appended to the extension: a reader given a shorter file of ours (an
+older version) reads the missing fields as 0.
+
 The writer updates fields in place (no locks, as up-imapproxy; single-threaded under gevent, so
 our counters do not drift). The reader maps the file read-only.
 """
@@ -44,7 +47,7 @@ EXTENSION_MAGIC: Final = b"IPXS"
 EXTENSION_VERSION: Final = 1
 _EXTENSION_HEADER: Final = struct.Struct("=4sI")
 _EXTENSION_OFFSET: Final = UP_IMAPPROXY_SIZE + _EXTENSION_HEADER.size  # 80
-EXTENSION_COUNT: Final = 5
+EXTENSION_COUNT: Final = 6
 FILE_SIZE: Final = _EXTENSION_OFFSET + 8 * EXTENSION_COUNT
 
 assert UP_IMAPPROXY_SIZE == 72
@@ -90,6 +93,9 @@ class Counters:
     TotalServerConnectionsDropped = _Field("_extension", 2)  # closed, not cached (dead, desync)
     TotalClientAbortsResynced = _Field("_extension", 3)  # vanished clients whose session was kept
     TotalCapacityRefusals = _Field("_extension", 4)  # logins refused: every slot in use
+    # times a client waited for the server: a command's round trip, or a reuse check whose
+    # reply had not come in by the client's next command (``bench`` divides it by pages)
+    BackendWaits = _Field("_extension", 5)
 
     def __init__(self, buffer: mmap.mmap | bytearray) -> None:
         self.buffer = buffer

@@ -176,6 +176,7 @@ EXTENSION_LABELS: Final = {
     "TotalServerConnectionsDropped": "server connections dropped:",
     "TotalClientAbortsResynced": "client aborts resynced:",
     "TotalCapacityRefusals": "logins refused, cache full:",
+    "BackendWaits": "waits for the server:",
 }
 assert tuple(EXTENSION_LABELS) == EXTENSION_FIELDS
 

@@ -132,6 +132,7 @@ def test_counters_are_up_imapproxys_screen_row_for_row() -> None:
         Row("server connections dropped:", "        0"),
         Row("client aborts resynced:", "        0"),
         Row("logins refused, cache full:", "        0"),
+        Row("waits for the server:", "        0"),
     ]
 
 

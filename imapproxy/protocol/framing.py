@@ -129,6 +129,11 @@ class CommandFramer:
         return self._state != _LINE_START or bool(self._buffer)
 
     @property
+    def has_input(self) -> bool:
+        """True when bytes (or the end of the stream) are waiting to be framed."""
+        return bool(self._buffer) or self._eof
+
+    @property
     def in_literal(self) -> bool:
         """True while the client owes literal bytes (announced, possibly not yet accepted)."""
         return self._state in (_IN_LITERAL, _AWAITING)

@@ -75,6 +75,10 @@ class ResponseReader:
         else:
             self._eof = True
 
+    def has_buffered(self) -> bool:
+        """Whether bytes were received that are not yet returned as responses."""
+        return bool(self._buffer)
+
     def take_buffered(self) -> bytes:
         """Remove and return bytes received but not yet returned as responses."""
         data = bytes(self._buffer)
