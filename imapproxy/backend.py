@@ -197,7 +197,7 @@ class BackendSession:
         try:
             while data := self.sock.recv(RECV_BYTES):
                 self.reader.receive_data(data)
-            raise BackendFailure(FailureKind.CONNECT, "connection closed by server while cached")
+            raise BackendFailure(FailureKind.LOST, "connection closed by server while cached")
         except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
             pass  # all that came is read
         finally:
@@ -308,11 +308,12 @@ class BackendSession:
 
 
 class _Deadline(gevent.Timeout):
-    """A deadline for one backend exchange that ends as ``BackendFailure(TIMEOUT)``."""
+    """A deadline for one backend exchange that ends as ``BackendFailure(TIMEOUT)``; a broken
+    connection is ``lost`` (``CONNECT`` while logging in, ``LOST`` on a logged-in session)."""
 
-    def __init__(self, seconds: float, what: str) -> None:
+    def __init__(self, seconds: float, what: str, lost: FailureKind = FailureKind.LOST) -> None:
         super().__init__(seconds)
-        self.what = what
+        self.what, self.lost = what, lost
 
     def __exit__(self, typ: Any, value: Any, tb: Any) -> None:
         self.close()
@@ -323,7 +324,7 @@ class _Deadline(gevent.Timeout):
         if isinstance(value, BackendProtocolError):
             raise BackendFailure(FailureKind.PROTOCOL, str(value)) from None
         if isinstance(value, OSError):
-            raise BackendFailure(FailureKind.CONNECT, f"connection lost: {value}") from None
+            raise BackendFailure(self.lost, f"connection lost: {value}") from None
 
 
 def policy_from_config(config: Config, tls_available: bool = False) -> BackendPolicy:
@@ -434,7 +435,9 @@ class Backend:
         sock, address = self.connect()
         reader = ResponseReader()
         try:
-            with _Deadline(self.config.server_response_timeout, "login took too long"):
+            with _Deadline(
+                self.config.server_response_timeout, "login took too long", FailureKind.CONNECT
+            ):
                 sock, result = self._run(
                     login_dialogue(credentials, self.policy, client_id), sock, reader
                 )
@@ -457,7 +460,7 @@ class Backend:
 
         sock, _ = self.connect()
         try:
-            with _Deadline(self.config.server_response_timeout, "no greeting"):
+            with _Deadline(self.config.server_response_timeout, "no greeting", FailureKind.CONNECT):
                 return self._run(dialogue(), sock, ResponseReader())[1]
         finally:
             sock.close()

@@ -251,6 +251,9 @@ class Config:
     client_starttls: bool = setting(False, boolean, "offer STARTTLS to clients")
     client_tls_required: bool = setting(False, boolean, "no login before TLS (LOGINDISABLED)")
     admin_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may use XPROXY_* commands")
+    max_client_connections: int = setting(
+        0, non_negative_int, "clients served at once; 0: as the open-file limit allows"
+    )
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

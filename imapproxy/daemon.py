@@ -132,6 +132,17 @@ def raise_file_limit(cache_size: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
+def client_limit(configured: int, cache_size: int) -> int:
+    """How many client connections may be open at once: ``max_client_connections``, or else
+    what the open-file limit leaves beside the cache's backend sockets and the spares."""
+    if configured:
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, soft - cache_size - SPARE_FILES)
+
+
 def detach() -> None:
     """Double fork, new session, stdio to /dev/null: the starting shell gets its prompt back.
 

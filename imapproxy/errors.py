@@ -66,6 +66,7 @@ class FailureKind(enum.Enum):
     TLS = "tls"
     PROTOCOL = "protocol"
     TIMEOUT = "timeout"
+    LOST = "lost"  # a logged-in session's connection broke (not a failure to connect)
     AUTH_REJECTED = "auth rejected"
     CAPACITY = "capacity"
     INTERNAL = "internal"
@@ -77,6 +78,7 @@ CLIENT_REPLY: dict[FailureKind, bytes] = {
     FailureKind.TLS: b"NO [UNAVAILABLE] Secure connection to IMAP server failed",
     FailureKind.PROTOCOL: b"NO [UNAVAILABLE] IMAP server failed to respond properly",
     FailureKind.TIMEOUT: b"NO [UNAVAILABLE] IMAP server did not respond in time",
+    FailureKind.LOST: b"NO [UNAVAILABLE] IMAP server connection lost",
     FailureKind.CAPACITY: b"NO [UNAVAILABLE] Proxy connection limit reached, try again later",
     FailureKind.INTERNAL: b"NO [SERVERBUG] Internal proxy error",
 }

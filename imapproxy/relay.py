@@ -74,6 +74,7 @@ LOGOUT_REPLY = b"* BYE LOGOUT received\r\n%s OK Completed\r\n"  # up-imapproxy's
 COMPRESS_REFUSAL = b"%s NO [CANNOT] COMPRESS is not available through imapproxy\r\n"
 IDLE_TIMEOUT_BYE = b"* BYE Autologout; idle for too long\r\n"
 BACKEND_LOST_BYE = b"* BYE IMAP server connection lost\r\n"
+SESSION_FAILED_BYE = b"* BYE IMAP session failed\r\n"
 GO_AHEAD = b"+ go ahead\r\n"
 
 
@@ -291,8 +292,7 @@ class Relay:
             LOGGER.info("closing session: %s", why(error))
             self._close()
             if self.client_alive and not self.backend_gone:  # else it was told already
-                message = b"* BYE IMAP session failed: " + why(error).encode() + b"\r\n"
-                send_quietly(self.client, message)
+                send_quietly(self.client, SESSION_FAILED_BYE)  # the detail is in the log
             return Outcome.CLOSED
         finally:
             self._close()
@@ -401,7 +401,7 @@ class Relay:
             try:
                 send_all(self.session.sock, b"".join(out) if len(out) > 1 else out[0])
             except OSError as error:
-                raise BackendFailure(FailureKind.CONNECT, f"write error: {error}") from None
+                raise BackendFailure(FailureKind.LOST, f"write error: {error}") from None
             out.clear()
 
     def _line(self, line: Line, out: list[bytes]) -> Outcome | None:
@@ -610,7 +610,7 @@ class Relay:
             try:
                 self.session.leave_mailbox()
             except OSError as error:
-                raise BackendFailure(FailureKind.CONNECT, f"write error: {error}") from None
+                raise BackendFailure(FailureKind.LOST, f"write error: {error}") from None
 
     def _logout(self, tag: bytes) -> Outcome:
         """LOGOUT: the reply is left in ``farewell`` for the caller to send once the session is

@@ -20,15 +20,17 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
+from imapproxy import daemon
 from imapproxy.backend import Backend, BackendSession
 from imapproxy.backend_login import LoginResult, check_shared_secret
 from imapproxy.cache import ConnectionCache, Slot
 from imapproxy.config import Config
-from imapproxy.connection import ClientConnection
+from imapproxy.connection import ClientConnection, format_address
 from imapproxy.credentials import CredentialHasher, Credentials
 from imapproxy.errors import BackendFailure, FailureKind, why
 from imapproxy.protocol import capability
 from imapproxy.relay import Outcome
+from imapproxy.send import send_quietly
 from imapproxy.session import id_command_args
 from imapproxy.stats import Counters
 from imapproxy.throttle import LoginThrottle
@@ -37,6 +39,8 @@ from imapproxy.trace import Tracer
 LOGGER = logging.getLogger("imapproxy")
 
 LOGOUT_CONCURRENCY = 64  # expiring/evicted sessions logged out at once, at most
+TOO_MANY_BYE = b"* BYE Too many connections, try again later\r\n"
+REFUSAL_LOG_INTERVAL_S = 10.0  # a flood of refusals makes one log line per interval
 
 
 @dataclass
@@ -95,6 +99,9 @@ class Proxy:
         self._expiry_wakeup = Event()
         self._expiry: gevent.Greenlet | None = None
         self.stopping = False
+        self.client_limit = daemon.client_limit(config.max_client_connections, config.cache_size)
+        self._refused = 0  # client connections refused since the last log line about it
+        self._refused_logged_at = float("-inf")
 
     # -- capabilities ---------------------------------------------------------------------------
 
@@ -270,6 +277,7 @@ class Proxy:
         self.config = config
         self.client_tls = client_tls
         self.throttle.base_delay = config.auth_failure_delay
+        self.client_limit = daemon.client_limit(config.max_client_connections, config.cache_size)
         self.backend.reconfigure(config, backend_tls)
         self._expiry_wakeup.set()
 
@@ -289,7 +297,27 @@ class Proxy:
     def _handle(
         self, client: socket.socket, address: tuple[object, ...], implicit_tls: bool
     ) -> None:
+        if len(self.clients) > self.client_limit:  # this greenlet is one of them
+            self._refuse(client, address, implicit_tls)
+            return
         ClientConnection(self, client, address, implicit_tls).run()
+
+    def _refuse(self, client: socket.socket, address: tuple[object, ...], tls: bool) -> None:
+        """Over ``max_client_connections``: a BYE in place of the greeting (RFC 9051 §7.1.5).
+        On the implicit-TLS port the connection is only closed: a handshake would cost what
+        the limit is there to save, and clear text would garble the client's handshake."""
+        if not tls:
+            send_quietly(client, TOO_MANY_BYE)
+        self._refused += 1
+        now = self.clock()
+        if now - self._refused_logged_at >= REFUSAL_LOG_INTERVAL_S:
+            LOGGER.warning(
+                "too many client connections (limit %d): refused %d, the latest from %s",
+                self.client_limit,
+                self._refused,
+                format_address(address),
+            )
+            self._refused, self._refused_logged_at = 0, now
 
     def stop(self, timeout: float) -> None:
         """Stop accepting, log out cached sessions, give active clients ``timeout`` seconds."""

@@ -137,6 +137,28 @@ def test_backend_garbage_mid_session_byes_the_client(
         assert c.RetainedServerConnections == 0 and c.TotalServerConnectionsDropped == 1
 
 
+def test_session_failure_byes_the_client_without_detail(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """The reason a session failed goes to the log; the client gets a fixed text."""
+
+    def script(conn: Conn, number: int) -> None:
+        if serve_imap(conn, stop_after=b"FETCH" if number else None):
+            conn.send(b"* 1 FETCH (FLAGS ())\r\n")
+            conn.hang()  # the completion never comes
+
+    with ScriptedBackend(script) as backend:
+        proxy = start_proxy((backend.host, backend.port), client_idle_timeout=2)
+        client, _ = login(proxy.host, proxy.port, "alice", "secret")
+        client.send(b"f FETCH 1 FLAGS\r\n")
+        assert client.is_closed()
+        assert client.buffer.endswith(b"\r\n* BYE IMAP session failed\r\n"), client.buffer
+        client.close()
+        assert "closing session: no reply from the server in time" in proxy.log_text()
+        c = settle(proxy)
+        assert c.RetainedServerConnections == 0 and c.TotalServerConnectionsDropped == 1
+
+
 def test_greeting_without_capability_and_literal_login(
     start_proxy: Callable[..., ProxyProcess],
 ) -> None:

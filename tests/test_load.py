@@ -130,6 +130,25 @@ def test_burst_beyond_cache_size(
     assert proxy.counters().TotalCapacityRefusals == 15
 
 
+def test_client_connections_beyond_the_limit_get_a_polite_bye(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    proxy = start_proxy(max_client_connections=3)
+    held = [RawClient(proxy.host, proxy.port) for _ in range(3)]
+    assert all(client.greeting.startswith(b"* OK") for client in held)
+    refused = RawClient(proxy.host, proxy.port)
+    assert refused.greeting == b"* BYE Too many connections, try again later\r\n"
+    assert refused.is_closed()
+    refused.close()
+    assert held[0].command(b"n", b"NOOP") == [b"n OK Completed\r\n"]  # the others go on
+    held.pop().close()
+    assert wait_until(lambda: proxy.counters().CurrentClientConnections == 2, timeout=10)
+    webmail_page(proxy, user)  # room again
+    for client in held:
+        client.close()
+    assert "too many client connections (limit 3): refused 1" in proxy.log_text()
+
+
 @dataclass
 class SoakTally:
     pages: int = 0
