@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import gevent
 from gevent import socket
 from gevent.event import Event
+from gevent.hub import Waiter
 
 from imapproxy.backend import BackendSession
 from imapproxy.copier import BackendGone, Copier, DrainExceeded
@@ -47,12 +48,11 @@ from imapproxy.protocol.framing import (
     LiteralData,
 )
 from imapproxy.protocol.framing import Event as FramerEvent
-from imapproxy.protocol.grammar import Arguments, CommandStart, split_command_line
-from imapproxy.protocol.scanner import CONTINUATION, FLAGS_CHANGE, ResponseScanner
+from imapproxy.protocol.grammar import Arguments, CommandStart
+from imapproxy.relay_state import Kind, RelayState
 from imapproxy.select_cache import (
     SelectEntry,
     closed_line,
-    drops_entry,
     entry_from_reply,
     mailbox_key,
 )
@@ -68,7 +68,6 @@ CLIENT_RECV_BYTES = 65536
 # A SELECT's mailbox name sent as a literal is read by the proxy itself (Dovecot limits names
 # to 255 characters per level).
 MAX_MAILBOX_LITERAL_BYTES = 4096
-DUPLEX_COMMANDS = frozenset({b"NOTIFY"})  # RFC 5465: the server may speak at any time after
 
 LOGOUT_REPLY = b"* BYE LOGOUT received\r\n%s OK Completed\r\n"  # up-imapproxy's texts
 COMPRESS_REFUSAL = b"%s NO [CANNOT] COMPRESS is not available through imapproxy\r\n"
@@ -103,8 +102,7 @@ class _ClientGone(Exception):
     """The client closed its side while the proxy was reading a command of its own."""
 
 
-class _BackendSpoke(Exception):
-    """Thrown into a wait for the client: the backend has something to say, or hung up."""
+_CLIENT, _BACKEND, _TIMEOUT = "client", "backend", "timeout"  # what ended a wait
 
 
 class Relay:
@@ -126,28 +124,27 @@ class Relay:
         self.settings = settings
         self.counters = counters
         self.trace = trace
-        self.scanner = ResponseScanner()
+        self.state = RelayState(session, select_cache=settings.select_cache)
+        self.scanner = self.state.scanner
         self.copier = Copier(
             session.sock, client, self.scanner, self._handle_events, session.reader.take_buffered()
         )
         self.copier.trace = trace
-        self.outstanding: dict[bytes, bytes] = {}  # tag -> command name, awaiting completion
-        self.continuations = 0  # "+" lines from the backend not yet answered
-        self.idle_tag: bytes | None = None  # an IDLE awaiting the client's DONE
         self.backend_gone: str | None = None
         self.farewell = b""  # what the client gets after the session is dealt with (LOGOUT)
-        self._duplex_for_good = False  # NOTIFY: the pump stays
         self._pump: gevent.Greenlet | None = None
         self._pump_parked = False  # the pump waits in recv: everything read has been sent
         self._client_writing = False
         self._stop_when_idle = False
         self._wakeup = Event()
         self._waiting = False
-        self._greenlet: gevent.Greenlet | None = None  # the connection's own
-        self._backend_watch = gevent.get_hub().loop.io(session.sock.fileno(), 1)  # EV_READ
-        self._waiting_for_client = False
+        loop = gevent.get_hub().loop
+        self._client_watch = loop.io(client.fileno(), 1)  # EV_READ
+        self._backend_watch = loop.io(session.sock.fileno(), 1)
+        self._idle_timer = loop.timer(settings.idle_timeout)
         # TLS: bytes decrypted but not yet read, which the descriptor's watcher cannot see
         self._tls_pending: Callable[[], int] | None = getattr(session.sock, "pending", None)
+        self._client_pending: Callable[[], int] | None = getattr(client, "pending", None)
 
     @property
     def client_alive(self) -> bool:
@@ -160,33 +157,8 @@ class Relay:
     # -- what the scanner finds in the backend's replies ----------------------------------------
 
     def _handle_events(self) -> None:
-        for tag, word in self.scanner.events:
-            if tag == CONTINUATION:
-                self.continuations += 1
-            elif tag == FLAGS_CHANGE:
-                self.session.select_entry = None  # the mailbox's flags or keywords changed
-            else:
-                self._completed(tag, word)
+        self.state.backend_events(self.scanner.events)
         self.scanner.events.clear()
-
-    def _completed(self, tag: bytes, word: bytes) -> None:
-        name = self.outstanding.pop(tag, None)
-        if name is None:
-            self.scanner.broken = True  # a completion for no command of the client's
-        elif name in (b"SELECT", b"EXAMINE"):
-            self.session.selected = word == b"OK"  # failure deselects (RFC 9051 §6.3.1)
-        elif name in (b"CLOSE", b"UNSELECT") and word == b"OK":
-            self.session.selected = False
-        if tag == self.idle_tag:
-            self.idle_tag = None
-
-    def _idle(self) -> bool:
-        scanner = self.scanner
-        return not self.outstanding and scanner.at_boundary and not scanner.literal_remaining
-
-    def _replies_done(self) -> bool:
-        """Sequential mode: the client may be read again."""
-        return self.continuations > 0 or self._idle()
 
     # -- sequential mode: copying inline --------------------------------------------------------
 
@@ -228,7 +200,7 @@ class Relay:
 
     def _run_pump(self) -> None:
         try:
-            self.copier.copy_until(lambda: self._stop_when_idle and self._idle())
+            self.copier.copy_until(lambda: self._stop_when_idle and self.state.idle())
         except (BackendGone, DrainExceeded) as error:
             self._backend_lost(str(error))
         finally:
@@ -269,14 +241,14 @@ class Relay:
         """Stop the pump once the session is idle at a response boundary; False if it never is."""
         self._stop_when_idle = True
         settled = self._wait_until(
-            lambda: self._idle() and self._pump_parked or self._pump_dead(),
+            lambda: self.state.idle() and self._pump_parked or self._pump_dead(),
             self.settings.response_timeout,
         )
         pump, self._pump = self._pump, None
         if pump is not None:
             pump.kill(block=True)  # parked in recv_into: nothing read is lost
         self.copier.on_park = self.copier.before_send = None
-        return settled and self._idle() and not self.backend_gone
+        return settled and self.state.idle() and not self.backend_gone
 
     def _pump_dead(self) -> bool:
         return self._pump is None or self._pump.dead
@@ -285,7 +257,6 @@ class Relay:
 
     def run(self) -> Outcome:
         """Relay until the client logs out or goes; return what may become of the session."""
-        self._greenlet = gevent.getcurrent()
         try:
             return self._client_loop()
         except (_Desync, BackendFailure) as error:
@@ -296,7 +267,8 @@ class Relay:
             return Outcome.CLOSED
         finally:
             self._close()
-            self._backend_watch.close()
+            for watcher in (self._client_watch, self._backend_watch, self._idle_timer):
+                watcher.close()
             self.session.sock.settimeout(None)
 
     def _client_loop(self) -> Outcome:
@@ -319,40 +291,46 @@ class Relay:
     def _receive_client(self) -> bytes | None:
         """The client's next bytes (b"" at EOF); None when the backend spoke meanwhile.
 
-        In sequential mode nothing reads the backend while the client is silent, so its
-        descriptor is watched: unsolicited news (or a BYE and EOF, the server going down) is
-        forwarded at once, between two of the client's commands.
+        In sequential mode nothing reads the backend while the client is silent, so both are
+        waited for: unsolicited news (or a BYE and EOF, the server going down) is forwarded at
+        once, between two of the client's commands. Waiting first also spares the read that
+        would only find nothing there yet.
         """
         if self._pump is not None:
             return self._recv_client()
         if self._tls_pending is not None and self._tls_pending():
-            self._copy(self._idle, read_first=True)
+            which = _BACKEND
+        elif self._client_pending is not None and self._client_pending():
+            which = _CLIENT
+        else:
+            which = self._wait_either()
+        if which is _BACKEND:
+            self._copy(self.state.idle, read_first=True)
             return None
-        self._waiting_for_client = True
-        self._backend_watch.start(self._backend_readable)
+        return self._recv_client()
+
+    def _wait_either(self) -> str:
+        """Wait until the client or the backend is readable, the client's idle time at most."""
+        waiter: Waiter[str] = Waiter()
+        watchers = (self._client_watch, self._backend_watch, self._idle_timer)
+        for watcher, which in zip(watchers, (_CLIENT, _BACKEND, _TIMEOUT), strict=True):
+            watcher.start(waiter.switch, which)
         try:
-            return self._recv_client()
-        except _BackendSpoke:
-            self._copy(self._idle, read_first=True)
-            return None
+            which = waiter.get()
         finally:
-            self._waiting_for_client = False
-            self._backend_watch.stop()
+            for watcher in watchers:
+                watcher.stop()
+        if which is _TIMEOUT:
+            raise TimeoutError
+        return which
 
     def _recv_client(self) -> bytes:
         try:
-            return bytes(self.client.recv(CLIENT_RECV_BYTES))
+            return self.client.recv(CLIENT_RECV_BYTES)
         except TimeoutError:
             raise
         except OSError:
             return b""
-
-    def _backend_readable(self) -> None:
-        """The io watcher's callback (in the hub): interrupt the wait for the client."""
-        if self._waiting_for_client and self._greenlet is not None:
-            self._waiting_for_client = False
-            self._backend_watch.stop()
-            self._greenlet.throw(_BackendSpoke)
 
     def _process_client_events(self) -> Outcome | None:
         out: list[bytes] = []
@@ -381,19 +359,19 @@ class Relay:
         self._send_backend(out)
         # replies are awaited only at a command boundary (a literal still coming is the
         # backend's to wait for), and only if something is due
-        if (self.outstanding or self._pump is not None) and not self.framer.mid_command:
+        if (self.state.outstanding or self._pump is not None) and not self.framer.mid_command:
             self._await_replies()
         return None
 
     def _await_replies(self) -> None:
         """Copy the replies to what was sent, switching between sequential and duplex mode."""
         if self._pump is not None:
-            if self.idle_tag is None and not self._duplex_for_good and not self._stop_pump():
+            if not self.state.stays_duplex() and not self._stop_pump():
                 raise _Desync(self.backend_gone or "server did not end the IDLE")
             return
         self.counters.BackendWaits += 1
-        self._copy(self._replies_done)
-        if (self.idle_tag is not None and self.continuations) or self._duplex_for_good:
+        self._copy(self.state.replies_done)
+        if self.state.goes_duplex():
             self._go_duplex()  # IDLE (or NOTIFY) is on: the server speaks when it likes
 
     def _send_backend(self, out: list[bytes]) -> None:
@@ -405,74 +383,47 @@ class Relay:
             out.clear()
 
     def _line(self, line: Line, out: list[bytes]) -> Outcome | None:
-        trace = self.trace
-        if not line.first:
-            if trace is not None:
-                trace.client_continuation(line.data)
+        verdict = self.state.client_line(line, duplex=self._pump is not None)
+        kind, start = verdict.kind, verdict.start
+        if self.trace is not None:
+            self._trace_line(line, verdict.kind, start)
+        if start is None or kind is Kind.COMMAND:
             out.append(line.data)
             return None
-        if self.continuations:  # the client answers a "+": not a command (IDLE's DONE, SASL)
-            self.continuations -= 1
-            self.idle_tag = None  # if it was IDLE's DONE, a vanishing client owes no other
-            if trace is not None:
-                trace.client_response(line.data)
-            out.append(line.data)
-            return None
-        try:
-            start = split_command_line(line.data)
-        except ClientProtocolError:
-            if trace is not None:
-                trace.client_command(line.data, None, None)
-            out.append(line.data)  # the backend answers it (untagged BAD, or BAD under its tag)
-            return None
-        if trace is not None:
-            trace.client_command(line.data, start.tag, start.name)
-        return self._command(line, start, out)
-
-    def _command(self, line: Line, start: CommandStart, out: list[bytes]) -> Outcome | None:
-        if start.name == b"LOGOUT" and not start.rest:
-            self._send_backend(out)
+        self._send_backend(out)
+        if kind is Kind.LOGOUT:
             return self._logout(start.tag)
-        if start.name == b"COMPRESS":
-            self._send_backend(out)
+        if kind is Kind.COMPRESS:
             self._send_own(COMPRESS_REFUSAL % start.tag)
-            return None
-        if start.name == b"SELECT" and self.settings.select_cache and self._pump is None:
-            self._send_backend(out)
-            if self._select(line, start):
-                return None
-        self._command_started(start.tag, start.name, start.rest)
-        out.append(line.data)
+        elif not self._select(line, start):  # Kind.SELECT that the cache cannot take
+            self.state.command_started(start)
+            out.append(line.data)
         return None
 
-    def _command_started(self, tag: bytes, name: bytes, rest: bytes) -> None:
-        if tag in self.outstanding:  # completions would be ambiguous from now on
-            self.scanner.broken = True
-        if name == b"UID":
-            name = b"UID " + rest.split(b" ", 1)[0].upper()
-        self.outstanding[tag] = name
-        if name == b"IDLE":
-            self.idle_tag = tag
-        elif name in DUPLEX_COMMANDS:
-            self._duplex_for_good = True
-        self.session.select_checked_at = None  # any command voids a check made at login
-        if drops_entry(name, rest):
-            self.session.select_entry = None
+    def _trace_line(self, line: Line, kind: Kind, start: CommandStart | None) -> None:
+        trace = self.trace
+        assert trace is not None
+        if kind is Kind.PART:
+            trace.client_continuation(line.data)
+        elif kind is Kind.ANSWER:
+            trace.client_response(line.data)
+        else:
+            trace.client_command(line.data, *((start.tag, start.name) if start else (None, None)))
 
     def _await_literal_go_ahead(self) -> None:
         """A synchronising literal: pass it once the backend sent "+", or drop it if refused."""
-        spec_tag = next(reversed(self.outstanding), None)
+        state = self.state
+        tag = state.last_tag()
 
         def answered() -> bool:
-            return self.continuations > 0 or spec_tag not in self.outstanding
+            return state.literal_answered(tag)
 
         if self._pump is None:
             self.counters.BackendWaits += 1
             self._copy(answered, self.settings.response_timeout)
         elif not self._wait_until(answered, self.settings.response_timeout):
             raise _Desync("no reply to a literal")
-        if self.continuations > 0:
-            self.continuations -= 1
+        if state.take_continuation():
             self.framer.accept_literal()
         else:
             self.framer.reject_literal()
@@ -507,7 +458,7 @@ class Relay:
         """
         self.counters.TotalSelectCommands += 1
         spec = line.literal
-        if self.outstanding or (spec is not None and spec.size > MAX_MAILBOX_LITERAL_BYTES):
+        if self.state.outstanding or (spec is not None and spec.size > MAX_MAILBOX_LITERAL_BYTES):
             self.session.select_entry = None
             return False
         lines, literals = self._collect_command(line)
@@ -599,14 +550,14 @@ class Relay:
             if not self._stop_pump():
                 raise _Desync(self.backend_gone or "backend did not complete outstanding commands")
         else:
-            self._copy(self._idle, self.settings.response_timeout)
-        if self.scanner.broken:
+            self._copy(self.state.idle, self.settings.response_timeout)
+        if not self.state.in_sync:
             raise _Desync("the server's replies did not match the client's commands")
 
     def _resync(self) -> None:
         """Settle, and with the SELECT cache off leave the mailbox (without waiting)."""
         self._settle()
-        if self.session.selected and not self.settings.select_cache:
+        if self.state.leaves_mailbox():
             try:
                 self.session.leave_mailbox()
             except OSError as error:
@@ -626,12 +577,11 @@ class Relay:
     def _client_vanished(self) -> Outcome:
         """The client went mid-session: bring the backend session back in sync, or close it."""
         self.client_alive = False
-        if self.framer.in_literal:
-            return self._close()  # the backend waits for literal bytes nobody will send
-        if self.idle_tag is not None:
-            self._send_backend([b"DONE\r\n"])
-        elif any(name == b"AUTHENTICATE" for name in self.outstanding.values()):
-            self._send_backend([b"*\r\n"])
+        farewell = self.state.client_gone(in_literal=self.framer.in_literal)
+        if not farewell.resync:
+            return self._close()
+        if farewell.send:
+            self._send_backend([farewell.send])
         try:
             self._resync()
         except (_Desync, BackendFailure) as error:
@@ -640,7 +590,7 @@ class Relay:
         return Outcome.RESYNCED
 
     def _client_timed_out(self) -> Outcome:
-        if self.idle_tag is None and not self.outstanding:
+        if self.state.idle_tag is None and not self.state.outstanding:
             self._send_own(IDLE_TIMEOUT_BYE)
         return self._client_vanished()
 

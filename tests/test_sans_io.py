@@ -20,6 +20,8 @@ SANS_IO = [
             "select_cache.py",
             "redact.py",
             "throttle.py",
+            "relay_state.py",
+            "reuse_check.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",
