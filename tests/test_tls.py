@@ -264,6 +264,30 @@ def test_tls_required_before_login(
     assert not page("localhost", proxy.port, user.name, user.password, starttls=client_context(pki))
 
 
+def test_tls_required_refuses_authenticate_before_any_continuation(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    """No "+" that would invite a password onto the cleartext connection, for any mechanism
+    or a LOGIN literal; the connection stays usable, and another client is unaffected."""
+    proxy = tls_proxy(client_tls_required=True)
+    refused = (
+        b" NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure connections\r\n"
+    )
+    with RawClient(proxy.host, proxy.port) as raw:
+        for tag, command in (
+            (b"a", b"AUTHENTICATE PLAIN"),
+            (b"b", b"AUTHENTICATE LOGIN"),
+            (b"c", b"AUTHENTICATE XOAUTH2"),
+            (b"d", b"LOGIN {%d}" % len(user.name)),
+        ):
+            raw.send(tag + b" " + command + b"\r\n")
+            assert raw.read_line() == tag + refused
+        assert raw.command(b"e", b"NOOP") == [b"e OK Completed\r\n"]
+        assert not page(
+            "localhost", proxy.port, user.name, user.password, starttls=client_context(pki)
+        )
+
+
 def test_slow_tls_handshake_does_not_delay_others(
     tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
 ) -> None:
