@@ -35,6 +35,7 @@ from imapproxy.backend_login import (
 from imapproxy.config import Config
 from imapproxy.credentials import Credentials
 from imapproxy.errors import BackendFailure, BackendProtocolError, FailureKind
+from imapproxy.log import host_port
 from imapproxy.protocol.framing import NEED_DATA, parse_literal_marker
 from imapproxy.protocol.response import Response, ResponseReader
 from imapproxy.select_cache import SelectEntry, check_commands, still_valid
@@ -300,7 +301,7 @@ class Backend:
 
     @property
     def name(self) -> str:
-        return f"{self.config.server_hostname}:{self.config.server_port}"
+        return host_port(self.config.server_hostname, self.config.server_port)
 
     def resolve(self) -> list[Address]:
         family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(
