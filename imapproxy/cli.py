@@ -15,14 +15,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import gevent
 from gevent import socket, ssl
 from gevent.event import Event
 
-from imapproxy import __version__, daemon, log, tls
+from imapproxy import __version__, daemon, keeper, log, tls
 from imapproxy import config as config_module
 from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return config_module.EX_CONFIG
     if args.check_config:
         try:
-            tls_contexts(config)  # certificate and key files too, not only the syntax
+            tls_contexts(config, tls.read_files)  # certificate and key files, not only syntax
         except StartupError as error:
             print(f"in.imapproxyd: {error}", file=sys.stderr)
             return error.status
@@ -225,7 +225,7 @@ def run(config: Config, startup: Startup) -> int:
         daemon.raise_file_limit(config.cache_size)
     counters = open_counters(config, identity)
     tracer = open_tracer(config, identity)
-    backend_tls, client_tls = tls_contexts(config)
+    backend_tls, client_tls = tls_contexts(config, tls.read_files)
     backend = Backend(config, backend_tls)
     if config.server_port == 993 and not config.server_tls:
         LOGGER.warning("server_port is 993 but server_tls is no: port 993 usually wants TLS")
@@ -236,6 +236,7 @@ def run(config: Config, startup: Startup) -> int:
         daemon.detach()
     if startup.pidfile_path:
         write_pidfile(startup.pidfile_path)
+    read_tls_files = tls_file_reader(config, startup, identity)
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
     proxy = Proxy(config, backend, counters)
@@ -243,15 +244,39 @@ def run(config: Config, startup: Startup) -> int:
     proxy.client_tls = client_tls
     if first_contact is not None:
         proxy.refresh(first_contact)
-    return serve(proxy, listeners, tls_listeners, startup)
+    return serve(proxy, listeners, tls_listeners, startup, read_tls_files)
 
 
-def tls_contexts(config: Config) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
+TLSFileReader = Callable[[Config], dict[str, bytes]]
+
+
+def tls_contexts(
+    config: Config, read_files: TLSFileReader
+) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
     """The backend and client TLS contexts; a bad file or key is a configuration error."""
     try:
-        return tls.contexts(config)
-    except tls.TLSSetupError as error:
+        return tls.contexts(config, read_files(config))
+    except ConfigError as error:
         raise StartupError(str(error), config_module.EX_CONFIG) from None
+
+
+def tls_file_reader(
+    config: Config, startup: Startup, identity: daemon.Identity | None
+) -> TLSFileReader:
+    """How SIGHUP will read certificates and keys: through the privileged reader when the
+    proxy is about to drop root (``keeper``), else directly (it never had more rights)."""
+    if identity is None:
+        return tls.read_files
+    if config.chroot_directory and tls.file_paths(config):
+        memory_files = os.path.join(config.chroot_directory, tls.MEMORY_FILES.lstrip("/"))
+        if not os.path.isdir(memory_files):
+            LOGGER.warning(
+                "chroot_directory %s has no %s (no /proc mounted there): certificates and keys "
+                "cannot be loaded again on SIGHUP; a restart loads renewed ones",
+                config.chroot_directory,
+                tls.MEMORY_FILES,
+            )
+    return keeper.start(os.path.abspath(startup.config_path)).read_files
 
 
 def serve(
@@ -259,12 +284,15 @@ def serve(
     listeners: list[socket.socket],
     tls_listeners: list[socket.socket],
     startup: Startup,
+    read_tls_files: TLSFileReader = tls.read_files,
 ) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters."""
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, proxy, startup))
+    gevent.signal_handler(
+        signal.SIGHUP, lambda: gevent.spawn(reload, proxy, startup, read_tls_files)
+    )
     gevent.signal_handler(
         signal.SIGUSR1, lambda: LOGGER.info("counters: %s", summary(proxy.counters))
     )
@@ -285,10 +313,11 @@ def serve(
     return 0
 
 
-def reload(proxy: Proxy, startup: Startup) -> None:
+def reload(proxy: Proxy, startup: Startup, read_tls_files: TLSFileReader) -> None:
     """SIGHUP: re-read the file; apply what can change live, report what needs a restart.
 
-    Inside ``chroot_directory`` the file is read at the same path within the chroot.
+    Inside ``chroot_directory`` the file is read at the same path within the chroot; the TLS
+    files are read by ``read_tls_files`` (as root, by the privileged reader, after the drop).
     """
     try:
         new = config_module.load(startup.config_path)
@@ -302,8 +331,8 @@ def reload(proxy: Proxy, startup: Startup) -> None:
         return
     result = config_module.reload(proxy.config, new)
     try:  # certificates are re-read even when their paths did not change: renewed in place
-        backend_tls, client_tls = tls.contexts(result.config)
-    except tls.TLSSetupError as error:
+        backend_tls, client_tls = tls.contexts(result.config, read_tls_files(result.config))
+    except (ConfigError, keeper.KeeperError) as error:
         LOGGER.error("reload: %s; TLS contexts kept", error)
         backend_tls, client_tls = proxy.backend.tls_context, proxy.client_tls
     proxy.reconfigure(result.config, backend_tls, client_tls)

@@ -188,9 +188,9 @@ class PreLoginSession:
                 self.framer.accept_literal()
                 return Reply(CONTINUE_LITERAL)
             self.framer.reject_literal()  # the literal may be the password: never invite it
-            tag = split_command_line(self._lines[0]).tag
+            login_tag = split_command_line(self._lines[0]).tag
             self._reset_command()
-            self._check_privacy(tag)
+            raise ClientProtocolError(PRIVACY_REQUIRED, tag=login_tag, status="NO")
         self.framer.reject_literal()
         tag = split_command_line(self._lines[0]).tag if self._lines else None
         self._reset_command()

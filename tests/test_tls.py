@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import json
 import os
 import shutil
 import signal
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 import trustme
 
+from imapproxy import keeper
 from tests.conftest import MASTER_PASSWORD, MASTER_USER
 from tests.support.client import RawClient, imaplib_reused, login
 from tests.support.dovecot import DovecotInstance, User, free_port, make_message, running_dovecot
 from tests.support.pki import write_pki
+from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess, run_imapproxyd, service_identity, write_config
 
 
@@ -162,29 +165,96 @@ def test_client_certificate_to_the_backend(
         assert not page(known.host, known.port, "alice", "alice-pw")
 
 
-def test_a_key_that_does_not_match_its_certificate_stops_start_up(
-    tmp_path: Path, pki: dict[str, Path]
-) -> None:
-    conf = write_config(
-        tmp_path / "imapproxy.conf",
+def line_of(conf: Path, key: str) -> int:
+    lines = conf.read_text().splitlines()
+    return next(n for n, line in enumerate(lines, start=1) if line.split()[0] == key)
+
+
+def tls_files_config(directory: Path, **files: object) -> Path:
+    return write_config(
+        directory / "imapproxy.conf",
         {
             "server_hostname": "127.0.0.1",
             "server_port": free_port(),
             "listen_port": free_port(),
-            "stat_filename": tmp_path / "stats",
-            "protocol_log_filename": tmp_path / "trace",
+            "stat_filename": directory / "stats",
+            "protocol_log_filename": directory / "trace",
             "foreground_mode": True,
-            "tls_cert_file": pki["client"],
-            "tls_key_file": pki["key"],
             **service_identity(),
+            **files,
         },
     )
-    message = "tls_key_file: the private key does not match the certificate"
-    for args in (("--check-config",), ()):
-        run = run_imapproxyd("-f", str(conf), *args)
-        assert run.returncode == 78
-        assert message in run.stderr
-        assert run.stdout == ""
+
+
+def test_a_key_that_does_not_match_its_certificate_stops_start_up(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """The message names the setting's file and line, the key file and its certificate."""
+    conf = tls_files_config(tmp_path, tls_cert_file=pki["client"], tls_key_file=pki["key"])
+    expected = (
+        f"{conf}:{line_of(conf, 'tls_key_file')}: tls_key_file: {pki['key']}: "
+        f"the private key does not match the certificate {pki['client']}\n"
+    )
+    run = run_imapproxyd("-f", str(conf), "--check-config")
+    assert (run.returncode, run.stdout, run.stderr) == (78, "", "in.imapproxyd: " + expected)
+    run = run_imapproxyd("-f", str(conf))  # the log line at start-up says the same
+    assert run.returncode == 78 and run.stderr.endswith("]: " + expected)
+
+
+@pytest.mark.parametrize(
+    ("files", "key", "reason"),
+    [
+        ({"client_tls_cert_file": "missing"}, "client_tls_cert_file", "No such file or directory"),
+        (
+            {"client_tls_cert_file": "garbage"},
+            "client_tls_cert_file",
+            "no valid PEM certificate in it",
+        ),
+        (
+            {"client_tls_cert_file": "server", "client_tls_key_file": "garbage"},
+            "client_tls_key_file",
+            "no valid PEM private key in it",
+        ),
+        (
+            {"client_tls_cert_file": "server", "client_tls_key_file": "client_key"},
+            "client_tls_key_file",
+            "the private key does not match the certificate {client_tls_cert_file}",
+        ),
+        (
+            {
+                "client_tls_cert_file": "server",
+                "client_tls_key_file": "key",
+                "client_tls_chain_file": "garbage",
+            },
+            "client_tls_chain_file",
+            "no valid PEM certificate in it",
+        ),
+        ({"tls_ca_file": "garbage"}, "tls_ca_file", "no valid PEM certificate in it"),
+        ({"tls_cert_file": "client"}, "tls_cert_file", "no valid PEM private key in it"),
+    ],
+)
+def test_tls_file_errors_name_file_line_key_and_the_file(
+    tmp_path: Path, pki: dict[str, Path], files: dict[str, str], key: str, reason: str
+) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not PEM at all\n")
+    named = {"missing": tmp_path / "missing.pem", "garbage": garbage}
+    paths = {k: named.get(v) or pki[v] for k, v in files.items()}
+    conf = tls_files_config(tmp_path, **paths)
+    run = run_imapproxyd("-f", str(conf), "--check-config")
+    assert run.returncode == 78
+    where = f"{conf}:{line_of(conf, key)}: {key}: {paths[key]}: "
+    assert run.stderr.rstrip("\n").endswith(where + reason.format(**paths)), run.stderr
+
+
+def test_ciphers_error_names_file_line_and_key(tmp_path: Path, pki: dict[str, Path]) -> None:
+    conf = tls_files_config(tmp_path, tls_ciphers="NONSENSE")
+    run = run_imapproxyd("-f", str(conf), "--check-config")
+    assert run.returncode == 78
+    assert run.stderr == (
+        f"in.imapproxyd: {conf}:{line_of(conf, 'tls_ciphers')}: tls_ciphers: "
+        "No cipher can be selected.\n"
+    )
 
 
 def test_force_tls_without_starttls_refuses_to_send_the_password(
@@ -334,6 +404,105 @@ def test_certificate_reload_on_sighup(
     unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
     assert peer_certificate(port, unverified) != before
     assert page("localhost", proxy.port, user.name, user.password)  # the cached session survived
+
+
+def children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: list[int] = []
+    for task in tasks.iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+def renew(live: Path, name: str, data: bytes, generation: int) -> None:
+    """As certbot: a new file in archive/, then the live/ link moved to it atomically."""
+    archive = live.parent / "archive"
+    target = archive / f"{name}{generation}.pem"
+    target.write_bytes(data)
+    target.chmod(0o600)  # root's alone, as /etc/letsencrypt and /etc/ssl/private keep keys
+    link = live / f"{name}.pem"
+    temporary = live / f".{name}.tmp"
+    temporary.symlink_to(target)
+    temporary.replace(link)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the drop to proc_username)")
+def test_a_root_only_key_is_reloaded_after_the_privilege_drop(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    """The relay runs as nobody and cannot read the key; SIGHUP loads the renewed pair all
+    the same, through the privileged reader, which exits with the proxy."""
+    base = Path(tempfile.mkdtemp(prefix="ipx-letsencrypt-"))
+    try:
+        base.chmod(0o755)
+        live, archive = base / "live", base / "archive"
+        live.mkdir()
+        archive.mkdir(mode=0o700)  # as certbot's: only root gets in
+        renew(live, "cert", pki["server"].read_bytes(), 1)
+        renew(live, "key", pki["key"].read_bytes(), 1)
+        proxy = tls_proxy(
+            client_tls_cert_file=live / "cert.pem", client_tls_key_file=live / "key.pem"
+        )
+        assert proxy.process is not None
+        relay = proxy.process.pid
+        port = proxy.tls_port  # type: ignore[attr-defined]
+        before = peer_certificate(port, client_context(pki))
+        renewed = trustme.CA().issue_cert("localhost")
+        renew(live, "cert", renewed.cert_chain_pems[0].bytes(), 2)
+        renew(live, "key", renewed.private_key_pem.bytes(), 2)
+        proxy.process.send_signal(signal.SIGHUP)
+        log = proxy.wait_for_log("reload:")
+        assert "TLS contexts kept" not in log and "Permission denied" not in log
+        unverified = ssl.create_default_context()
+        unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+        assert (
+            peer_certificate(port, unverified)
+            == ssl.PEM_cert_to_DER_cert(renewed.cert_chain_pems[0].bytes().decode())
+            != before
+        )
+        readers = [
+            pid
+            for pid in children(relay)
+            if Path(f"/proc/{pid}/comm").read_text() == "imapproxy-files\n"
+        ]
+        assert uid_of(relay) == 65534 and [uid_of(pid) for pid in readers] == [0]
+        assert not page("localhost", proxy.port, user.name, user.password)  # others unaffected
+        proxy.stop()
+        assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in readers))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_privileged_reader_serves_only_files_its_configuration_names(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    conf = write_config(
+        tmp_path / "imapproxy.conf",
+        {
+            "server_hostname": "localhost",
+            "client_tls_cert_file": pki["server"],
+            "client_tls_key_file": pki["key"],
+        },
+    )
+    request = {
+        "files": {
+            "client_tls_key_file": str(pki["key"]),
+            "client_tls_cert_file": "/etc/shadow",
+            "proc_username": "/etc/passwd",
+        }
+    }
+    reply = json.loads(keeper.answer(json.dumps(request).encode(), str(conf)))
+    assert base64.b64decode(reply["client_tls_key_file"]["data"]) == pki["key"].read_bytes()
+    assert reply["client_tls_cert_file"] == {"error": f"not the client_tls_cert_file of {conf}"}
+    assert set(reply) == {"client_tls_key_file", "client_tls_cert_file"}
+    assert json.loads(keeper.answer(b"nonsense", str(conf)))["error"].startswith(
+        "malformed request"
+    )
 
 
 # -- ways of logging in ---------------------------------------------------------------------------
