@@ -22,7 +22,7 @@ import gevent
 from gevent import socket, ssl
 from gevent.event import Event
 
-from imapproxy import __version__, daemon, keeper, log, tls
+from imapproxy import __version__, backend_check, daemon, keeper, log, tls
 from imapproxy import config as config_module
 from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
@@ -68,8 +68,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print the effective settings and exit (0, or 78 on an error)",
     )
+    parser.add_argument(
+        "--connect",
+        action="store_true",
+        help="with --check-config: also connect to the IMAP server and try TLS as logins would "
+        "(handshake and verification); 69 if unreachable, 78 if TLS fails",
+    )
     parser.add_argument("--version", action="version", version=f"imapproxy {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.connect and not args.check_config:
+        parser.error("--connect goes with --check-config")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,11 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return config_module.EX_CONFIG
     if args.check_config:
         try:
-            tls_contexts(config, tls.read_files)  # certificate and key files, not only syntax
+            backend_tls, _ = tls_contexts(config, tls.read_files)  # the files, not only syntax
         except StartupError as error:
             print(f"in.imapproxyd: {error}", file=sys.stderr)
             return error.status
         sys.stdout.write(config_module.describe(config))
+        if args.connect:
+            return backend_check.connect_check(config, Backend(config, backend_tls))
         return 0
     foreground = args.foreground or config.foreground_mode
     log.setup(config, foreground=foreground)
@@ -120,14 +131,8 @@ def wait_for_backend(backend: Backend, config: Config) -> LoginResult | None:
             backend.resolve()
             return backend.probe()
         except BackendFailure as error:
-            if error.kind is FailureKind.TLS:  # reachable, but TLS fails: serve and say why
-                LOGGER.error(
-                    "TLS with IMAP server %s fails: %s; logins will fail with "
-                    "NO [UNAVAILABLE] until this is fixed",
-                    backend.name,
-                    error.detail,
-                )
-                return None
+            if error.kind is FailureKind.TLS:  # reachable, but TLS fails: serve (said loudly
+                return None  # by backend_check.announce, once)
             LOGGER.warning(
                 "IMAP server %s not usable (attempt %d of %d): %s",
                 backend.name,
@@ -227,6 +232,7 @@ def run(config: Config, startup: Startup) -> int:
     tracer = open_tracer(config, identity)
     backend_tls, client_tls = tls_contexts(config, tls.read_files)
     backend = Backend(config, backend_tls)
+    backend_check.watch(backend, counters)
     if config.server_port == 993 and not config.server_tls:
         LOGGER.warning("server_port is 993 but server_tls is no: port 993 usually wants TLS")
     first_contact = wait_for_backend(backend, config)
@@ -336,6 +342,8 @@ def reload(proxy: Proxy, startup: Startup, read_tls_files: TLSFileReader) -> Non
         LOGGER.error("reload: %s; TLS contexts kept", error)
         backend_tls, client_tls = proxy.backend.tls_context, proxy.client_tls
     proxy.reconfigure(result.config, backend_tls, client_tls)
+    if backend_check.recheck_needed(proxy.backend, result.applied):
+        gevent.spawn(backend_check.recheck, proxy.backend)
     log.set_mask(result.config)
     LOGGER.info(
         "reload: %s",

@@ -53,6 +53,7 @@ ADMIN_COMMANDS = frozenset(
         b"XPROXY_NEWLOG",
         b"XPROXY_RESETCOUNTERS",
         b"XPROXY_VERSION",
+        b"XPROXY_STATUS",
     }
 )
 

@@ -20,6 +20,7 @@ SANS_IO = [
             "select_cache.py",
             "redact.py",
             "throttle.py",
+            "tls_status.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",

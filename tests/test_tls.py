@@ -20,6 +20,7 @@ import pytest
 import trustme
 
 from imapproxy import keeper
+from pimpstat.app import Monitor
 from tests.conftest import MASTER_PASSWORD, MASTER_USER
 from tests.support.client import RawClient, imaplib_reused, login
 from tests.support.dovecot import DovecotInstance, User, free_port, make_message, running_dovecot
@@ -126,6 +127,116 @@ def test_verification_failures_are_clear_errors(
     assert replies == [b"L1 NO [UNAVAILABLE] Secure connection to IMAP server failed\r\n"]
     log = proxy.log_text()
     assert "LOGIN: 'alice' (127.0.0.1:" in log and reason in log
+
+
+def tls_status(proxy: ProxyProcess) -> bytes:
+    with RawClient(proxy.host, proxy.port) as raw:
+        reply = raw.command(b"s", b"XPROXY_STATUS")
+    assert reply[-1] == b"s OK Completed\r\n" and len(reply) == 2
+    return reply[0]
+
+
+def about_tls(proxy: ProxyProcess) -> str:
+    """pimpstat's about view, from the statistics file, as its screen has it."""
+    monitor = Monitor(str(proxy.config_path), str(proxy.stat_path), False, view="about")
+    monitor.read(0.0)
+    return next(row.value for row in monitor.rows() if row.label == "TLS with the IMAP server:")
+
+
+UNKNOWN_CA = (
+    "certificate verify failed: unable to get local issuer certificate "
+    "(look at tls_ca_file or tls_ca_path (the CA of the server's certificate))"
+)
+
+
+def test_a_backend_tls_failure_is_said_loudly_once_and_kept_on_show(
+    start_proxy: Callable[..., ProxyProcess],
+    tls_dovecot: DovecotInstance,
+    pki: dict[str, Path],
+    user: User,
+) -> None:
+    """Wrong CA: one error line at start-up, however many logins fail; the reason in
+    XPROXY_STATUS and pimpstat; a SIGHUP with the right CA says it works, at once."""
+    proxy = start_proxy(
+        ("127.0.0.2", tls_dovecot.port),
+        **verifying(pki, tls_ca_file=pki["other_ca"], enable_admin_commands=True),
+    )
+    name = f"127.0.0.2:{tls_dovecot.port}"
+    loud = f"TLS with IMAP server {name} fails: certificate verify failed: unable to get local "
+    loud += "issuer certificate; look at tls_ca_file or tls_ca_path"
+    proxy.wait_for_log(loud)
+    for _ in range(3):
+        client, replies = login(proxy.host, proxy.port, "alice", "alice-pw")
+        client.close()
+        assert replies == [b"L1 NO [UNAVAILABLE] Secure connection to IMAP server failed\r\n"]
+    assert proxy.log_text().count(loud) == 1
+    status = tls_status(proxy)
+    assert status.startswith(f"* XPROXY_STATUS BACKEND {name} TLS failing: ".encode())
+    assert UNKNOWN_CA.encode() + b" since 20" in status
+    assert about_tls(proxy) == "failing: " + UNKNOWN_CA
+    assert proxy.counters().backend_tls()[0] == 2
+
+    proxy.settings["tls_ca_file"] = pki["ca"]
+    write_config(proxy.config_path, proxy.settings)
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for_log(f"TLS with IMAP server {name} works (certificate and name verified)")
+    assert tls_status(proxy).startswith(
+        f"* XPROXY_STATUS BACKEND {name} TLS working since ".encode()
+    )
+    assert about_tls(proxy) == "working"
+    assert not page(proxy.host, proxy.port, "alice", "alice-pw")
+
+
+@pytest.mark.parametrize(
+    ("settings", "status", "output"),
+    [
+        ({}, 0, "greeting read; TLS (STARTTLS) works, certificate and name verified"),
+        (
+            {"tls_verify_server": False, "tls_ca_file": "other_ca"},
+            0,
+            "certificate not verified: tls_verify_server is no",
+        ),
+        ({"tls_ca_file": "other_ca"}, 78, "TLS failing: " + UNKNOWN_CA),
+        (
+            {"server_hostname": "::1", "force_tls": True},
+            78,
+            "IP address mismatch, certificate is not valid for '::1'. (look at server_hostname",
+        ),
+        ({"server_port": "closed"}, 69, "cannot connect to"),
+    ],
+)
+def test_check_config_connect(
+    tmp_path: Path,
+    tls_dovecot: DovecotInstance,
+    pki: dict[str, Path],
+    settings: dict[str, object],
+    status: int,
+    output: str,
+) -> None:
+    values: dict[str, object] = {"server_hostname": "127.0.0.2", "server_port": tls_dovecot.port}
+    values.update(verifying(pki))
+    values.update({k: pki.get(v, v) if isinstance(v, str) else v for k, v in settings.items()})  # type: ignore[call-overload]
+    if values["server_port"] == "closed":
+        values["server_port"] = free_port()
+    conf = write_config(tmp_path / "imapproxy.conf", {**values, "connect_retries": 0})
+    run = run_imapproxyd("-f", str(conf), "--check-config", "--connect")
+    assert run.returncode == status, run.stderr
+    assert output in (run.stdout.splitlines()[-1] if status == 0 else run.stderr)
+
+
+def test_check_config_connect_to_a_cleartext_server(
+    tmp_path: Path, dovecot: DovecotInstance
+) -> None:
+    conf = write_config(
+        tmp_path / "c.conf", {"server_hostname": dovecot.host, "server_port": dovecot.port}
+    )
+    run = run_imapproxyd("-f", str(conf), "--check-config", "--connect")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == (
+        f"connect: {dovecot.host}:{dovecot.port}: greeting read; no TLS: passwords go to the server in clear"
+    )
+    assert run_imapproxyd("-f", str(conf), "--connect").returncode == 2  # only with --check-config
 
 
 def test_no_verification_accepts_an_unknown_ca(
