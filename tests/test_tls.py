@@ -589,6 +589,39 @@ def test_a_root_only_key_is_reloaded_after_the_privilege_drop(
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot)")
+def test_a_chroot_without_proc_is_said_at_start_up_and_on_reload(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    """Inside a chroot the relay loads certificates through /proc/self/fd: without /proc
+    there, start-up warns, and a SIGHUP keeps the running contexts saying why."""
+    chroot = Path(tempfile.mkdtemp(prefix="ipx-chroot-"))
+    try:
+        chroot.chmod(0o755)
+        proxy = tls_proxy(chroot_directory=chroot)
+        proxy.wait_for_log(
+            f"chroot_directory {chroot} has no /proc/self/fd (no /proc mounted there): "
+            "certificates and keys cannot be loaded again on SIGHUP; a restart loads renewed ones"
+        )
+        inside = chroot / str(proxy.config_path).lstrip("/")
+        inside.parent.mkdir(parents=True)
+        shutil.copy(proxy.config_path, inside)
+        assert proxy.process is not None
+        proxy.process.send_signal(signal.SIGHUP)
+        conf = proxy.config_path
+        log = proxy.wait_for_log("TLS contexts kept")
+        assert (
+            f"reload: {conf}:{line_of(conf, 'client_tls_key_file')}: client_tls_key_file: "
+            f"{pki['key']}: /proc/self/fd is missing (a chroot_directory without /proc?); "
+            "TLS contexts kept"
+        ) in log
+        assert not page(
+            "localhost", proxy.tls_port, user.name, user.password, tls=client_context(pki)
+        )  # type: ignore[attr-defined]
+    finally:
+        shutil.rmtree(chroot, ignore_errors=True)
+
+
 def test_the_privileged_reader_serves_only_files_its_configuration_names(
     tmp_path: Path, pki: dict[str, Path]
 ) -> None:
