@@ -18,7 +18,7 @@ from typing import TextIO
 
 from imapproxy.backend import Backend
 from imapproxy.config import Config
-from imapproxy.errors import BackendFailure, FailureKind
+from imapproxy.errors import BackendFailure, BackendProtocolError, FailureKind, why
 from imapproxy.log import NOTICE
 from imapproxy.protocol import capability
 from imapproxy.stats import Counters
@@ -64,9 +64,9 @@ def recheck(backend: Backend) -> None:
     """One probe; a TLS change is announced by ``watch``, anything else only noted."""
     try:
         backend.probe()
-    except (BackendFailure, OSError) as error:
+    except Exception as error:  # a greenlet of its own: nothing may escape to the hub
         if not isinstance(error, BackendFailure) or error.kind is not FailureKind.TLS:
-            LOGGER.info("reload: IMAP server %s not checked: %s", backend.name, error)
+            LOGGER.info("reload: IMAP server %s not checked: %s", backend.name, why(error))
 
 
 def connect_check(config: Config, backend: Backend, out: TextIO = sys.stdout) -> int:
@@ -74,12 +74,13 @@ def connect_check(config: Config, backend: Backend, out: TextIO = sys.stdout) ->
     try:
         backend.resolve()
         result = backend.probe()
-    except BackendFailure as error:
+    except (BackendFailure, BackendProtocolError, OSError) as error:
         state = backend.tls_health.state
-        if error.kind is FailureKind.TLS and state.status == FAILING:
-            print(f"in.imapproxyd: {backend.name}: TLS {state.text()}", file=sys.stderr)
+        if isinstance(error, BackendFailure) and error.kind is FailureKind.TLS:
+            text = state.text() if state.status == FAILING else f"failing: {error.detail}"
+            print(f"in.imapproxyd: {backend.name}: TLS {text}", file=sys.stderr)
             return EX_CONFIG
-        print(f"in.imapproxyd: {backend.name}: {error.detail}", file=sys.stderr)
+        print(f"in.imapproxyd: {backend.name}: {why(error)}", file=sys.stderr)
         return EX_UNAVAILABLE
     if backend.tls_health.state.status == WORKING:
         how = "implicit TLS" if config.server_tls else "STARTTLS"

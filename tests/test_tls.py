@@ -237,6 +237,16 @@ def test_check_config_connect_to_a_cleartext_server(
         f"connect: {dovecot.host}:{dovecot.port}: greeting read; no TLS: passwords go to the server in clear"
     )
     assert run_imapproxyd("-f", str(conf), "--connect").returncode == 2  # only with --check-config
+    forced = write_config(
+        tmp_path / "f.conf",
+        {"server_hostname": dovecot.host, "server_port": dovecot.port, "force_tls": True},
+    )
+    run = run_imapproxyd("-f", str(forced), "--check-config", "--connect")
+    assert run.returncode == 78
+    assert run.stderr.startswith(
+        f"in.imapproxyd: {dovecot.host}:{dovecot.port}: TLS failing: TLS is required but "
+        "STARTTLS is not possible; refusing to send a password in clear (look at force_tls"
+    )
 
 
 def test_no_verification_accepts_an_unknown_ca(
