@@ -195,3 +195,12 @@ def test_hostile_input_gets_only_replies(data: bytes, step: int) -> None:
                 assert isinstance(action, Reply | LoginRequested | AdminRequested | Closed)
     except ProxyError as error:  # pragma: no cover - the session turns errors into replies
         pytest.fail(f"error escaped: {error!r}")
+
+
+@given(st.binary(max_size=600), st.integers(min_value=1, max_value=40))
+def test_no_login_ever_without_tls_when_it_is_required(data: bytes, step: int) -> None:
+    s = PreLoginSession(PreLoginPolicy(capabilities=lambda: CAPS, login_allowed=lambda: False))
+    payload = b"a AUTHENTICATE PLAIN\r\nb LOGIN {5}\r\n" + data
+    for i in range(0, len(payload), step):
+        for action in play(s, payload[i : i + step]):
+            assert not isinstance(action, LoginRequested)
