@@ -131,8 +131,8 @@ def wait_for_backend(backend: Backend, config: Config) -> LoginResult | None:
             backend.resolve()
             return backend.probe()
         except BackendFailure as error:
-            if error.kind is FailureKind.TLS:  # reachable, but TLS fails: serve (said loudly
-                return None  # by backend_check.announce, once)
+            if error.kind is FailureKind.TLS:  # reachable, TLS fails: serve (watch said why)
+                return None
             LOGGER.warning(
                 "IMAP server %s not usable (attempt %d of %d): %s",
                 backend.name,
