@@ -68,7 +68,7 @@ lint: venv
 SANS_IO := imapproxy/protocol imapproxy/cache.py imapproxy/session.py imapproxy/backend_login.py \
 	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py imapproxy/select_cache.py \
 	imapproxy/redact.py imapproxy/throttle.py imapproxy/relay_state.py \
-	imapproxy/reuse_check.py pimpstat/view.py
+	imapproxy/reuse_check.py imapproxy/tls_status.py pimpstat/view.py
 
 typecheck: venv
 	$(VENV)/bin/mypy imapproxy pimpstat

@@ -72,6 +72,17 @@ def _resetcounters(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
     return tag + b" OK Counters reset\r\n"
 
 
+def _status(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+    """Ours: what is known of TLS with the IMAP server (``tls_status``), one line."""
+    state = proxy.backend.tls_health.state
+    since = (
+        time.strftime(" since %Y-%m-%dT%H:%M:%SZ", time.gmtime(state.since)) if state.since else ""
+    )
+    text = f"BACKEND {proxy.backend.name} TLS {state.text()}{since}"
+    line = text.encode("utf-8", "replace").replace(b"\r", b" ").replace(b"\n", b" ")
+    return b"* XPROXY_STATUS " + line + b"\r\n" + tag + b" OK Completed\r\n"
+
+
 def _version(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
     return b"* XPROXY_VERSION %s\r\n%s OK Completed\r\n" % (__version__.encode(), tag)
 
@@ -82,4 +93,5 @@ _HANDLERS = {
     b"XPROXY_NEWLOG": _newlog,
     b"XPROXY_RESETCOUNTERS": _resetcounters,
     b"XPROXY_VERSION": _version,
+    b"XPROXY_STATUS": _status,
 }

@@ -17,6 +17,7 @@ import itertools
 import secrets
 import select
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +37,13 @@ from imapproxy.backend_login import (
 from imapproxy.config import Config
 from imapproxy.credentials import Credentials
 from imapproxy.errors import BackendFailure, BackendProtocolError, FailureKind
+from imapproxy.log import host_port
 from imapproxy.protocol.framing import NEED_DATA, parse_literal_marker
 from imapproxy.protocol.response import Response, ResponseReader
 from imapproxy.reuse_check import ReuseCheck
 from imapproxy.select_cache import SelectEntry, check_commands, still_valid
 from imapproxy.send import send_all
+from imapproxy.tls_status import TLSHealth, TLSState
 
 _TAG_PREFIX = b"ipx" + secrets.token_hex(3).encode()  # drawn once per process
 _tag_numbers = itertools.count(1)
@@ -358,6 +361,12 @@ class Backend:
         self.addresses: list[Address] = []
         self._rotation = itertools.count()
         self.traits = ServerTraits()
+        self.tls_health = TLSHealth()
+        self.on_tls_change: Callable[[TLSState], None] = lambda state: None
+
+    def _tls_outcome(self, change: TLSState | None) -> None:
+        if change is not None:
+            self.on_tls_change(change)
 
     def reconfigure(self, config: Config, tls_context: ssl.SSLContext | None) -> None:
         """New settings and TLS context for connections made from now on."""
@@ -366,7 +375,7 @@ class Backend:
 
     @property
     def name(self) -> str:
-        return f"{self.config.server_hostname}:{self.config.server_port}"
+        return host_port(self.config.server_hostname, self.config.server_port)
 
     def resolve(self) -> list[Address]:
         family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(
@@ -424,9 +433,14 @@ class Backend:
         if self.tls_context is None:
             raise BackendFailure(FailureKind.TLS, "TLS is not configured")
         try:
-            return self.tls_context.wrap_socket(sock, server_hostname=self.config.server_hostname)
+            tls_sock = self.tls_context.wrap_socket(
+                sock, server_hostname=self.config.server_hostname
+            )
         except ssl.SSLError as error:
+            self._tls_outcome(self.tls_health.failed(str(error), int(time.time())))
             raise BackendFailure(FailureKind.TLS, f"TLS with {self.name} failed: {error}") from None
+        self._tls_outcome(self.tls_health.succeeded(int(time.time())))
+        return tls_sock
 
     def open_session(
         self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None
@@ -472,7 +486,12 @@ class Backend:
         value: Response | None = None
         try:
             while True:
-                step = dialogue.send(value)
+                try:
+                    step = dialogue.send(value)
+                except BackendFailure as failure:  # the dialogue's own: STARTTLS not possible
+                    if failure.kind is FailureKind.TLS:
+                        self._tls_outcome(self.tls_health.failed(failure.detail, int(time.time())))
+                    raise
                 value = None
                 if step is READ:
                     while (response := reader.next_response()) is NEED_DATA:

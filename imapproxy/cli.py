@@ -15,14 +15,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import gevent
 from gevent import socket, ssl
 from gevent.event import Event
 
-from imapproxy import __version__, daemon, log, tls
+from imapproxy import __version__, backend_check, daemon, keeper, log, tls
 from imapproxy import config as config_module
 from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
@@ -68,8 +68,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print the effective settings and exit (0, or 78 on an error)",
     )
+    parser.add_argument(
+        "--connect",
+        action="store_true",
+        help="with --check-config: also connect to the IMAP server and try TLS as logins would "
+        "(handshake and verification); 69 if unreachable, 78 if TLS fails",
+    )
     parser.add_argument("--version", action="version", version=f"imapproxy {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.connect and not args.check_config:
+        parser.error("--connect goes with --check-config")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,11 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return config_module.EX_CONFIG
     if args.check_config:
         try:
-            tls_contexts(config)  # certificate and key files too, not only the syntax
+            backend_tls, _ = tls_contexts(config, tls.read_files)  # the files, not only syntax
         except StartupError as error:
             print(f"in.imapproxyd: {error}", file=sys.stderr)
             return error.status
         sys.stdout.write(config_module.describe(config))
+        if args.connect:
+            return backend_check.connect_check(config, Backend(config, backend_tls))
         return 0
     foreground = args.foreground or config.foreground_mode
     log.setup(config, foreground=foreground)
@@ -120,13 +131,7 @@ def wait_for_backend(backend: Backend, config: Config) -> LoginResult | None:
             backend.resolve()
             return backend.probe()
         except BackendFailure as error:
-            if error.kind is FailureKind.TLS:  # reachable, but TLS fails: serve and say why
-                LOGGER.error(
-                    "TLS with IMAP server %s fails: %s; logins will fail with "
-                    "NO [UNAVAILABLE] until this is fixed",
-                    backend.name,
-                    error.detail,
-                )
+            if error.kind is FailureKind.TLS:  # reachable, TLS fails: serve (watch said why)
                 return None
             LOGGER.warning(
                 "IMAP server %s not usable (attempt %d of %d): %s",
@@ -225,8 +230,9 @@ def run(config: Config, startup: Startup) -> int:
         daemon.raise_file_limit(config.cache_size)
     counters = open_counters(config, identity)
     tracer = open_tracer(config, identity)
-    backend_tls, client_tls = tls_contexts(config)
+    backend_tls, client_tls = tls_contexts(config, tls.read_files)
     backend = Backend(config, backend_tls)
+    backend_check.watch(backend, counters)
     if config.server_port == 993 and not config.server_tls:
         LOGGER.warning("server_port is 993 but server_tls is no: port 993 usually wants TLS")
     first_contact = wait_for_backend(backend, config)
@@ -236,6 +242,7 @@ def run(config: Config, startup: Startup) -> int:
         daemon.detach()
     if startup.pidfile_path:
         write_pidfile(startup.pidfile_path)
+    read_tls_files = tls_file_reader(config, startup, identity)
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
     proxy = Proxy(config, backend, counters)
@@ -243,15 +250,39 @@ def run(config: Config, startup: Startup) -> int:
     proxy.client_tls = client_tls
     if first_contact is not None:
         proxy.refresh(first_contact)
-    return serve(proxy, listeners, tls_listeners, startup)
+    return serve(proxy, listeners, tls_listeners, startup, read_tls_files)
 
 
-def tls_contexts(config: Config) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
+TLSFileReader = Callable[[Config], dict[str, bytes]]
+
+
+def tls_contexts(
+    config: Config, read_files: TLSFileReader
+) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
     """The backend and client TLS contexts; a bad file or key is a configuration error."""
     try:
-        return tls.contexts(config)
-    except tls.TLSSetupError as error:
+        return tls.contexts(config, read_files(config))
+    except ConfigError as error:
         raise StartupError(str(error), config_module.EX_CONFIG) from None
+
+
+def tls_file_reader(
+    config: Config, startup: Startup, identity: daemon.Identity | None
+) -> TLSFileReader:
+    """How SIGHUP will read certificates and keys: through the privileged reader when the
+    proxy is about to drop root (``keeper``), else directly (it never had more rights)."""
+    if identity is None:
+        return tls.read_files
+    if config.chroot_directory and tls.file_paths(config):
+        memory_files = os.path.join(config.chroot_directory, tls.MEMORY_FILES.lstrip("/"))
+        if not os.path.isdir(memory_files):
+            LOGGER.warning(
+                "chroot_directory %s has no %s (no /proc mounted there): certificates and keys "
+                "cannot be loaded again on SIGHUP; a restart loads renewed ones",
+                config.chroot_directory,
+                tls.MEMORY_FILES,
+            )
+    return keeper.start(os.path.abspath(startup.config_path)).read_files
 
 
 def serve(
@@ -259,12 +290,15 @@ def serve(
     listeners: list[socket.socket],
     tls_listeners: list[socket.socket],
     startup: Startup,
+    read_tls_files: TLSFileReader = tls.read_files,
 ) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters."""
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, proxy, startup))
+    gevent.signal_handler(
+        signal.SIGHUP, lambda: gevent.spawn(reload, proxy, startup, read_tls_files)
+    )
     gevent.signal_handler(
         signal.SIGUSR1, lambda: LOGGER.info("counters: %s", summary(proxy.counters))
     )
@@ -285,10 +319,11 @@ def serve(
     return 0
 
 
-def reload(proxy: Proxy, startup: Startup) -> None:
+def reload(proxy: Proxy, startup: Startup, read_tls_files: TLSFileReader) -> None:
     """SIGHUP: re-read the file; apply what can change live, report what needs a restart.
 
-    Inside ``chroot_directory`` the file is read at the same path within the chroot.
+    Inside ``chroot_directory`` the file is read at the same path within the chroot; the TLS
+    files are read by ``read_tls_files`` (as root, by the privileged reader, after the drop).
     """
     try:
         new = config_module.load(startup.config_path)
@@ -302,11 +337,13 @@ def reload(proxy: Proxy, startup: Startup) -> None:
         return
     result = config_module.reload(proxy.config, new)
     try:  # certificates are re-read even when their paths did not change: renewed in place
-        backend_tls, client_tls = tls.contexts(result.config)
-    except tls.TLSSetupError as error:
+        backend_tls, client_tls = tls.contexts(result.config, read_tls_files(result.config))
+    except (ConfigError, keeper.KeeperError) as error:
         LOGGER.error("reload: %s; TLS contexts kept", error)
         backend_tls, client_tls = proxy.backend.tls_context, proxy.client_tls
     proxy.reconfigure(result.config, backend_tls, client_tls)
+    if backend_check.recheck_needed(proxy.backend, result.applied):
+        gevent.spawn(backend_check.recheck, proxy.backend)
     log.set_mask(result.config)
     LOGGER.info(
         "reload: %s",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +163,20 @@ def setting(
 
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+BUILT_IN = "(built-in settings)"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where settings were read: the file, and the line of each key set in it, so that an error
+    found later (a TLS file that cannot be loaded, at start-up or on SIGHUP) names its place."""
+
+    path: str = BUILT_IN
+    lines: Mapping[str, int] = field(default_factory=dict)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """``FILE:LINE: KEY: message`` (``FILE: KEY: ...`` for a key left at its default)."""
+        return ConfigError(self.path, self.lines.get(key), key, message)
 
 
 @dataclass(frozen=True)
@@ -255,6 +269,9 @@ class Config:
         0, non_negative_int, "clients served at once; 0: as the open-file limit allows"
     )
 
+    # not a setting: where the others were read
+    origin: Origin = field(default_factory=Origin, compare=False, repr=False)
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
@@ -263,7 +280,9 @@ def file_key(spec: dataclasses.Field[Any]) -> str:
     return spec.metadata["key"] or spec.name
 
 
-SETTINGS: dict[str, dataclasses.Field[Any]] = {file_key(f): f for f in dataclasses.fields(Config)}
+SETTINGS: dict[str, dataclasses.Field[Any]] = {
+    file_key(f): f for f in dataclasses.fields(Config) if "parse" in f.metadata
+}
 SECRET_KEYS = frozenset(key for key, spec in SETTINGS.items() if spec.metadata["secret"])
 RESTART_KEYS = frozenset(key for key, spec in SETTINGS.items() if spec.metadata["restart"])
 
@@ -271,6 +290,7 @@ RESTART_KEYS = frozenset(key for key, spec in SETTINGS.items() if spec.metadata[
 def parse_lines(lines: Iterator[str], path: str) -> Config:
     """Build a ``Config`` from the lines of a file; raise ``ConfigError`` on the first problem."""
     values: dict[str, Any] = {}
+    where: dict[str, int] = {}
     for lineno, raw in enumerate(lines, start=1):
         text = raw.split("#", 1)[0].strip()
         if not text:
@@ -284,8 +304,9 @@ def parse_lines(lines: Iterator[str], path: str) -> Config:
             values[spec.name] = spec.metadata["parse"](parts[1] if len(parts) > 1 else "")
         except ValueError as error:
             raise ConfigError(path, lineno, key, str(error)) from None
-    config = Config(**values)
-    check(config, path)
+        where[key] = lineno
+    config = Config(**values, origin=Origin(path, where))
+    check(config)
     return config
 
 
@@ -303,25 +324,32 @@ def _unknown_key(path: str, lineno: int, word: str) -> ConfigError:
 _KEY_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_."
 
 
-def check(config: Config, path: str) -> None:
+STATIC_IDENTITY_KEYS = (
+    "auth_sasl_plain_username",
+    "auth_sasl_plain_password",
+    "auth_shared_secret",
+)
+
+
+def check(config: Config) -> None:
     """Rules across keys."""
+    error = config.origin.error
     if not config.server_hostname:
-        raise ConfigError(path, None, "server_hostname", "required, but not set")
+        raise error("server_hostname", "required, but not set")
     static = [
         config.auth_sasl_plain_username,
         config.auth_sasl_plain_password,
         config.auth_shared_secret,
     ]
     if any(static) and not all(static):
-        raise ConfigError(
-            path,
-            None,
-            "auth_sasl_plain_username",
+        first = next(key for key in STATIC_IDENTITY_KEYS if getattr(config, key))
+        raise error(
+            first,
             "auth_sasl_plain_username, auth_sasl_plain_password and auth_shared_secret "
             "must be set together",
         )
     if config.tls_key_file and not config.tls_cert_file:
-        raise ConfigError(path, None, "tls_key_file", "set, but tls_cert_file is not")
+        raise error("tls_key_file", "set, but tls_cert_file is not")
     client_tls = (
         "client_tls_port",
         "client_starttls",
@@ -331,11 +359,9 @@ def check(config: Config, path: str) -> None:
     )
     for key in client_tls:
         if getattr(config, key) and not config.client_tls_cert_file:
-            raise ConfigError(path, None, key, "needs client_tls_cert_file")
+            raise error(key, "needs client_tls_cert_file")
     if config.client_tls_required and not (config.client_starttls or config.client_tls_port):
-        raise ConfigError(
-            path,
-            None,
+        raise error(
             "client_tls_required",
             "needs client_starttls or client_tls_port (clients could never log in)",
         )
@@ -362,7 +388,7 @@ def reload(running: Config, new: Config) -> Reload:
         else:
             applied.append(key)
             changes[spec.name] = new_value
-    return Reload(running.replace(**changes), tuple(applied), tuple(restart))
+    return Reload(running.replace(origin=new.origin, **changes), tuple(applied), tuple(restart))
 
 
 def load(path: str) -> Config:

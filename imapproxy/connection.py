@@ -21,6 +21,7 @@ from imapproxy import admin
 from imapproxy.backend import BackendSession
 from imapproxy.cache import Slot
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
+from imapproxy.log import host_port
 from imapproxy.relay import IDLE_TIMEOUT_BYE, Outcome, Relay, RelaySettings
 from imapproxy.send import send_quietly
 from imapproxy.session import (
@@ -49,7 +50,7 @@ LoggedIn = tuple[Slot[BackendSession], bool, LoginRequested]  # slot, reused, th
 
 
 def format_address(address: tuple[object, ...]) -> str:
-    return f"{address[0]}:{address[1]}" if len(address) >= 2 else str(address)
+    return host_port(address[0], address[1]) if len(address) >= 2 else str(address)
 
 
 class ClientConnection:

@@ -87,6 +87,16 @@ def setup(config: Config, *, foreground: bool, stream: TextIO | None = None) -> 
     set_mask(config)
 
 
+def host_port(host: object, port: object) -> str:
+    """``host:port`` for logs; an IPv6 address in brackets, ``[::1]:143`` (RFC 3986 §3.2.2),
+    an IPv4-mapped one (a dual-stack listener's IPv4 client) as plain IPv4, so that IPv4 lines
+    stay as up-imapproxy writes them."""
+    text = str(host)
+    if text.startswith("::ffff:") and "." in text:
+        text = text[len("::ffff:") :]
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
 def set_mask(config: Config) -> None:
     """Apply ``syslog_prioritymask`` (at start-up, and live on SIGHUP)."""
     mask = config.syslog_prioritymask

@@ -13,7 +13,8 @@ Answered here: CAPABILITY, NOOP, LOGOUT, ID (RFC 2971; the client's ID is kept t
 the backend session), LOGIN with atoms, quoted strings and literals (``{n}``/``{n+}``),
 AUTHENTICATE PLAIN (with or without SASL-IR initial response) and LOGIN, ``*`` cancelling. All
 else gets ``BAD Please login first``; after ``MAX_BAD_COMMANDS`` errors the client is
-disconnected.
+disconnected. When the policy says no login yet (TLS required), LOGIN and AUTHENTICATE are
+refused at their command line, before any continuation that would invite a secret.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ ADMIN_COMMANDS = frozenset(
         b"XPROXY_NEWLOG",
         b"XPROXY_RESETCOUNTERS",
         b"XPROXY_VERSION",
+        b"XPROXY_STATUS",
     }
 )
 
@@ -110,6 +112,7 @@ class PreLoginPolicy:
     login_allowed: Callable[[], bool] = lambda: True  # False: TLS first (LOGINDISABLED)
 
 
+_LOGIN_COMMANDS = frozenset({b"LOGIN", b"AUTHENTICATE"})
 PRIVACY_REQUIRED = "[PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure connections"
 
 
@@ -182,12 +185,26 @@ class PreLoginSession:
         """A synchronising literal was announced: grant it or refuse the command."""
         spec = self.framer.pending_literal
         if self._lines and spec is not None and spec.size <= PRELOGIN_MAX_LITERAL_BYTES:
-            self.framer.accept_literal()
-            return Reply(CONTINUE_LITERAL)
+            if not self._login_refused(self._lines[0]):
+                self.framer.accept_literal()
+                return Reply(CONTINUE_LITERAL)
+            self.framer.reject_literal()  # the literal may be the password: never invite it
+            login_tag = split_command_line(self._lines[0]).tag
+            self._reset_command()
+            raise ClientProtocolError(PRIVACY_REQUIRED, tag=login_tag, status="NO")
         self.framer.reject_literal()
         tag = split_command_line(self._lines[0]).tag if self._lines else None
         self._reset_command()
         raise ClientProtocolError("Literal too big", tag=tag)
+
+    def _login_refused(self, first_line: bytes) -> bool:
+        """A LOGIN or AUTHENTICATE that ``client_tls_required`` refuses on this connection."""
+        if self.policy.login_allowed():
+            return False
+        try:
+            return split_command_line(first_line).name in _LOGIN_COMMANDS
+        except ClientProtocolError:
+            return False  # refused when the command is complete, as before
 
     def _line(self, line: Line) -> Action | None:
         if self._auth is not _Auth.NONE:
@@ -263,6 +280,7 @@ class PreLoginSession:
             args.space()
             initial = args.rest_of_line()
         args.expect_end()
+        self._check_privacy(tag)  # before any "+": no secret is invited onto a cleartext link
         if mechanism == b"PLAIN":
             return self._start_plain(tag, initial)
         if mechanism == b"LOGIN":
@@ -312,9 +330,14 @@ class PreLoginSession:
         username, password = sasl.parse_plain(message, tag)
         return self._credentials(tag, username, password, "PLAIN")
 
-    def _credentials(self, tag: bytes, username: bytes, password: bytes, how: str) -> Action:
+    def _check_privacy(self, tag: bytes) -> None:
+        """``client_tls_required`` on a cleartext connection: every LOGIN and AUTHENTICATE is
+        refused at its command line (RFC 9051 §6.2.2, §7.1 ``PRIVACYREQUIRED``)."""
         if not self.policy.login_allowed():
             raise ClientProtocolError(PRIVACY_REQUIRED, tag=tag, status="NO")
+
+    def _credentials(self, tag: bytes, username: bytes, password: bytes, how: str) -> Action:
+        self._check_privacy(tag)
         if not username or len(username) > MAX_USERNAME_BYTES or b"\x00" in username:
             raise ClientProtocolError("Invalid user name", tag=tag, status="NO")
         if len(password) > MAX_PASSWORD_BYTES or b"\x00" in password:

@@ -24,11 +24,19 @@ Layout (native x86-64 / LP64, little-endian), bytes 0-71 exactly up-imapproxy 1.
 Our extension follows, marked so that a reader can tell our file from up-imapproxy's::
 
     72      char[4]   b"IPXS"
-    76      uint32    extension version (1)
+    76      uint32    extension version (2)
     80      uint64    × EXTENSION_COUNT, in the order of ``EXTENSION_FIELDS``
 
 Fields are only ever appended to the extension: a reader given a shorter file of ours (an
-older version) reads the missing fields as 0.
+older version) reads the missing fields as 0. Version 1 had five counters (to byte 120);
+version 2 adds a sixth (``BackendWaits``) and what is known of TLS with the IMAP server
+(``tls_status``), for pimpstat::
+
+   128      uint64    status: 0 not tried, 1 working, 2 failing
+   136      uint64    since (time_t of the last change)
+   144      char[248] one line: the reason and the setting to look at (UTF-8, NUL-padded)
+
+A version-1 file reads as "not tried".
 
 The writer updates fields in place (no locks, as up-imapproxy; single-threaded under gevent, so
 our counters do not drift). The reader maps the file read-only.
@@ -44,11 +52,14 @@ from typing import Final
 UP_IMAPPROXY_STRUCT: Final = struct.Struct("=qq13I4x")  # 72 bytes
 UP_IMAPPROXY_SIZE: Final = UP_IMAPPROXY_STRUCT.size
 EXTENSION_MAGIC: Final = b"IPXS"
-EXTENSION_VERSION: Final = 1
+EXTENSION_VERSION: Final = 2
 _EXTENSION_HEADER: Final = struct.Struct("=4sI")
 _EXTENSION_OFFSET: Final = UP_IMAPPROXY_SIZE + _EXTENSION_HEADER.size  # 80
 EXTENSION_COUNT: Final = 6
-FILE_SIZE: Final = _EXTENSION_OFFSET + 8 * EXTENSION_COUNT
+_STATUS_OFFSET: Final = _EXTENSION_OFFSET + 8 * EXTENSION_COUNT  # 128
+_STATUS_TEXT_OFFSET: Final = _STATUS_OFFSET + 16
+STATUS_TEXT_BYTES: Final = 248
+FILE_SIZE: Final = _STATUS_TEXT_OFFSET + STATUS_TEXT_BYTES  # 392
 
 assert UP_IMAPPROXY_SIZE == 72
 
@@ -102,11 +113,26 @@ class Counters:
         view = memoryview(buffer)
         self._times = view[0:16].cast("q")
         self._counts = view[16:68].cast("I")
-        self._extension = view[_EXTENSION_OFFSET:FILE_SIZE].cast("Q")
+        self._extension = view[_EXTENSION_OFFSET:_STATUS_OFFSET].cast("Q")
+        self._status = view[_STATUS_OFFSET:_STATUS_TEXT_OFFSET].cast("Q")
 
     def release(self) -> None:
-        for view in (self._times, self._counts, self._extension):
+        for view in (self._times, self._counts, self._extension, self._status):
             view.release()
+
+    def set_backend_tls(self, code: int, since: int, text: str) -> None:
+        """What is known of TLS with the IMAP server (``tls_status``), for pimpstat."""
+        data = text.encode("utf-8")[:STATUS_TEXT_BYTES].decode("utf-8", "ignore").encode()
+        self.buffer[_STATUS_TEXT_OFFSET:FILE_SIZE] = data.ljust(STATUS_TEXT_BYTES, b"\0")
+        self._status[0], self._status[1] = code, since
+
+    def backend_tls(self) -> tuple[int, int, str]:
+        """(status code, since, text); (0, 0, "") in a file before version 2."""
+        magic, version = _EXTENSION_HEADER.unpack_from(self.buffer, UP_IMAPPROXY_SIZE)
+        if magic != EXTENSION_MAGIC or version < 2:
+            return 0, 0, ""
+        text = bytes(self.buffer[_STATUS_TEXT_OFFSET:FILE_SIZE]).rstrip(b"\0")
+        return int(self._status[0]), int(self._status[1]), text.decode("utf-8", "replace")
 
     @classmethod
     def in_memory(cls) -> Counters:
@@ -123,7 +149,7 @@ class Counters:
         if len(self.buffer) < FILE_SIZE:
             return False
         magic, version = _EXTENSION_HEADER.unpack_from(self.buffer, UP_IMAPPROXY_SIZE)
-        return bool(magic == EXTENSION_MAGIC and version >= EXTENSION_VERSION)
+        return bool(magic == EXTENSION_MAGIC and version >= 1)  # the counters came in 1
 
     def snapshot(self) -> dict[str, int]:
         names = TIME_FIELDS + COUNTER_FIELDS + (EXTENSION_FIELDS if self.has_extension() else ())
@@ -146,8 +172,9 @@ class Counters:
         self.PeakRetainedServerConnections = max(self.PeakRetainedServerConnections, cached)
 
     def start(self, now: int) -> None:
-        """Zero everything and stamp the start (proxy start-up)."""
-        self.buffer[:FILE_SIZE] = bytes(FILE_SIZE)
+        """Zero the counters and stamp the start (proxy start-up); the TLS status, found by
+        the start-up contact with the server, stays."""
+        self.buffer[:_STATUS_OFFSET] = bytes(_STATUS_OFFSET)
         self.mark_extension()
         self.StartTime = self.CountTime = now
 

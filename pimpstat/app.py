@@ -119,16 +119,18 @@ class Monitor:
     previous: dict[str, int] | None = None  # the reading before, for the rates
     elapsed_s: float = 0.0  # between the two
     problem: str = "not read yet"  # why there is no current reading
+    backend_tls: tuple[int, int, str] | None = None  # from the current reading
     _read_at: float | None = field(default=None, repr=False)
 
     def read(self, now: float) -> None:
         """Read the file (``now`` on a monotonic clock); a failed read forgets both readings."""
         counters = stats.read_file_or_reason(self.stat_filename)
         if isinstance(counters, str):
-            self.current = self.previous = self._read_at = None
+            self.current = self.previous = self._read_at = self.backend_tls = None
             self.problem = counters
             return
         self.previous, self.current = self.current, counters.snapshot()
+        self.backend_tls = counters.backend_tls()
         counters.release()
         self.elapsed_s = 0.0 if self._read_at is None else now - self._read_at
         self._read_at = now
@@ -141,6 +143,7 @@ class Monitor:
                 stat_filename=self.stat_filename,
                 select_cache_enabled=self.select_cache_enabled,
                 source=self.current,
+                backend_tls=self.backend_tls,
             )
         if self.current is None:
             return view.waiting_rows(self.stat_filename, self.problem)

@@ -349,8 +349,10 @@ def about_rows(
     stat_filename: str,
     select_cache_enabled: bool,
     source: Source | None,
+    backend_tls: tuple[int, int, str] | None = None,
 ) -> list[Row]:
-    """The ``about`` view: what is shown, from which files, and the keys."""
+    """The ``about`` view: what is shown, from which files, and the keys; and what the proxy
+    knows of TLS with the IMAP server (``Counters.backend_tls``)."""
     snapshot = None if source is None else as_snapshot(source)
     return [
         heading("PIMPSTAT"),
@@ -360,6 +362,7 @@ def about_rows(
         Row("statistics file (read-only):", stat_filename, "info"),
         Row("file format:", file_format_text(snapshot), "info"),
         Row("SELECT cache:", "enabled" if select_cache_enabled else "not enabled", "info"),
+        Row("TLS with the IMAP server:", backend_tls_text(backend_tls), "info"),
         Row("refresh:", "every second", "info"),
         BLANK,
         heading("KEYS"),
@@ -371,6 +374,15 @@ def about_rows(
         BLANK,
         *(Row(name, VIEW_TITLES[name], "info") for name in VIEWS),
     ]
+
+
+def backend_tls_text(backend_tls: tuple[int, int, str] | None) -> str:
+    if backend_tls is None:
+        return "not readable yet"
+    code, _, text = backend_tls  # the text says it all; a file before version 2 has none
+    if text:
+        return text
+    return ("not tried", "working", "failing")[code] if 0 <= code < 3 else "unknown"
 
 
 def waiting_rows(stat_filename: str, problem: str) -> list[Row]:

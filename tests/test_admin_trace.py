@@ -20,6 +20,7 @@ ADMIN = [
     b"XPROXY_NEWLOG",
     b"XPROXY_RESETCOUNTERS",
     b"XPROXY_VERSION",
+    b"XPROXY_STATUS",
 ]
 
 
@@ -65,6 +66,12 @@ def test_admin_commands(
     )
     assert admin(proxy, b"XPROXY_VERSION") == [
         b"* XPROXY_VERSION %s\r\n" % __version__.encode(),
+        b"a OK Completed\r\n",
+    ]
+    # a cleartext backend: TLS was never tried (test_tls.py has the failing and working ones)
+    assert admin(proxy, b"XPROXY_STATUS") == [
+        b"* XPROXY_STATUS BACKEND %s:%d TLS not tried\r\n"
+        % (b"127.0.0.1", proxy.settings["server_port"]),
         b"a OK Completed\r\n",
     ]
     assert admin(proxy, b"xproxy_resetcounters") == [b"a OK Counters reset\r\n"]

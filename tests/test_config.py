@@ -119,6 +119,7 @@ def test_every_key_parses_a_value() -> None:
         "listen_backlog": ("50", 50),
         "client_login_timeout": ("5", 5),
         "client_idle_timeout": ("60", 60),
+        "max_client_connections": ("500", 500),
         "server_connect_timeout": ("3", 3),
         "server_response_timeout": ("9", 9),
         "shutdown_timeout": ("0", 0),
@@ -183,16 +184,20 @@ def test_every_key_parses_a_value() -> None:
         ),
         ("cache_size 5\n", "imapproxy.conf: server_hostname: required, but not set"),
         (
+            "server_hostname x\n\ntls_key_file /k\n",
+            "imapproxy.conf:3: tls_key_file: set, but tls_cert_file is not",
+        ),
+        (
             "server_hostname x\nauth_shared_secret s\n",
-            "imapproxy.conf: auth_sasl_plain_username: auth_sasl_plain_username, auth_sasl_plain_password and auth_shared_secret must be set together",
+            "imapproxy.conf:2: auth_shared_secret: auth_sasl_plain_username, auth_sasl_plain_password and auth_shared_secret must be set together",
         ),
         (
             "server_hostname x\nclient_starttls yes\n",
-            "imapproxy.conf: client_starttls: needs client_tls_cert_file",
+            "imapproxy.conf:2: client_starttls: needs client_tls_cert_file",
         ),
         (
             "server_hostname x\nclient_tls_cert_file /c\nclient_tls_required yes\n",
-            "imapproxy.conf: client_tls_required: needs client_starttls or client_tls_port",
+            "imapproxy.conf:3: client_tls_required: needs client_starttls or client_tls_port",
         ),
         (
             "server_hostname x\nclient_tls_min_version SSLv3\n",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -341,3 +342,39 @@ def test_figures_fit_before_the_value_column_and_beside_column() -> None:
             assert app.LABEL_COL + len(row.label) < app.VALUE_END_COL - len(row.value), row
         elif row.beside is not None:
             assert app.PAIR_VALUE_COL + len(row.value) < app.BESIDE_LABEL_COL, row
+
+
+def test_the_backend_tls_status_in_the_file_and_the_about_view(tmp_path: Path) -> None:
+    path = str(tmp_path / "pimpstats")
+    counters = stats.create_file(path)
+    counters.start(START)
+    counters.set_backend_tls(2, START, "failing: certificate verify failed (look at tls_ca_file)")
+    counters.start(RESET)  # the proxy starts serving after its first contact: kept
+    counters.TotalClientLogins = 7
+    monitor = app.Monitor("/etc/imapproxy.conf", path, False, view="about")
+    monitor.read(0.0)
+    rows = monitor.rows()
+    assert value_of(rows, "TLS with the IMAP server:") == (
+        "failing: certificate verify failed (look at tls_ca_file)"
+    )
+    counters.set_backend_tls(1, RESET, "é" * 200)  # cut at the field's size, on a character
+    reading = stats.read_file(path)
+    assert reading is not None and reading.backend_tls() == (1, RESET, "é" * 124)
+    assert reading.TotalClientLogins == 7
+    counters.release()
+
+
+@pytest.mark.parametrize(
+    ("backend_tls", "text"),
+    [(None, "not readable yet"), ((0, 0, ""), "not tried"), ((1, 5, ""), "working")],
+)
+def test_backend_tls_text(backend_tls: tuple[int, int, str] | None, text: str) -> None:
+    assert view.backend_tls_text(backend_tls) == text
+
+
+def test_a_version_1_file_reads_as_not_tried() -> None:
+    counters = stats.Counters(bytearray(stats.FILE_SIZE))
+    counters.mark_extension()
+    counters.buffer[76:80] = (1).to_bytes(4, "little")
+    counters.buffer[136:140] = b"junk"
+    assert counters.has_extension() and counters.backend_tls() == (0, 0, "")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from imapproxy.connection import format_address
 from tests.support.client import RawClient, login, page
 from tests.support.dovecot import DovecotInstance, User, free_port, running_dovecot
 from tests.support.polling import wait_until
@@ -249,3 +250,15 @@ def test_ipv6_listener_and_backend(
         assert replies[0].startswith(b"* OK [XPROXYREUSE]")
     finally:
         proxy.stop()
+    log = proxy.log_text()  # IPv6 in brackets (RFC 3986 §3.2.2), in client and server names
+    assert "LOGIN: 'alice' ([::1]:" in log and f"proxying to [::1]:{backend.port}" in log
+    assert "(::1:" not in log
+
+
+def test_addresses_in_logs() -> None:
+    """IPv4 as up-imapproxy writes it; IPv6 bracketed; a dual-stack listener's IPv4 client
+    (an IPv4-mapped IPv6 address) as IPv4."""
+    assert format_address(("127.0.0.1", 45412)) == "127.0.0.1:45412"
+    assert format_address(("::1", 45412, 0, 0)) == "[::1]:45412"
+    assert format_address(("fe80::1%eth0", 143, 0, 2)) == "[fe80::1%eth0]:143"
+    assert format_address(("::ffff:192.0.2.7", 5000, 0, 0)) == "192.0.2.7:5000"

@@ -22,6 +22,7 @@ SANS_IO = [
             "throttle.py",
             "relay_state.py",
             "reuse_check.py",
+            "tls_status.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",

@@ -115,6 +115,33 @@ def test_other_mechanisms_and_commands() -> None:
     )
 
 
+PRIVACY = b"NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure connections\r\n"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        b"AUTHENTICATE PLAIN",
+        b"AUTHENTICATE LOGIN",
+        b"authenticate login " + base64.b64encode(b"alice"),
+        b"AUTHENTICATE PLAIN " + base64.b64encode(b"\x00alice\x00secret"),
+        b"AUTHENTICATE CRAM-MD5",
+        b"LOGIN {5}",
+        b"LOGIN alice {6}",
+        b"LOGIN alice secret",
+    ],
+)
+def test_tls_required_refuses_at_the_command_line(command: bytes) -> None:
+    """client_tls_required, cleartext: refused before any "+", so no secret is invited."""
+    secure = False
+    s = PreLoginSession(PreLoginPolicy(capabilities=lambda: CAPS, login_allowed=lambda: secure))
+    out = play(s, b"a " + command + b"\r\n")
+    assert out == [Reply(b"a " + PRIVACY)]
+    assert replies(play(s, b"b NOOP\r\n")) == b"b OK Completed\r\n"  # still in step
+    secure = True  # after STARTTLS
+    assert replies(play(s, b"c AUTHENTICATE LOGIN\r\n")) == b"+ VXNlcm5hbWU6\r\n"
+
+
 def test_id_is_answered_and_kept_for_replay() -> None:
     s = session()
     out = play(s, b'a ID ("name" "Roundcube" "version" "1.6")\r\n')
@@ -168,3 +195,12 @@ def test_hostile_input_gets_only_replies(data: bytes, step: int) -> None:
                 assert isinstance(action, Reply | LoginRequested | AdminRequested | Closed)
     except ProxyError as error:  # pragma: no cover - the session turns errors into replies
         pytest.fail(f"error escaped: {error!r}")
+
+
+@given(st.binary(max_size=600), st.integers(min_value=1, max_value=40))
+def test_no_login_ever_without_tls_when_it_is_required(data: bytes, step: int) -> None:
+    s = PreLoginSession(PreLoginPolicy(capabilities=lambda: CAPS, login_allowed=lambda: False))
+    payload = b"a AUTHENTICATE PLAIN\r\nb LOGIN {5}\r\n" + data
+    for i in range(0, len(payload), step):
+        for action in play(s, payload[i : i + step]):
+            assert not isinstance(action, LoginRequested)

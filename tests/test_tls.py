@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import imaplib
+import json
 import os
 import shutil
 import signal
@@ -18,10 +19,13 @@ from pathlib import Path
 import pytest
 import trustme
 
+from imapproxy import keeper
+from pimpstat.app import Monitor
 from tests.conftest import MASTER_PASSWORD, MASTER_USER
 from tests.support.client import RawClient, imaplib_reused, login
 from tests.support.dovecot import DovecotInstance, User, free_port, make_message, running_dovecot
 from tests.support.pki import write_pki
+from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess, run_imapproxyd, service_identity, write_config
 
 
@@ -125,6 +129,126 @@ def test_verification_failures_are_clear_errors(
     assert "LOGIN: 'alice' (127.0.0.1:" in log and reason in log
 
 
+def tls_status(proxy: ProxyProcess) -> bytes:
+    with RawClient(proxy.host, proxy.port) as raw:
+        reply = raw.command(b"s", b"XPROXY_STATUS")
+    assert reply[-1] == b"s OK Completed\r\n" and len(reply) == 2
+    return reply[0]
+
+
+def about_tls(proxy: ProxyProcess) -> str:
+    """pimpstat's about view, from the statistics file, as its screen has it."""
+    monitor = Monitor(str(proxy.config_path), str(proxy.stat_path), False, view="about")
+    monitor.read(0.0)
+    return next(row.value for row in monitor.rows() if row.label == "TLS with the IMAP server:")
+
+
+UNKNOWN_CA = (
+    "certificate verify failed: unable to get local issuer certificate "
+    "(look at tls_ca_file or tls_ca_path (the CA of the server's certificate))"
+)
+
+
+def test_a_backend_tls_failure_is_said_loudly_once_and_kept_on_show(
+    start_proxy: Callable[..., ProxyProcess],
+    tls_dovecot: DovecotInstance,
+    pki: dict[str, Path],
+    user: User,
+) -> None:
+    """Wrong CA: one error line at start-up, however many logins fail; the reason in
+    XPROXY_STATUS and pimpstat; a SIGHUP with the right CA says it works, at once."""
+    proxy = start_proxy(
+        ("127.0.0.2", tls_dovecot.port),
+        **verifying(pki, tls_ca_file=pki["other_ca"], enable_admin_commands=True),
+    )
+    name = f"127.0.0.2:{tls_dovecot.port}"
+    loud = f"TLS with IMAP server {name} fails: certificate verify failed: unable to get local "
+    loud += "issuer certificate; look at tls_ca_file or tls_ca_path"
+    proxy.wait_for_log(loud)
+    for _ in range(3):
+        client, replies = login(proxy.host, proxy.port, "alice", "alice-pw")
+        client.close()
+        assert replies == [b"L1 NO [UNAVAILABLE] Secure connection to IMAP server failed\r\n"]
+    assert proxy.log_text().count(loud) == 1
+    status = tls_status(proxy)
+    assert status.startswith(f"* XPROXY_STATUS BACKEND {name} TLS failing: ".encode())
+    assert UNKNOWN_CA.encode() + b" since 20" in status
+    assert about_tls(proxy) == "failing: " + UNKNOWN_CA
+    assert proxy.counters().backend_tls()[0] == 2
+
+    proxy.settings["tls_ca_file"] = pki["ca"]
+    write_config(proxy.config_path, proxy.settings)
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for_log(f"TLS with IMAP server {name} works (certificate and name verified)")
+    assert tls_status(proxy).startswith(
+        f"* XPROXY_STATUS BACKEND {name} TLS working since ".encode()
+    )
+    assert about_tls(proxy) == "working"
+    assert not page(proxy.host, proxy.port, "alice", "alice-pw")
+
+
+@pytest.mark.parametrize(
+    ("settings", "status", "output"),
+    [
+        ({}, 0, "greeting read; TLS (STARTTLS) works, certificate and name verified"),
+        (
+            {"tls_verify_server": False, "tls_ca_file": "other_ca"},
+            0,
+            "certificate not verified: tls_verify_server is no",
+        ),
+        ({"tls_ca_file": "other_ca"}, 78, "TLS failing: " + UNKNOWN_CA),
+        (
+            {"server_hostname": "::1", "force_tls": True},
+            78,
+            "IP address mismatch, certificate is not valid for '::1'. (look at server_hostname",
+        ),
+        ({"server_port": "closed"}, 69, "cannot connect to"),
+    ],
+)
+def test_check_config_connect(
+    tmp_path: Path,
+    tls_dovecot: DovecotInstance,
+    pki: dict[str, Path],
+    settings: dict[str, object],
+    status: int,
+    output: str,
+) -> None:
+    values: dict[str, object] = {"server_hostname": "127.0.0.2", "server_port": tls_dovecot.port}
+    values.update(verifying(pki))
+    values.update({k: pki.get(v, v) if isinstance(v, str) else v for k, v in settings.items()})  # type: ignore[call-overload]
+    if values["server_port"] == "closed":
+        values["server_port"] = free_port()
+    conf = write_config(tmp_path / "imapproxy.conf", {**values, "connect_retries": 0})
+    run = run_imapproxyd("-f", str(conf), "--check-config", "--connect")
+    assert run.returncode == status, run.stderr
+    assert output in (run.stdout.splitlines()[-1] if status == 0 else run.stderr)
+
+
+def test_check_config_connect_to_a_cleartext_server(
+    tmp_path: Path, dovecot: DovecotInstance
+) -> None:
+    conf = write_config(
+        tmp_path / "c.conf", {"server_hostname": dovecot.host, "server_port": dovecot.port}
+    )
+    run = run_imapproxyd("-f", str(conf), "--check-config", "--connect")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == (
+        f"connect: {dovecot.host}:{dovecot.port}: greeting read; no TLS: passwords go to the server in clear"
+    )
+    assert run_imapproxyd("-f", str(conf), "--connect").returncode == 2  # only with --check-config
+    forced = write_config(
+        tmp_path / "f.conf",
+        {"server_hostname": dovecot.host, "server_port": dovecot.port, "force_tls": True},
+    )
+    run = run_imapproxyd("-f", str(forced), "--check-config", "--connect")
+    assert run.returncode == 78
+    assert run.stderr.startswith(
+        f"in.imapproxyd: {dovecot.host}:{dovecot.port}: TLS failing: TLS is required but "
+        "STARTTLS is not possible; refusing to send a password in clear (look at force_tls"
+    )
+
+
 def test_no_verification_accepts_an_unknown_ca(
     start_proxy: Callable[..., ProxyProcess], tls_dovecot: DovecotInstance, pki: dict[str, Path]
 ) -> None:
@@ -162,29 +286,96 @@ def test_client_certificate_to_the_backend(
         assert not page(known.host, known.port, "alice", "alice-pw")
 
 
-def test_a_key_that_does_not_match_its_certificate_stops_start_up(
-    tmp_path: Path, pki: dict[str, Path]
-) -> None:
-    conf = write_config(
-        tmp_path / "imapproxy.conf",
+def line_of(conf: Path, key: str) -> int:
+    lines = conf.read_text().splitlines()
+    return next(n for n, line in enumerate(lines, start=1) if line.split()[0] == key)
+
+
+def tls_files_config(directory: Path, **files: object) -> Path:
+    return write_config(
+        directory / "imapproxy.conf",
         {
             "server_hostname": "127.0.0.1",
             "server_port": free_port(),
             "listen_port": free_port(),
-            "stat_filename": tmp_path / "stats",
-            "protocol_log_filename": tmp_path / "trace",
+            "stat_filename": directory / "stats",
+            "protocol_log_filename": directory / "trace",
             "foreground_mode": True,
-            "tls_cert_file": pki["client"],
-            "tls_key_file": pki["key"],
             **service_identity(),
+            **files,
         },
     )
-    message = "tls_key_file: the private key does not match the certificate"
-    for args in (("--check-config",), ()):
-        run = run_imapproxyd("-f", str(conf), *args)
-        assert run.returncode == 78
-        assert message in run.stderr
-        assert run.stdout == ""
+
+
+def test_a_key_that_does_not_match_its_certificate_stops_start_up(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """The message names the setting's file and line, the key file and its certificate."""
+    conf = tls_files_config(tmp_path, tls_cert_file=pki["client"], tls_key_file=pki["key"])
+    expected = (
+        f"{conf}:{line_of(conf, 'tls_key_file')}: tls_key_file: {pki['key']}: "
+        f"the private key does not match the certificate {pki['client']}\n"
+    )
+    run = run_imapproxyd("-f", str(conf), "--check-config")
+    assert (run.returncode, run.stdout, run.stderr) == (78, "", "in.imapproxyd: " + expected)
+    run = run_imapproxyd("-f", str(conf))  # the log line at start-up says the same
+    assert run.returncode == 78 and run.stderr.endswith("]: " + expected)
+
+
+@pytest.mark.parametrize(
+    ("files", "key", "reason"),
+    [
+        ({"client_tls_cert_file": "missing"}, "client_tls_cert_file", "No such file or directory"),
+        (
+            {"client_tls_cert_file": "garbage"},
+            "client_tls_cert_file",
+            "no valid PEM certificate in it",
+        ),
+        (
+            {"client_tls_cert_file": "server", "client_tls_key_file": "garbage"},
+            "client_tls_key_file",
+            "no valid PEM private key in it",
+        ),
+        (
+            {"client_tls_cert_file": "server", "client_tls_key_file": "client_key"},
+            "client_tls_key_file",
+            "the private key does not match the certificate {client_tls_cert_file}",
+        ),
+        (
+            {
+                "client_tls_cert_file": "server",
+                "client_tls_key_file": "key",
+                "client_tls_chain_file": "garbage",
+            },
+            "client_tls_chain_file",
+            "no valid PEM certificate in it",
+        ),
+        ({"tls_ca_file": "garbage"}, "tls_ca_file", "no valid PEM certificate in it"),
+        ({"tls_cert_file": "client"}, "tls_cert_file", "no valid PEM private key in it"),
+    ],
+)
+def test_tls_file_errors_name_file_line_key_and_the_file(
+    tmp_path: Path, pki: dict[str, Path], files: dict[str, str], key: str, reason: str
+) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not PEM at all\n")
+    named = {"missing": tmp_path / "missing.pem", "garbage": garbage}
+    paths = {k: named.get(v) or pki[v] for k, v in files.items()}
+    conf = tls_files_config(tmp_path, **paths)
+    run = run_imapproxyd("-f", str(conf), "--check-config")
+    assert run.returncode == 78
+    where = f"{conf}:{line_of(conf, key)}: {key}: {paths[key]}: "
+    assert run.stderr.rstrip("\n").endswith(where + reason.format(**paths)), run.stderr
+
+
+def test_ciphers_error_names_file_line_and_key(tmp_path: Path, pki: dict[str, Path]) -> None:
+    conf = tls_files_config(tmp_path, tls_ciphers="NONSENSE")
+    run = run_imapproxyd("-f", str(conf), "--check-config")
+    assert run.returncode == 78
+    assert run.stderr == (
+        f"in.imapproxyd: {conf}:{line_of(conf, 'tls_ciphers')}: tls_ciphers: "
+        "No cipher can be selected.\n"
+    )
 
 
 def test_force_tls_without_starttls_refuses_to_send_the_password(
@@ -264,6 +455,30 @@ def test_tls_required_before_login(
     assert not page("localhost", proxy.port, user.name, user.password, starttls=client_context(pki))
 
 
+def test_tls_required_refuses_authenticate_before_any_continuation(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    """No "+" that would invite a password onto the cleartext connection, for any mechanism
+    or a LOGIN literal; the connection stays usable, and another client is unaffected."""
+    proxy = tls_proxy(client_tls_required=True)
+    refused = (
+        b" NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure connections\r\n"
+    )
+    with RawClient(proxy.host, proxy.port) as raw:
+        for tag, command in (
+            (b"a", b"AUTHENTICATE PLAIN"),
+            (b"b", b"AUTHENTICATE LOGIN"),
+            (b"c", b"AUTHENTICATE XOAUTH2"),
+            (b"d", b"LOGIN {%d}" % len(user.name)),
+        ):
+            raw.send(tag + b" " + command + b"\r\n")
+            assert raw.read_line() == tag + refused
+        assert raw.command(b"e", b"NOOP") == [b"e OK Completed\r\n"]
+        assert not page(
+            "localhost", proxy.port, user.name, user.password, starttls=client_context(pki)
+        )
+
+
 def test_slow_tls_handshake_does_not_delay_others(
     tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
 ) -> None:
@@ -310,6 +525,138 @@ def test_certificate_reload_on_sighup(
     unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
     assert peer_certificate(port, unverified) != before
     assert page("localhost", proxy.port, user.name, user.password)  # the cached session survived
+
+
+def children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: list[int] = []
+    for task in tasks.iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def uid_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+
+
+def renew(live: Path, name: str, data: bytes, generation: int) -> None:
+    """As certbot: a new file in archive/, then the live/ link moved to it atomically."""
+    archive = live.parent / "archive"
+    target = archive / f"{name}{generation}.pem"
+    target.write_bytes(data)
+    target.chmod(0o600)  # root's alone, as /etc/letsencrypt and /etc/ssl/private keep keys
+    link = live / f"{name}.pem"
+    temporary = live / f".{name}.tmp"
+    temporary.symlink_to(target)
+    temporary.replace(link)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the drop to proc_username)")
+def test_a_root_only_key_is_reloaded_after_the_privilege_drop(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    """The relay runs as nobody and cannot read the key; SIGHUP loads the renewed pair all
+    the same, through the privileged reader, which exits with the proxy."""
+    base = Path(tempfile.mkdtemp(prefix="ipx-letsencrypt-"))
+    try:
+        base.chmod(0o755)
+        live, archive = base / "live", base / "archive"
+        live.mkdir()
+        archive.mkdir(mode=0o700)  # as certbot's: only root gets in
+        renew(live, "cert", pki["server"].read_bytes(), 1)
+        renew(live, "key", pki["key"].read_bytes(), 1)
+        proxy = tls_proxy(
+            client_tls_cert_file=live / "cert.pem", client_tls_key_file=live / "key.pem"
+        )
+        assert proxy.process is not None
+        relay = proxy.process.pid
+        port = proxy.tls_port  # type: ignore[attr-defined]
+        before = peer_certificate(port, client_context(pki))
+        renewed = trustme.CA().issue_cert("localhost")
+        renew(live, "cert", renewed.cert_chain_pems[0].bytes(), 2)
+        renew(live, "key", renewed.private_key_pem.bytes(), 2)
+        proxy.process.send_signal(signal.SIGHUP)
+        log = proxy.wait_for_log("reload:")
+        assert "TLS contexts kept" not in log and "Permission denied" not in log
+        unverified = ssl.create_default_context()
+        unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+        assert (
+            peer_certificate(port, unverified)
+            == ssl.PEM_cert_to_DER_cert(renewed.cert_chain_pems[0].bytes().decode())
+            != before
+        )
+        readers = [
+            pid
+            for pid in children(relay)
+            if Path(f"/proc/{pid}/comm").read_text() == "imapproxy-files\n"
+        ]
+        assert uid_of(relay) == 65534 and [uid_of(pid) for pid in readers] == [0]
+        assert not page("localhost", proxy.port, user.name, user.password)  # others unaffected
+        proxy.stop()
+        assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in readers))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot)")
+def test_a_chroot_without_proc_is_said_at_start_up_and_on_reload(
+    tls_proxy: Callable[..., ProxyProcess], pki: dict[str, Path], user: User
+) -> None:
+    """Inside a chroot the relay loads certificates through /proc/self/fd: without /proc
+    there, start-up warns, and a SIGHUP keeps the running contexts saying why."""
+    chroot = Path(tempfile.mkdtemp(prefix="ipx-chroot-"))
+    try:
+        chroot.chmod(0o755)
+        proxy = tls_proxy(chroot_directory=chroot)
+        proxy.wait_for_log(
+            f"chroot_directory {chroot} has no /proc/self/fd (no /proc mounted there): "
+            "certificates and keys cannot be loaded again on SIGHUP; a restart loads renewed ones"
+        )
+        inside = chroot / str(proxy.config_path).lstrip("/")
+        inside.parent.mkdir(parents=True)
+        shutil.copy(proxy.config_path, inside)
+        assert proxy.process is not None
+        proxy.process.send_signal(signal.SIGHUP)
+        conf = proxy.config_path
+        log = proxy.wait_for_log("TLS contexts kept")
+        assert (
+            f"reload: {conf}:{line_of(conf, 'client_tls_key_file')}: client_tls_key_file: "
+            f"{pki['key']}: /proc/self/fd is missing (a chroot_directory without /proc?); "
+            "TLS contexts kept"
+        ) in log
+        assert not page(
+            "localhost", proxy.tls_port, user.name, user.password, tls=client_context(pki)
+        )  # type: ignore[attr-defined]
+    finally:
+        shutil.rmtree(chroot, ignore_errors=True)
+
+
+def test_the_privileged_reader_serves_only_files_its_configuration_names(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    conf = write_config(
+        tmp_path / "imapproxy.conf",
+        {
+            "server_hostname": "localhost",
+            "client_tls_cert_file": pki["server"],
+            "client_tls_key_file": pki["key"],
+        },
+    )
+    request = {
+        "files": {
+            "client_tls_key_file": str(pki["key"]),
+            "client_tls_cert_file": "/etc/shadow",
+            "proc_username": "/etc/passwd",
+        }
+    }
+    reply = json.loads(keeper.answer(json.dumps(request).encode(), str(conf)))
+    assert base64.b64decode(reply["client_tls_key_file"]["data"]) == pki["key"].read_bytes()
+    assert reply["client_tls_cert_file"] == {"error": f"not the client_tls_cert_file of {conf}"}
+    assert set(reply) == {"client_tls_key_file", "client_tls_cert_file"}
+    assert json.loads(keeper.answer(b"nonsense", str(conf)))["error"].startswith(
+        "malformed request"
+    )
 
 
 # -- ways of logging in ---------------------------------------------------------------------------
