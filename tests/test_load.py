@@ -96,7 +96,8 @@ def test_thousands_of_open_connections(
         for sock in held:
             sock.close()
     assert wait_until(lambda: open_fds(pid) <= fds_before + 2, timeout=30)  # no fd leaked
-    assert proxy.counters().CurrentClientConnections == 0
+    # the last page's connection may still be finishing its side
+    assert wait_until(lambda: proxy.counters().CurrentClientConnections == 0, timeout=10)
 
 
 def test_burst_beyond_cache_size(
