@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import secrets
-import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,21 +195,31 @@ class BackendSession:
         completions of commands sent without waiting are checked; untagged news is kept for
         the reuse check, which judges it.
         """
-        self.sock.settimeout(0.0)
-        try:
-            while data := self.sock.recv(RECV_BYTES):
-                self.reader.receive_data(data)
-            raise BackendFailure(FailureKind.LOST, "connection closed by server while cached")
-        except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
-            pass  # all that came is read
-        finally:
-            self.sock.settimeout(None)
+        self._receive_arrived()
         try:
             while (response := self.reader.next_response()) is not NEED_DATA:
                 assert isinstance(response, Response)
                 self._waiting_response(response)
         except BackendProtocolError as error:
             raise BackendFailure(FailureKind.PROTOCOL, str(error)) from None
+
+    def _receive_arrived(self) -> bool:
+        """Take into the reader what has arrived, without waiting; whether anything had."""
+        got = False
+        self.sock.settimeout(0.0)
+        try:
+            while True:
+                data = self.sock.recv(RECV_BYTES)
+                if not data:
+                    raise BackendFailure(FailureKind.LOST, "connection closed by server")
+                self.reader.receive_data(data)
+                got = True
+                if len(data) < RECV_BYTES:  # all there was: no read to find nothing
+                    return got
+        except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
+            return got
+        finally:
+            self.sock.settimeout(None)
 
     def _waiting_response(self, response: Response) -> None:
         if response.tag in self.pending:
@@ -233,17 +242,9 @@ class BackendSession:
         self.check = check = ReuseCheck(entry, client_id_args, esearch=esearch)
         self.check_tags = self._send_tagged(check.lines)
 
-    def check_arrived(self) -> bool:
-        """Whether the check's replies have (at least begun to) come in: reading them will
-        not wait for the server, the case the overlap is for."""
-        tls_pending = getattr(self.sock, "pending", None)  # TLS: records already decrypted
-        if self.reader.has_buffered() or (tls_pending is not None and tls_pending()):
-            return True
-        readable, _, _ = select.select([self.sd], [], [], 0)
-        return bool(readable)
-
-    def finish_check(self, now: float) -> None:
+    def finish_check(self, now: float) -> bool:
         """Read the check's replies; ``BackendFailure`` if the session is dead or out of sync.
+        True if they had not come in yet (the client waited for them after all).
 
         With a SELECT cache entry that still holds, the page's SELECT, coming next, is
         answered at once (``select_checked_at``); an entry that no longer holds is dropped.
@@ -251,6 +252,7 @@ class BackendSession:
         check, tags = self.check, self.check_tags
         assert check is not None
         self.check, self.check_tags = None, []
+        waited = not self.reader.has_buffered() and not self._receive_arrived()
         with _Deadline(REUSE_CHECK_TIMEOUT_S, "no reply to the liveness check"):
             untagged, done = self._read_tagged(set(tags))
         untagged, self.news = self.news + untagged, []
@@ -261,6 +263,7 @@ class BackendSession:
             raise BackendFailure(FailureKind.PROTOCOL, verdict.reason)
         if verdict.entry_holds:
             self.select_checked_at = now
+        return waited
 
     def _entry_check(self, entry: SelectEntry) -> list[bytes]:
         return list(check_commands(entry.mailbox, esearch=self.has_capability(b"ESEARCH") is True))

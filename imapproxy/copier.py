@@ -28,6 +28,32 @@ DRAIN_MAX_BYTES = 16 << 20
 _SPARE = MAX_TAGGED_PREFIX_BYTES + 2  # room for the carried context in front of each read
 
 
+# Read buffers are kept for the next copy (of any session) instead of being allocated, zeroed
+# and, past glibc's mmap threshold, mapped and unmapped for every reply; at most this many of
+# each size wait unused.
+POOLED_BUFFERS_PER_SIZE = 16
+_free_buffers: dict[int, list[bytearray]] = {}
+_POOLED_SIZES = frozenset(
+    FIRST_READ_BYTES << n for n in range(8) if FIRST_READ_BYTES << n <= MAX_READ_BYTES
+) | {MAX_READ_BYTES}
+
+
+def _take_buffer(size: int) -> bytearray:
+    free = _free_buffers.get(size)
+    return free.pop() if free else bytearray(size + _SPARE)
+
+
+def _give_buffer(buf: bytearray) -> None:
+    """Keep ``buf`` for reuse (its contents are never read before being overwritten: scans
+    and sends stop at the end of what was received)."""
+    size = len(buf) - _SPARE
+    if size not in _POOLED_SIZES:
+        return  # an odd size (a large first read): not worth keeping
+    free = _free_buffers.setdefault(size, [])
+    if len(free) < POOLED_BUFFERS_PER_SIZE:
+        free.append(buf)
+
+
 class BackendGone(Exception):
     """The backend closed the connection or failed to read."""
 
@@ -70,7 +96,7 @@ class Copier:
         if done() and not self.initial and not read_first:
             return
         size = max(FIRST_READ_BYTES, len(self.initial))
-        buf = bytearray(size + _SPARE)
+        buf = _take_buffer(size)
         view = memoryview(buf)
         carry = len(self.carry)
         buf[:carry] = self.carry
@@ -98,8 +124,10 @@ class Copier:
                     count == size or self.scanner.literal_remaining > size
                 ):  # bulk data (a full read, or a big literal under way): read bigger pieces
                     size = MAX_READ_BYTES if count < size else size * 2
-                    bigger = bytearray(size + _SPARE)
+                    bigger = _take_buffer(size)
                     bigger[:carry] = buf[:carry]
+                    view.release()
+                    _give_buffer(buf)
                     buf, view = bigger, memoryview(bigger)
         except TimeoutError:
             raise  # the caller's time limit: not a broken connection
@@ -107,6 +135,8 @@ class Copier:
             raise BackendGone(f"read error: {error}") from None
         finally:
             self.carry = bytes(buf[:carry])
+            view.release()
+            _give_buffer(buf)
 
     def _more_records(self, space: memoryview) -> int:
         """Read what TLS records have already arrived, without waiting; return the count."""

@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gevent
 from gevent import socket
@@ -311,14 +312,19 @@ class Relay:
 
     def _wait_either(self) -> str:
         """Wait until the client or the backend is readable, the client's idle time at most."""
+        return self._wait_for((self._client_watch, _CLIENT), (self._backend_watch, _BACKEND))
+
+    def _wait_for(self, *watched: tuple[Any, str]) -> str:
+        """Wait for the first of ``watched`` (watcher, name) to fire; TimeoutError after the
+        client's idle time. The watchers are the relay's own, made once per session."""
         waiter: Waiter[str] = Waiter()
-        watchers = (self._client_watch, self._backend_watch, self._idle_timer)
-        for watcher, which in zip(watchers, (_CLIENT, _BACKEND, _TIMEOUT), strict=True):
+        started = (*watched, (self._idle_timer, _TIMEOUT))
+        for watcher, which in started:
             watcher.start(waiter.switch, which)
         try:
             which = waiter.get()
         finally:
-            for watcher in watchers:
+            for watcher, _ in started:
                 watcher.stop()
         if which is _TIMEOUT:
             raise TimeoutError

@@ -158,10 +158,9 @@ class Proxy:
         credentials the connection still holds); ``BackendFailure`` if none can be had."""
         session = slot.session
         assert session is not None
-        if not session.check_arrived():
-            self.counters.BackendWaits += 1  # the overlap did not hide the check this time
         try:
-            session.finish_check(self.clock())
+            if session.finish_check(self.clock()):
+                self.counters.BackendWaits += 1  # the overlap did not hide the check this time
         except (BackendFailure, OSError) as error:
             self.counters.TotalServerConnectionsReused -= 1
             self._dead(slot, credentials, where, error)
