@@ -35,6 +35,7 @@ from imapproxy.backend_login import (
 from imapproxy.config import Config
 from imapproxy.credentials import Credentials
 from imapproxy.errors import BackendFailure, BackendProtocolError, FailureKind
+from imapproxy.forwarding import ClientOrigin, originating_ip
 from imapproxy.protocol.framing import NEED_DATA, parse_literal_marker
 from imapproxy.protocol.response import Response, ResponseReader
 from imapproxy.select_cache import SelectEntry, check_commands, still_valid
@@ -84,6 +85,7 @@ class BackendSession:
         "username",
         "created_at",
         "selected",
+        "origin_ip",
     )
 
     def __init__(self, sock: socket.socket, address: Address, login: LoginResult) -> None:
@@ -99,6 +101,7 @@ class BackendSession:
         self.select_checked_at: float | None = None  # when the entry was last found valid
         self.pending: dict[bytes, bytes] = {}  # tag -> command sent without waiting for it
         self.traits = ServerTraits()
+        self.origin_ip: str | None = None  # the client address the server was told at login
 
     def has_capability(self, name: bytes) -> bool | None:
         """True/False when the post-login capabilities are known, None when they are not."""
@@ -273,6 +276,7 @@ def policy_from_config(config: Config, tls_available: bool = False) -> BackendPo
         sasl_plain=config.auth_sasl_mech == "plain",
         static_identity=static,
         shared_secret=_raw(config.auth_shared_secret) if config.auth_shared_secret else None,
+        forward_client_address=config.forward_client_address,
     )
 
 
@@ -363,15 +367,19 @@ class Backend:
             raise BackendFailure(FailureKind.TLS, f"TLS with {self.name} failed: {error}") from None
 
     def open_session(
-        self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None
+        self,
+        credentials: Credentials,
+        client_id: tuple[bytes | None, ...] | None,
+        origin: ClientOrigin | None = None,
     ) -> BackendSession:
-        """Connect and log in; the session's ``login`` holds what the backend said."""
+        """Connect and log in (telling the server the client's address, ``origin``, when
+        forwarding); the session's ``login`` holds what the backend said."""
         sock, address = self.connect()
         reader = ResponseReader()
         try:
             with _Deadline(self.config.server_response_timeout, "login took too long"):
                 sock, result = self._run(
-                    login_dialogue(credentials, self.policy, client_id), sock, reader
+                    login_dialogue(credentials, self.policy, client_id, origin), sock, reader
                 )
         except BaseException:
             sock.close()
@@ -380,6 +388,8 @@ class Backend:
         session.reader = reader  # anything the backend sent after its login reply
         session.username = credentials.username
         session.traits = self.traits
+        if origin is not None:
+            session.origin_ip = originating_ip(origin, client_id)
         return session
 
     def probe(self) -> LoginResult:

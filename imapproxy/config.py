@@ -146,6 +146,18 @@ def network_list(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
     return tuple(networks)
 
 
+def in_networks(host: str, networks: tuple[Any, ...]) -> bool:
+    """Whether the address ``host`` (text, maybe with a ``%zone``) is in one of ``networks``;
+    an IPv4-mapped IPv6 address counts as its IPv4 address."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
 def setting(
     default: Any,
     parse: Parser,
@@ -251,6 +263,18 @@ class Config:
     client_starttls: bool = setting(False, boolean, "offer STARTTLS to clients")
     client_tls_required: bool = setting(False, boolean, "no login before TLS (LOGINDISABLED)")
     admin_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may use XPROXY_* commands")
+    proxy_protocol_trusted_networks: tuple[Any, ...] = setting(
+        (), network_list, "senders of a PROXY protocol header (HAProxy); empty: off"
+    )
+    forward_client_address: bool = setting(
+        True, boolean, "tell the server the client's address (ID, as Dovecot's proxy)"
+    )
+    forward_trusted_networks: tuple[Any, ...] = setting(
+        (), network_list, "clients whose ID may set x-originating-ip (webmail)"
+    )
+    reuse_same_client_address: bool = setting(
+        False, boolean, "reuse a cached session only for the address it was opened for"
+    )
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -11,16 +11,21 @@ gets ``* BYE Internal proxy error``. Nothing escapes to the hub, nobody else is 
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import TYPE_CHECKING
+import secrets
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import socket, ssl
 
-from imapproxy import admin
+from imapproxy import admin, proxy_protocol
 from imapproxy.backend import BackendSession
 from imapproxy.cache import Slot
+from imapproxy.config import in_networks
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
+from imapproxy.forwarding import ClientOrigin
+from imapproxy.protocol.proxy_header import ProxyHeaderError
 from imapproxy.relay import Outcome, Relay, RelaySettings
 from imapproxy.send import send_quietly
 from imapproxy.session import (
@@ -51,6 +56,15 @@ def format_address(address: tuple[object, ...]) -> str:
     return f"{address[0]}:{address[1]}" if len(address) >= 2 else str(address)
 
 
+_SESSION_PREFIX = secrets.token_urlsafe(6)  # drawn once per process
+_session_numbers = itertools.count(1)
+
+
+def new_session_id() -> str:
+    """The proxy's id of a client connection (``x-session-id``; Dovecot logs it as session=)."""
+    return f"{_SESSION_PREFIX}{next(_session_numbers):08x}"
+
+
 class ClientConnection:
     """One client, from greeting to close."""
 
@@ -64,14 +78,16 @@ class ClientConnection:
         self.proxy = proxy
         self.sock = sock
         self.raw_sock = sock  # StreamServer closes this one; a TLS wrapper is ours to close
-        self.address = address
+        self.address = address  # the client's: from the PROXY header when there is one
+        self.connected_to: tuple[object, ...] | None = None  # from the PROXY header
         self.where = format_address(address)
+        self.session_id = ""
         self.implicit_tls = implicit_tls
         self.tls = False
         self.session = PreLoginSession(
             PreLoginPolicy(
                 capabilities=lambda: proxy.snapshot.capability_line(*self._capability_state()),
-                admin_enabled=lambda: admin.allowed(proxy.config, address),
+                admin_enabled=lambda: admin.allowed(proxy.config, self.address),
                 starttls_offered=self._starttls_offered,
                 login_allowed=lambda: self.tls or not proxy.config.client_tls_required,
             )
@@ -124,12 +140,41 @@ class ClientConnection:
             self._logged_in(*login)
 
     def _before_login(self) -> LoggedIn | None:
-        """TLS first on the implicit-TLS port, the greeting, then the pre-login dialogue."""
+        """The PROXY header if from HAProxy, TLS first on the implicit-TLS port, the greeting,
+        then the pre-login dialogue."""
+        if not self._proxy_header():
+            return None
         if self.implicit_tls and not self._handshake():
             return None
         if not self._send(self.proxy.snapshot.greeting(*self._capability_state())):
             return None
         return self._prelogin()
+
+    def _proxy_header(self) -> bool:
+        """From ``proxy_protocol_trusted_networks``, a connection must start with a PROXY
+        header (never guessed), whose addresses become the client's; False: it did not."""
+        if not in_networks(str(self.address[0]), self.proxy.config.proxy_protocol_trusted_networks):
+            return True
+        try:
+            header = proxy_protocol.read_header(self.raw_sock)
+        except ProxyHeaderError as error:
+            LOGGER.info("PROXY header from %s refused: %s", self.where, error)
+            return False
+        if header.client is not None:  # None: LOCAL (a health check) or no address given
+            self.address, self.connected_to = header.client, header.server
+            self.where = format_address(self.address)
+        return True
+
+    def origin(self) -> ClientOrigin:
+        """Who the client is, for the server (``forwarding``) and ``reuse_same_client_address``."""
+        if not self.session_id:
+            self.session_id = new_session_id()
+        local: tuple[Any, ...] = self.connected_to or self.raw_sock.getsockname()
+        client: tuple[Any, ...] = self.address
+        trusted = in_networks(str(client[0]), self.proxy.config.forward_trusted_networks)
+        return ClientOrigin(
+            str(client[0]), int(client[1]), str(local[0]), int(local[1]), self.session_id, trusted
+        )
 
     def _handshake(self) -> bool:
         """Server-side TLS handshake (cooperative: other clients go on meanwhile)."""
@@ -176,7 +221,7 @@ class ClientConnection:
         self.proxy.counters.TotalClientLogins += 1
         try:
             slot, reused = self.proxy.checkout(
-                request.credentials, self.session.client_id, self.where
+                request.credentials, self.session.client_id, self.where, self.origin()
             )
         except BackendFailure as error:
             self.proxy.counters.TotalLoginFailures += 1
@@ -221,5 +266,8 @@ class ClientConnection:
         tracer = self.proxy.tracer
         trace = tracer.for_user(session.username, session.sd) if tracer else None
         if trace is not None:
-            trace.proxy(f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]")
+            trace.proxy(
+                f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]"
+                f" for client {self.where}"
+            )
         return Relay(self.sock, session, self.session.framer, settings, self.proxy.counters, trace)

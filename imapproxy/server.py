@@ -20,6 +20,7 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
+from imapproxy import forwarding
 from imapproxy.backend import Backend, BackendSession
 from imapproxy.backend_login import LoginResult, check_shared_secret
 from imapproxy.cache import ConnectionCache, Slot
@@ -27,6 +28,7 @@ from imapproxy.config import Config
 from imapproxy.connection import ClientConnection
 from imapproxy.credentials import CredentialHasher, Credentials
 from imapproxy.errors import BackendFailure, FailureKind, why
+from imapproxy.forwarding import ClientOrigin
 from imapproxy.protocol import capability
 from imapproxy.relay import Outcome
 from imapproxy.session import id_command_args
@@ -67,6 +69,11 @@ class Snapshot:
 
 def _now() -> float:
     return time.monotonic()
+
+
+def _session_note(origin: ClientOrigin | None) -> str:
+    """The proxy's session id in the LOGIN lines, as Dovecot's log has it (``x-session-id``)."""
+    return f" session=<{origin.session_id}>" if origin is not None else ""
 
 
 class Proxy:
@@ -110,16 +117,23 @@ class Proxy:
         self.counters.set_server_connections(self.cache.active_count, self.cache.cached_count)
 
     def checkout(
-        self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None, where: str
+        self,
+        credentials: Credentials,
+        client_id: tuple[bytes | None, ...] | None,
+        where: str,
+        origin: ClientOrigin | None = None,
     ) -> tuple[Slot[BackendSession], bool]:
-        """A backend session for these credentials: a cached one if alive, else a new one.
+        """A backend session for these credentials: a cached one if alive, else a new one
+        (told the client's address, ``origin``; ``reuse_same_client_address``: a cached one
+        only if it was opened for the same address).
 
         In static-identity mode the shared secret is checked first: before the cache (the
         setting may have changed on SIGHUP) and before a slot is made free for a new session.
         """
         check_shared_secret(credentials, self.backend.policy)
         digest = self.hasher.digest(credentials)
-        while (slot := self.cache.take_cached(credentials.username, digest)) is not None:
+        accept = self._same_address(origin, client_id)
+        while (slot := self.cache.take_cached(credentials.username, digest, accept)) is not None:
             self._update_gauges()
             session = slot.session
             assert session is not None
@@ -137,10 +151,22 @@ class Proxy:
                 continue
             self.counters.TotalServerConnectionsReused += 1
             LOGGER.info(
-                "LOGIN: '%s' (%s) on existing sd [%d]", credentials.username_text, where, session.sd
+                "LOGIN: '%s' (%s) on existing sd [%d]%s",
+                credentials.username_text,
+                where,
+                session.sd,
+                _session_note(origin),
             )
             return slot, True
-        return self._new_session(credentials, client_id, digest, where), False
+        return self._new_session(credentials, client_id, digest, where, origin), False
+
+    def _same_address(
+        self, origin: ClientOrigin | None, client_id: tuple[bytes | None, ...] | None
+    ) -> Callable[[BackendSession], bool] | None:
+        if origin is None or not self.config.reuse_same_client_address:
+            return None
+        address = forwarding.originating_ip(origin, client_id)
+        return lambda session: session.origin_ip == address
 
     def _new_session(
         self,
@@ -148,6 +174,7 @@ class Proxy:
         client_id: tuple[bytes | None, ...] | None,
         digest: bytes,
         where: str,
+        origin: ClientOrigin | None = None,
     ) -> Slot[BackendSession]:
         slot, evicted = self.cache.acquire()
         if evicted is not None:
@@ -157,7 +184,7 @@ class Proxy:
             raise BackendFailure(FailureKind.CAPACITY, f"all {self.cache.size} slots active")
         self._update_gauges()
         try:
-            session = self.backend.open_session(credentials, client_id)
+            session = self.backend.open_session(credentials, client_id, origin)
         except BaseException:
             self.cache.release(slot)
             self._update_gauges()
@@ -168,7 +195,13 @@ class Proxy:
             self._logout_later(stale, "Expiring server sd [%d]: opened with an older password")
         self._update_gauges()
         self.counters.TotalServerConnectionsCreated += 1
-        LOGGER.info("LOGIN: '%s' (%s) on new sd [%d]", credentials.username_text, where, session.sd)
+        LOGGER.info(
+            "LOGIN: '%s' (%s) on new sd [%d]%s",
+            credentials.username_text,
+            where,
+            session.sd,
+            _session_note(origin),
+        )
         return slot
 
     def checkin(self, slot: Slot[BackendSession], outcome: Outcome) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,13 @@ def test_every_key_parses_a_value() -> None:
         "client_tls_port": ("993", 993),
         "client_starttls": ("yes", True),
         "client_tls_required": ("yes", True),
+        "proxy_protocol_trusted_networks": (
+            "10.0.0.1, 192.0.2.0/24",
+            (ipaddress.ip_network("10.0.0.1/32"), ipaddress.ip_network("192.0.2.0/24")),
+        ),
+        "forward_client_address": ("no", False),
+        "forward_trusted_networks": ("::1", (ipaddress.ip_network("::1/128"),)),
+        "reuse_same_client_address": ("yes", True),
     }
     text = "".join(
         f"{key.upper() if i % 2 else key}\t {raw}  # comment\n"

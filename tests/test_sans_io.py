@@ -20,6 +20,7 @@ SANS_IO = [
             "select_cache.py",
             "redact.py",
             "throttle.py",
+            "forwarding.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",
