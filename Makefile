@@ -11,8 +11,9 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # dovecot: the test backend; imapproxy: up-imapproxy, for comparisons; tmux: pimpstat's screen
-# tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script.
-APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts
+# tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script;
+# haproxy: the load balancer in front of the proxy in the PROXY protocol tests.
+APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts haproxy
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 SBINDIR     ?= $(PREFIX)/sbin
