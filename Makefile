@@ -12,8 +12,9 @@ PY          := $(VENV)/bin/python
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # dovecot: the test backend; imapproxy: up-imapproxy, for comparisons; tmux: pimpstat's screen
 # tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script;
-# haproxy: the load balancer in front of the proxy in the PROXY protocol tests.
-APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts haproxy
+# haproxy: the load balancer in front of the proxy in the PROXY protocol tests; prometheus:
+# promtool, which checks the /metrics output.
+APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts haproxy prometheus
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 SBINDIR     ?= $(PREFIX)/sbin

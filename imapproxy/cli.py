@@ -149,6 +149,20 @@ def bind_listeners(config: Config, port: int) -> list[socket.socket]:
     return listeners
 
 
+def bind_metrics_listeners(config: Config) -> list[socket.socket]:
+    """The ``metrics_listen`` sockets (bound as root, like the others), and the metrics module
+    loaded (before a chroot hides the interpreter's files)."""
+    if config.metrics_listen is None:
+        return []
+    from imapproxy import metrics  # noqa: F401  (prometheus_client only when it is used)
+
+    host, port = config.metrics_listen
+    return [
+        _listen(family, address, config, dual_stack=False)
+        for family, address in _listen_addresses(host, port)
+    ]
+
+
 def _listen_addresses(host: str | None, port: int) -> list[tuple[int, tuple[object, ...]]]:
     if host is None:  # all addresses: one dual-stack socket where IPv6 exists (RFC 3493 §5.3)
         if socket.has_ipv6:
@@ -232,6 +246,7 @@ def run(config: Config, startup: Startup) -> int:
     first_contact = wait_for_backend(backend, config)
     listeners = bind_listeners(config, config.listen_port)
     tls_listeners = bind_listeners(config, config.client_tls_port) if config.client_tls_port else []
+    metrics_listeners = bind_metrics_listeners(config)
     if not startup.foreground:
         daemon.detach()
     if startup.pidfile_path:
@@ -243,7 +258,11 @@ def run(config: Config, startup: Startup) -> int:
     proxy.client_tls = client_tls
     if first_contact is not None:
         proxy.refresh(first_contact)
-    return serve(proxy, listeners, tls_listeners, startup)
+    if metrics_listeners:
+        from imapproxy import metrics  # imported before: bind_metrics_listeners
+
+        proxy.metrics = metrics.Metrics(proxy)
+    return serve(proxy, listeners, tls_listeners, startup, metrics_listeners)
 
 
 def tls_contexts(config: Config) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
@@ -259,6 +278,7 @@ def serve(
     listeners: list[socket.socket],
     tls_listeners: list[socket.socket],
     startup: Startup,
+    metrics_listeners: Sequence[socket.socket] = (),
 ) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters."""
     stop = Event()
@@ -274,6 +294,7 @@ def serve(
         for s in listeners + tls_listeners
     )
     LOGGER.info("normal server startup: listening on %s, proxying to %s", names, proxy.backend.name)
+    serve_metrics(proxy, metrics_listeners)
     daemon.notify("READY=1")
     stop.wait()
     daemon.notify("STOPPING=1")
@@ -283,6 +304,18 @@ def serve(
         _remove(startup.pidfile_path)
     LOGGER.info("stopped")
     return 0
+
+
+def serve_metrics(proxy: Proxy, listeners: Sequence[socket.socket]) -> None:
+    """``/metrics`` on each listener; ``proxy.stop`` closes them with the IMAP listeners."""
+    if not listeners:
+        return
+    from imapproxy import metrics
+
+    for listener in listeners:
+        proxy.servers.append(metrics.start_server(proxy, listener))
+        host, port = listener.getsockname()[:2]
+        LOGGER.info("metrics: http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
 
 
 def reload(proxy: Proxy, startup: Startup) -> None:

@@ -136,6 +136,18 @@ def host_list(value: str) -> tuple[str, ...]:
     return tuple(value.split())
 
 
+def host_port(value: str) -> tuple[str, int]:
+    """``ADDRESS:PORT``, ``[IPV6]:PORT`` or ``NAME:PORT``."""
+    host, colon, number = value.rpartition(":")
+    if not colon or not host or not number.isdigit():
+        raise ValueError(f"expected ADDRESS:PORT, got {_quoted(value)}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"expected [IPV6]:PORT for an IPv6 address, got {_quoted(value)}")
+    return host, port(number)
+
+
 def network_list(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     networks = []
     for item in value.replace(",", " ").split():
@@ -275,6 +287,13 @@ class Config:
     reuse_same_client_address: bool = setting(
         False, boolean, "reuse a cached session only for the address it was opened for"
     )
+    metrics_listen: tuple[str, int] | None = setting(
+        None,
+        host_port,
+        "ADDRESS:PORT of the Prometheus /metrics endpoint; unset: off",
+        restart=True,
+    )
+    metrics_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may scrape /metrics")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -410,6 +429,8 @@ def _format(value: Any, *, masked: bool) -> str:
         return "********"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return f"[{value[0]}]:{value[1]}" if ":" in value[0] else f"{value[0]}:{value[1]}"
     if isinstance(value, tuple):
         return " ".join(str(item) for item in value)
     return str(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -114,6 +115,8 @@ class ClientConnection:
             self._send(INTERNAL_ERROR_BYE)
         finally:
             counters.client_disconnected()
+            if self.proxy.metrics is not None:
+                self.proxy.metrics.client_closed(self.raw_sock)
             if self.sock is not self.raw_sock:
                 self.sock.close()
 
@@ -159,6 +162,8 @@ class ClientConnection:
             header = proxy_protocol.read_header(self.raw_sock)
         except ProxyHeaderError as error:
             LOGGER.info("PROXY header from %s refused: %s", self.where, error)
+            if self.proxy.metrics is not None:
+                self.proxy.metrics.proxy_header_refusals += 1
             return False
         if header.client is not None:  # None: LOCAL (a health check) or no address given
             self.address, self.connected_to = header.client, header.server
@@ -219,16 +224,21 @@ class ClientConnection:
 
     def _login(self, request: LoginRequested) -> LoggedIn | None:
         self.proxy.counters.TotalClientLogins += 1
+        started = time.perf_counter()
         try:
             slot, reused = self.proxy.checkout(
                 request.credentials, self.session.client_id, self.where, self.origin()
             )
         except BackendFailure as error:
             self.proxy.counters.TotalLoginFailures += 1
+            delay = 0.0
             if error.kind is FailureKind.AUTH_REJECTED:  # brute force: make it slow
-                gevent.sleep(
-                    self.proxy.throttle.failed(request.credentials.username, str(self.address[0]))
+                delay = self.proxy.throttle.failed(
+                    request.credentials.username, str(self.address[0])
                 )
+                gevent.sleep(delay)
+            if self.proxy.metrics is not None:
+                self.proxy.metrics.login_failed(error.kind, delay > self.proxy.throttle.base_delay)
             LOGGER.info(
                 "LOGIN: '%s' (%s) failed: %s",
                 request.credentials.username_text,
@@ -237,6 +247,8 @@ class ClientConnection:
             )
             self._send(error.response(request.tag))
             return None
+        if self.proxy.metrics is not None:
+            self.proxy.metrics.logged_in(reused, time.perf_counter() - started)
         return slot, reused, request.tag
 
     def _logged_in(self, slot: Slot[BackendSession], reused: bool, tag: bytes) -> None:

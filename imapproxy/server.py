@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import socket, ssl
@@ -35,6 +36,9 @@ from imapproxy.session import id_command_args
 from imapproxy.stats import Counters
 from imapproxy.throttle import LoginThrottle
 from imapproxy.trace import Tracer
+
+if TYPE_CHECKING:
+    from imapproxy.metrics import Metrics
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -95,6 +99,7 @@ class Proxy:
         self.throttle = LoginThrottle(config.auth_failure_delay, clock)
         self.snapshot = Snapshot()
         self.tracer: Tracer | None = None
+        self.metrics: Metrics | None = None  # with metrics_listen
         self.client_tls: ssl.SSLContext | None = None  # STARTTLS and the implicit-TLS port
         self.servers: list[StreamServer] = []
         self.clients: Group = Group()
@@ -137,6 +142,7 @@ class Proxy:
             self._update_gauges()
             session = slot.session
             assert session is not None
+            started = time.perf_counter()
             try:
                 session.check_alive(id_command_args(client_id) if client_id else None, self.clock())
             except (BackendFailure, OSError) as error:
@@ -149,6 +155,8 @@ class Proxy:
                 )
                 self.discard(slot)
                 continue
+            if self.metrics is not None:
+                self.metrics.round_trip(time.perf_counter() - started)
             self.counters.TotalServerConnectionsReused += 1
             LOGGER.info(
                 "LOGIN: '%s' (%s) on existing sd [%d]%s",

@@ -140,6 +140,8 @@ def test_every_key_parses_a_value() -> None:
         "forward_client_address": ("no", False),
         "forward_trusted_networks": ("::1", (ipaddress.ip_network("::1/128"),)),
         "reuse_same_client_address": ("yes", True),
+        "metrics_listen": ("[::1]:9117", ("::1", 9117)),
+        "metrics_allow": ("192.0.2.9", (ipaddress.ip_network("192.0.2.9/32"),)),
     }
     text = "".join(
         f"{key.upper() if i % 2 else key}\t {raw}  # comment\n"
@@ -209,6 +211,23 @@ def test_every_key_parses_a_value() -> None:
         (
             "server_hostname x\nadmin_allow 10.0.0.0/8 nonsense\n",
             'imapproxy.conf:2: admin_allow: expected addresses or networks, got "nonsense"',
+        ),
+        (
+            "server_hostname x\nproxy_protocol_trusted_networks 10.0.0.300\n",
+            "imapproxy.conf:2: proxy_protocol_trusted_networks: expected addresses or networks, "
+            'got "10.0.0.300"',
+        ),
+        (
+            "server_hostname x\nmetrics_listen 9117\n",
+            'imapproxy.conf:2: metrics_listen: expected ADDRESS:PORT, got "9117"',
+        ),
+        (
+            "server_hostname x\nmetrics_listen ::1:9117\n",
+            "imapproxy.conf:2: metrics_listen: expected [IPV6]:PORT for an IPv6 address",
+        ),
+        (
+            "server_hostname x\nmetrics_listen 127.0.0.1:0\n",
+            'imapproxy.conf:2: metrics_listen: expected a port number from 1 to 65535, got "0"',
         ),
     ],
 )

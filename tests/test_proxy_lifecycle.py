@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -189,7 +190,12 @@ def test_client_id_is_replayed_on_new_and_reused_sessions(
     # before login on the new session (imap-login logs it), after login on the reused one
     assert wait_until(lambda: "ID sent: name=test-webmail, round=1" in dovecot.log_text())
     log = dovecot.log_text()
-    assert "imap-login: Info: ID sent: name=test-webmail, round=0" in log
+    # the new session's ID: the proxy's forwarding fields (forward_client_address), then the
+    # client's own
+    assert re.search(
+        r"imap-login: Info: ID sent: x-originating-ip=127\.0\.0\.1, .*name=test-webmail, round=0",
+        log,
+    ), log
     before_replay = log.split("ID sent: name=test-webmail, round=1")[0]
     assert f"imap({user.name})" in before_replay.rsplit("\n", 1)[-1]
 
