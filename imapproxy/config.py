@@ -161,6 +161,8 @@ def network_list(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
 def in_networks(host: str, networks: tuple[Any, ...]) -> bool:
     """Whether the address ``host`` (text, maybe with a ``%zone``) is in one of ``networks``;
     an IPv4-mapped IPv6 address counts as its IPv4 address."""
+    if not networks:  # the common case, on every connection: spare the parse
+        return False
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

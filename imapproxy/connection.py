@@ -1,8 +1,10 @@
 """One client connection, from greeting to close.
 
-The pre-login dialogue (``session.PreLoginSession``) with TLS when offered (the implicit-TLS
-port, or STARTTLS), the login (``Proxy.checkout``: a cached session or a new one), the relay,
-and what becomes of the backend session afterwards (``Proxy.checkin``).
+The PROXY protocol header first when the connection comes from a load balancer
+(``proxy_protocol_trusted_networks``: its address is the client's from then on), the pre-login
+dialogue (``session.PreLoginSession``) with TLS when offered (the implicit-TLS port, or
+STARTTLS), the login (``Proxy.checkout``: a cached session or a new one), the relay, and what
+becomes of the backend session afterwards (``Proxy.checkin``).
 
 One triage point per connection (``run``): a known error sends its response, anything else is
 logged with a traceback (which never holds a password: ``Credentials`` masks it) and the client
@@ -25,7 +27,7 @@ from imapproxy.backend import BackendSession
 from imapproxy.cache import Slot
 from imapproxy.config import in_networks
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
-from imapproxy.forwarding import ClientOrigin
+from imapproxy.forwarding import ClientOrigin, unmapped
 from imapproxy.protocol.proxy_header import ProxyHeaderError
 from imapproxy.relay import Outcome, Relay, RelaySettings
 from imapproxy.send import send_quietly
@@ -177,8 +179,9 @@ class ClientConnection:
         local: tuple[Any, ...] = self.connected_to or self.raw_sock.getsockname()
         client: tuple[Any, ...] = self.address
         trusted = in_networks(str(client[0]), self.proxy.config.forward_trusted_networks)
+        client_ip, local_ip = unmapped(str(client[0])), unmapped(str(local[0]))
         return ClientOrigin(
-            str(client[0]), int(client[1]), str(local[0]), int(local[1]), self.session_id, trusted
+            client_ip, int(client[1]), local_ip, int(local[1]), self.session_id, trusted
         )
 
     def _handshake(self) -> bool:

@@ -15,6 +15,7 @@ telling its browser user's address, as Roundcube's plugins do), which then win o
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Final
 
@@ -39,6 +40,18 @@ class ClientOrigin:
     connected_port: int
     session_id: str
     trusted: bool  # in forward_trusted_networks: its ID may give the originating address
+
+
+def unmapped(host: str) -> str:
+    """An IPv4-mapped IPv6 address (a dual-stack listener's view of an IPv4 client) as the
+    IPv4 address it is, as the server would log a direct client."""
+    if host.startswith("::ffff:") and "." in host:
+        try:
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        except ValueError:
+            return host
+        return str(mapped) if mapped is not None else host
+    return host
 
 
 def _owned(key: bytes) -> bool:

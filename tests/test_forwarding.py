@@ -13,6 +13,7 @@ from imapproxy.forwarding import (
     client_fields,
     id_fields,
     originating_ip,
+    unmapped,
 )
 from tests.test_backend_login import GREETING, LOGGED_IN, creds, drive
 
@@ -82,7 +83,9 @@ def test_no_more_than_30_pairs() -> None:
 
 
 @given(st.lists(st.tuples(st.binary(max_size=20), st.none() | st.binary(max_size=20))))
-def test_an_untrusted_client_never_sets_a_forwarding_field(pairs) -> None:  # type: ignore[no-untyped-def]
+def test_an_untrusted_client_never_sets_a_forwarding_field(
+    pairs: list[tuple[bytes, bytes | None]],
+) -> None:
     client = tuple(item for pair in pairs for item in pair) or None
     fields = id_fields(ORIGIN, client)
     keys = [k.lower() for k in fields[::2] if k is not None]
@@ -118,3 +121,9 @@ def test_no_id_of_ours_to_a_server_without_id_and_forwarding_off_strips_forgerie
     assert sent[0] == b'I0001 ID ("name" "w")\r\n'
     sent, _ = drive(login_dialogue(creds(), off, FORGED, ORIGIN), [GREETING, LOGGED_IN])
     assert [s[:11] for s in sent] == [b"A0001 LOGIN"]
+
+
+def test_a_dual_stack_listeners_view_of_an_ipv4_client_is_its_ipv4_address() -> None:
+    assert unmapped("::ffff:192.0.2.7") == "192.0.2.7"
+    assert unmapped("2001:db8::7") == "2001:db8::7" and unmapped("192.0.2.7") == "192.0.2.7"
+    assert unmapped("::ffff:1.2.3.x") == "::ffff:1.2.3.x"

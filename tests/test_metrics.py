@@ -50,13 +50,16 @@ def value(found: Samples, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def metrics_proxy(start_proxy: Callable[..., ProxyProcess]) -> Callable[..., ProxyProcess]:
-    def start(**settings: object) -> ProxyProcess:
-        metrics_port = free_port()
-        proxy = start_proxy(metrics_listen=f"127.0.0.1:{metrics_port}", **settings)
-        proxy.metrics_port = metrics_port  # type: ignore[attr-defined]
+def metrics_proxy(
+    start_proxy: Callable[..., ProxyProcess],
+) -> Callable[..., tuple[ProxyProcess, int]]:
+    """A proxy with metrics_listen, and the metrics port."""
+
+    def start(**settings: object) -> tuple[ProxyProcess, int]:
+        port = free_port()
+        proxy = start_proxy(metrics_listen=f"127.0.0.1:{port}", **settings)
         proxy.wait_for_log("metrics: http://127.0.0.1:")
-        return proxy
+        return proxy, port
 
     return start
 
@@ -66,10 +69,9 @@ WORKERS = 6
 
 
 def test_scraped_during_a_load_the_values_are_the_stats_files_and_the_loads(
-    metrics_proxy: Callable[..., ProxyProcess], make_user: Callable[..., User]
+    metrics_proxy: Callable[..., tuple[ProxyProcess, int]], make_user: Callable[..., User]
 ) -> None:
-    proxy = metrics_proxy(enable_select_cache=True, auth_failure_delay=1)
-    port = proxy.metrics_port  # type: ignore[attr-defined]
+    proxy, port = metrics_proxy(enable_select_cache=True, auth_failure_delay=1)
     users = [make_user(messages=1) for _ in range(3)]
     errors: list[BaseException] = []
 
@@ -159,10 +161,9 @@ def promtool(text: str) -> None:
 
 
 def test_only_metrics_allow_may_scrape_and_only_metrics_is_served(
-    metrics_proxy: Callable[..., ProxyProcess], user: User
+    metrics_proxy: Callable[..., tuple[ProxyProcess, int]], user: User
 ) -> None:
-    proxy = metrics_proxy(metrics_allow="127.0.0.5")
-    port = proxy.metrics_port  # type: ignore[attr-defined]
+    proxy, port = metrics_proxy(metrics_allow="127.0.0.5")
     assert scrape_text(port, "127.0.0.1") == (403, "Forbidden\n")
     status, text = scrape_text(port, "127.0.0.5")
     assert status == 200 and "imapproxy_client_connections_accepted_total" in text
@@ -174,10 +175,9 @@ def test_only_metrics_allow_may_scrape_and_only_metrics_is_served(
 
 
 def test_a_proxy_header_refusal_is_counted(
-    metrics_proxy: Callable[..., ProxyProcess], user: User
+    metrics_proxy: Callable[..., tuple[ProxyProcess, int]], user: User
 ) -> None:
-    proxy = metrics_proxy(proxy_protocol_trusted_networks="127.0.0.4")
-    port = proxy.metrics_port  # type: ignore[attr-defined]
+    proxy, port = metrics_proxy(proxy_protocol_trusted_networks="127.0.0.4")
     with socket.create_connection((proxy.host, proxy.port), 5, ("127.0.0.4", 0)) as sock:
         sock.sendall(b"a LOGIN x y\r\n")
         sock.settimeout(5)

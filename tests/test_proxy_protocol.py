@@ -78,9 +78,11 @@ def log_in(client: RawClient, user: str, password: str) -> list[bytes]:
     return replies
 
 
-def page(port: int, source: str, user: str, password: str, **options: object) -> list[bytes]:
+def page(
+    port: int, source: str, user: str, password: str, tls: ssl.SSLContext | None = None
+) -> list[bytes]:
     """LOGIN and LOGOUT from ``source``; the LOGIN's replies."""
-    with RawClient("127.0.0.1", port, source=source, **options) as client:  # type: ignore[arg-type]
+    with RawClient("127.0.0.1", port, tls=tls, source=source) as client:
         replies = log_in(client, user, password)
         client.command(b"Z", b"LOGOUT")
     return replies
