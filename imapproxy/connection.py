@@ -117,8 +117,8 @@ class ClientConnection:
             self._send(INTERNAL_ERROR_BYE)
         finally:
             counters.client_disconnected()
-            if self.proxy.metrics is not None:
-                self.proxy.metrics.client_closed(self.raw_sock)
+            if self.proxy.metrics is not None:  # self.sock: TLS detaches raw_sock from its fd
+                self.proxy.metrics.client_closed(self.sock)
             if self.sock is not self.raw_sock:
                 self.sock.close()
 
@@ -176,7 +176,7 @@ class ClientConnection:
         """Who the client is, for the server (``forwarding``) and ``reuse_same_client_address``."""
         if not self.session_id:
             self.session_id = new_session_id()
-        local: tuple[Any, ...] = self.connected_to or self.raw_sock.getsockname()
+        local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()  # TLS: the wrapper
         client: tuple[Any, ...] = self.address
         trusted = in_networks(str(client[0]), self.proxy.config.forward_trusted_networks)
         client_ip, local_ip = unmapped(str(client[0])), unmapped(str(local[0]))

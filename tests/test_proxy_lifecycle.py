@@ -203,9 +203,19 @@ def test_client_id_is_replayed_on_new_and_reused_sessions(
 def test_preauth_command(
     start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
 ) -> None:
-    proxy = start_proxy(preauth_command=f'ID ("GUID" "preauth-{user.name}")')
+    # Dovecot logs only a connection's first ID: with forward_client_address (the default)
+    # that is the proxy's forwarding ID, and an ID in preauth_command is answered, not logged
+    proxy = start_proxy(
+        preauth_command=f'ID ("GUID" "preauth-{user.name}")', forward_client_address=False
+    )
     page(proxy.host, proxy.port, user.name, user.password)
     assert wait_until(lambda: f"ID sent: GUID=preauth-{user.name}" in dovecot.log_text())
+    forwarding = start_proxy(preauth_command='ID ("GUID" "preauth-forwarding")')
+    page(forwarding.host, forwarding.port, user.name, user.password)  # the preauth ID got OK
+    log = forwarding.wait_for_log(f"LOGIN: '{user.name}'")
+    session = re.search(r"on new sd \[\d+\] session=<(\S+)>", log)
+    assert session, log
+    assert wait_until(lambda: f"x-session-id={session.group(1)}" in dovecot.log_text())
 
 
 def test_no_password_reaches_the_log(

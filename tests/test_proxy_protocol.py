@@ -23,6 +23,7 @@ from tests.support.client import RawClient
 from tests.support.dovecot import DovecotInstance, free_port, running_dovecot, wait_for_port
 from tests.support.haproxy import SOURCE, Route, running_haproxy
 from tests.support.pki import write_pki
+from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess
 from tests.test_proxy_header import V2_LOCAL, v2_inet
 
@@ -65,11 +66,15 @@ def new_user() -> tuple[str, str]:
     return name, USERS[name]
 
 
+def login_lines(dovecot: DovecotInstance, user: str) -> list[str]:
+    return [line for line in dovecot.log_text().splitlines() if f"Login: user=<{user}>" in line]
+
+
 def login_line(dovecot: DovecotInstance, user: str) -> str:
-    """Dovecot's last ``Login:`` line for ``user`` (it holds rip=, lip= and session=)."""
-    lines = [line for line in dovecot.log_text().splitlines() if f"Login: user=<{user}>" in line]
-    assert lines, f"no Dovecot login of {user}"
-    return lines[-1]
+    """Dovecot's last ``Login:`` line for ``user`` (it holds rip=, lip= and session=), once its
+    log process has written it (a little after the client got its OK)."""
+    assert wait_until(lambda: bool(login_lines(dovecot, user))), f"no Dovecot login of {user}"
+    return login_lines(dovecot, user)[-1]
 
 
 def log_in(client: RawClient, user: str, password: str) -> list[bytes]:
@@ -307,11 +312,6 @@ def test_reuse_same_client_address(
     assert not page(proxy.port, "127.0.0.7", user, password)[0].startswith(reused)
     assert page(proxy.port, "127.0.0.6", user, password)[0].startswith(reused)
     assert page(proxy.port, "127.0.0.7", user, password)[0].startswith(reused)
-    assert fwd_dovecot.logins(user) == 2
-    rips = re.findall(
-        r"rip=([0-9.]+),",
-        "\n".join(
-            line for line in fwd_dovecot.log_text().splitlines() if f"Login: user=<{user}>" in line
-        ),
-    )
-    assert rips == ["127.0.0.6", "127.0.0.7"]
+    assert wait_until(lambda: len(login_lines(fwd_dovecot, user)) == 2)
+    rips = [re.findall(r"rip=([0-9.]+),", line) for line in login_lines(fwd_dovecot, user)]
+    assert rips == [["127.0.0.6"], ["127.0.0.7"]]
