@@ -123,6 +123,19 @@ def test_behind_haproxy_the_headers_address_is_the_clients(
     assert "PROXY header" not in proxy.log_text()
 
 
+@pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
+def test_an_ipv6_client_behind_haproxy(
+    fwd_proxy: Callable[..., ProxyProcess], fwd_dovecot: DovecotInstance, send: str
+) -> None:
+    proxy = fwd_proxy()
+    user, password = new_user()
+    route = Route("imap6", (proxy.host, proxy.port), send, bind="::1")
+    with running_haproxy([route]) as haproxy, RawClient("::1", haproxy.port("imap6")) as client:
+        log_in(client, user, password)  # HAProxy's header: TCP6 ::1
+    proxy.wait_for_log(f"LOGIN: '{user}' (::1:")
+    assert "rip=::1," in login_line(fwd_dovecot, user)
+
+
 def test_implicit_tls_port_behind_haproxy(
     fwd_proxy: Callable[..., ProxyProcess], fwd_dovecot: DovecotInstance, pki: dict[str, Path]
 ) -> None:

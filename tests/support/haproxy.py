@@ -1,6 +1,6 @@
 """A private HAProxy (Debian ``haproxy``) in TCP mode on loopback, from a config in a temp dir.
 
-Each route is a frontend (on 127.0.0.1) on a free port passing connections, from ``SOURCE``,
+Each route is a frontend (on 127.0.0.1, or ::1) on a free port passing connections, from ``SOURCE``,
 to a target with a PROXY protocol
 header (``send-proxy``: v1, ``send-proxy-v2``: v2), optionally health-checked with a header of
 its own (``check-send-proxy``: v2 sends the LOCAL command) and an expected greeting.
@@ -35,7 +35,7 @@ defaults
 
 ROUTE = """\
 frontend {name}_in
-  bind 127.0.0.1:{port}
+  bind {bind}:{port}
   default_backend {name}_out
 backend {name}_out
 {check_options}  server target {target_host}:{target_port} source {source} {send} {check}
@@ -55,6 +55,7 @@ class Route:
     target: tuple[str, int]
     send: str  # "send-proxy" or "send-proxy-v2"
     checked: bool = False
+    bind: str = "127.0.0.1"  # or "::1": the header then says TCP6
     port: int = 0
 
 
@@ -62,7 +63,7 @@ class HAProxyInstance:
     def __init__(self, root: Path, routes: list[Route]) -> None:
         self.root, self.routes = root, {route.name: route for route in routes}
         for route in routes:
-            route.port = free_port()
+            route.port = free_port(route.bind)
         self.config_path = root / "haproxy.cfg"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -75,6 +76,7 @@ class HAProxyInstance:
             parts.append(
                 ROUTE.format(
                     name=route.name,
+                    bind=f"ipv6@{route.bind}" if ":" in route.bind else route.bind,
                     port=route.port,
                     target_host=route.target[0],
                     target_port=route.target[1],
@@ -98,7 +100,7 @@ class HAProxyInstance:
             stderr=subprocess.DEVNULL,
         )
         for route in self.routes.values():
-            wait_for_port("127.0.0.1", route.port)
+            wait_for_port(route.bind, route.port)
         return self
 
     def stop(self) -> None:
