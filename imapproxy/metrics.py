@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from gevent import socket
+from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from prometheus_client import (
     CollectorRegistry,
@@ -44,6 +45,8 @@ LOGGER = logging.getLogger("imapproxy")
 # backend login (new): from a fraction of a millisecond to the server's time-outs.
 LOGIN_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 ROUND_TRIP_BUCKETS_S = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 1)
+REQUEST_TIMEOUT_S = 10.0  # Prometheus' default scrape_timeout
+MAX_SCRAPES_AT_ONCE = 8  # a scrape takes a millisecond; more at once means something is wrong
 
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received, u64 at 120 and 128
 _TCP_INFO_BYTES = struct.Struct("=QQ")
@@ -245,6 +248,15 @@ def restricted(app: WSGIApp, allowed: Callable[[str], bool]) -> WSGIApp:
     return serve
 
 
+class _MetricsServer(WSGIServer):
+    """pywsgi with a bound on each connection's time and on how many are served at once, so
+    that a stuck scraper costs one greenlet for ``REQUEST_TIMEOUT_S`` at most."""
+
+    def handle(self, sock: socket.socket, address: Any) -> None:
+        sock.settimeout(REQUEST_TIMEOUT_S)
+        super().handle(sock, address)
+
+
 def start_server(proxy: Proxy, listener: socket.socket) -> WSGIServer:
     """Serve ``/metrics`` on ``listener`` in the proxy's gevent loop; ``metrics_allow`` is
     looked up per request, so that a SIGHUP changes it."""
@@ -255,6 +267,8 @@ def start_server(proxy: Proxy, listener: socket.socket) -> WSGIServer:
         return in_networks(address, proxy.config.metrics_allow)
 
     app = restricted(make_wsgi_app(metrics.registry), allowed)
-    server = WSGIServer(listener, app, log=None, error_log=LOGGER)
+    server = _MetricsServer(
+        listener, app, log=None, error_log=LOGGER, spawn=Pool(MAX_SCRAPES_AT_ONCE)
+    )
     server.start()
     return server

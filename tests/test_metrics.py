@@ -168,6 +168,10 @@ def test_only_metrics_allow_may_scrape_and_only_metrics_is_served(
     status, text = scrape_text(port, "127.0.0.5")
     assert status == 200 and "imapproxy_client_connections_accepted_total" in text
     assert scrape_text(port, "127.0.0.5", "/") == (404, "Not Found: try /metrics\n")
+    with socket.create_connection(("127.0.0.1", port), 5, ("127.0.0.5", 0)):  # a silent one
+        started = time.monotonic()
+        assert scrape_text(port, "127.0.0.5")[0] == 200
+        assert time.monotonic() - started < 2
     # the IMAP side goes on meanwhile
     page(proxy.host, proxy.port, user.name, user.password)
     with RawClient(proxy.host, proxy.port) as client:
