@@ -72,7 +72,7 @@ def _pairs(client_id: IdFields | None) -> list[tuple[bytes, bytes | None]]:
 def id_fields(origin: ClientOrigin, client_id: IdFields | None) -> IdFields:
     """The ID to send at login: the forwarding fields and what the client may say of itself."""
     client = _pairs(client_id)
-    believed = [(k, v) for k, v in client if origin.trusted and _trusted_may_set(k)]
+    believed = [(k, v) for k, v in client if origin.trusted and v and _trusted_may_set(k)]
     told = {k.lower() for k, _ in believed}
     ours: list[tuple[bytes, bytes | None]] = []
     if ORIGINATING_IP not in told:  # a trusted client's address comes with its own port, or none
@@ -105,6 +105,6 @@ def originating_ip(origin: ClientOrigin, client_id: IdFields | None) -> str:
     """The address the server is told the client has (``reuse_same_client_address``)."""
     if origin.trusted:
         for key, value in _pairs(client_id):
-            if key.lower() == ORIGINATING_IP and value is not None:
+            if key.lower() == ORIGINATING_IP and value:
                 return value.decode("ascii", "replace")
     return origin.client_ip

@@ -76,6 +76,14 @@ def test_a_trusted_client_cannot_set_the_proxys_own_fields() -> None:
     assert dict(zip(alone[::2], alone[1::2], strict=True))[b"x-originating-port"] == b"40000"
 
 
+def test_a_trusted_clients_empty_address_is_not_believed() -> None:
+    for empty in (None, b""):
+        fields = id_fields(TRUSTED, (b"x-originating-ip", empty))
+        pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+        assert pairs[b"x-originating-ip"] == b"127.0.0.1" and pairs[b"x-originating-port"]
+        assert originating_ip(TRUSTED, (b"x-originating-ip", empty)) == "127.0.0.1"
+
+
 def test_no_more_than_30_pairs() -> None:
     many = tuple(b for n in range(40) for b in (b"k%d" % n, b"v"))
     fields = id_fields(ORIGIN, many)
