@@ -11,8 +11,10 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # dovecot: the test backend; imapproxy: up-imapproxy, for comparisons; tmux: pimpstat's screen
-# tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script.
-APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts
+# tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script;
+# haproxy: the load balancer in front of the proxy in the PROXY protocol tests; prometheus:
+# promtool, which checks the /metrics output.
+APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts haproxy prometheus
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 SBINDIR     ?= $(PREFIX)/sbin
@@ -68,7 +70,7 @@ lint: venv
 SANS_IO := imapproxy/protocol imapproxy/cache.py imapproxy/session.py imapproxy/backend_login.py \
 	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py imapproxy/select_cache.py \
 	imapproxy/redact.py imapproxy/throttle.py imapproxy/relay_state.py \
-	imapproxy/reuse_check.py imapproxy/tls_status.py pimpstat/view.py
+	imapproxy/reuse_check.py imapproxy/tls_status.py imapproxy/forwarding.py pimpstat/view.py
 
 typecheck: venv
 	$(VENV)/bin/mypy imapproxy pimpstat
@@ -81,7 +83,8 @@ test: deps lint typecheck unit
 
 # every file with hypothesis tests on hostile input
 PROPERTY_TESTS := tests/test_fuzz.py tests/test_framing.py tests/test_scanner.py \
-                  tests/test_grammar.py tests/test_session.py
+                  tests/test_grammar.py tests/test_session.py tests/test_proxy_header.py \
+                  tests/test_forwarding.py
 
 fuzz: deps
 	HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q -p no:cacheprovider $(PROPERTY_TESTS)

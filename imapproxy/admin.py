@@ -6,12 +6,11 @@ default): the commands have no authentication, so the port open to all would be 
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from typing import TYPE_CHECKING
 
 from imapproxy import __version__
-from imapproxy.config import Config
+from imapproxy.config import Config, in_networks
 
 if TYPE_CHECKING:
     from imapproxy.server import Proxy
@@ -19,15 +18,7 @@ if TYPE_CHECKING:
 
 
 def allowed(config: Config, address: tuple[object, ...]) -> bool:
-    if not config.enable_admin_commands:
-        return False
-    try:
-        client = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped is not None:
-        client = client.ipv4_mapped
-    return any(client in network for network in config.admin_allow)
+    return config.enable_admin_commands and in_networks(str(address[0]), config.admin_allow)
 
 
 def execute(proxy: Proxy, request: AdminRequested) -> bytes:

@@ -36,6 +36,7 @@ from imapproxy.backend_login import (
 from imapproxy.config import Config
 from imapproxy.credentials import Credentials
 from imapproxy.errors import BackendFailure, BackendProtocolError, FailureKind
+from imapproxy.forwarding import ClientOrigin, originating_ip
 from imapproxy.log import host_port
 from imapproxy.protocol.framing import NEED_DATA, parse_literal_marker
 from imapproxy.protocol.response import Response, ResponseReader
@@ -91,6 +92,8 @@ class BackendSession:
         "check",
         "check_tags",
         "news",
+        "check_sent_at",
+        "origin_ip",
     )
 
     def __init__(self, sock: socket.socket, address: Address, login: LoginResult) -> None:
@@ -109,6 +112,8 @@ class BackendSession:
         self.check: ReuseCheck | None = None  # a reuse check sent, its replies not yet read
         self.check_tags: list[bytes] = []
         self.news: list[Response] = []  # untagged replies that came while cached
+        self.check_sent_at = 0.0  # time.perf_counter() when the reuse check left
+        self.origin_ip: str | None = None  # the client address the server was told at login
 
     def has_capability(self, name: bytes) -> bool | None:
         """True/False when the post-login capabilities are known, None when they are not."""
@@ -241,6 +246,7 @@ class BackendSession:
         esearch = self.has_capability(b"ESEARCH") is True
         self.check = check = ReuseCheck(entry, client_id_args, esearch=esearch)
         self.check_tags = self._send_tagged(check.lines)
+        self.check_sent_at = time.perf_counter()
 
     def finish_check(self, now: float) -> bool:
         """Read the check's replies; ``BackendFailure`` if the session is dead or out of sync.
@@ -345,6 +351,7 @@ def policy_from_config(config: Config, tls_available: bool = False) -> BackendPo
         sasl_plain=config.auth_sasl_mech == "plain",
         static_identity=static,
         shared_secret=_raw(config.auth_shared_secret) if config.auth_shared_secret else None,
+        forward_client_address=config.forward_client_address,
     )
 
 
@@ -446,9 +453,13 @@ class Backend:
         return tls_sock
 
     def open_session(
-        self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None
+        self,
+        credentials: Credentials,
+        client_id: tuple[bytes | None, ...] | None,
+        origin: ClientOrigin | None = None,
     ) -> BackendSession:
-        """Connect and log in; the session's ``login`` holds what the backend said."""
+        """Connect and log in (telling the server the client's address, ``origin``, when
+        forwarding); the session's ``login`` holds what the backend said."""
         sock, address = self.connect()
         reader = ResponseReader()
         try:
@@ -456,7 +467,7 @@ class Backend:
                 self.config.server_response_timeout, "login took too long", FailureKind.CONNECT
             ):
                 sock, result = self._run(
-                    login_dialogue(credentials, self.policy, client_id), sock, reader
+                    login_dialogue(credentials, self.policy, client_id, origin), sock, reader
                 )
         except BaseException:
             sock.close()
@@ -465,6 +476,8 @@ class Backend:
         session.reader = reader  # anything the backend sent after its login reply
         session.username = credentials.username
         session.traits = self.traits
+        if origin is not None:
+            session.origin_ip = originating_ip(origin, client_id)
         return session
 
     def probe(self) -> LoginResult:

@@ -10,7 +10,8 @@ steps and receives their results:
 It returns a ``LoginResult`` or raises ``BackendFailure``. The credentials are re-encoded from
 their decoded values (``grammar.build_command``), never copied from the client's text.
 Order, as up-imapproxy's (``Get_Server_conn``): greeting, STARTTLS when forced or when the
-backend says LOGINDISABLED, the client's ID, ``preauth_command``, then the login in one of
+backend says LOGINDISABLED, the client's ID (with the client's address: ``forwarding``),
+``preauth_command``, then the login in one of
 three modes: LOGIN, ``AUTHENTICATE PLAIN`` (``auth_sasl_mech plain``, with SASL-IR when the
 backend has it), or the static identity of ``auth_sasl_plain_username`` (master user).
 """
@@ -22,8 +23,10 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TypeAlias, TypeVar
 
+from imapproxy import forwarding
 from imapproxy.credentials import Credentials, same_digest
 from imapproxy.errors import BackendFailure, FailureKind
+from imapproxy.forwarding import ClientOrigin, IdFields
 from imapproxy.protocol import capability, sasl
 from imapproxy.protocol.framing import Marker
 from imapproxy.protocol.grammar import build_command, encode_string_list
@@ -54,6 +57,7 @@ class BackendPolicy:
     sasl_plain: bool = False  # auth_sasl_mech plain
     static_identity: tuple[bytes, bytes] | None = field(default=None, repr=False)
     shared_secret: bytes | None = field(default=None, repr=False)  # with static_identity
+    forward_client_address: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,12 +169,32 @@ def check_shared_secret(credentials: Credentials, policy: BackendPolicy) -> None
         )
 
 
+def login_id(
+    policy: BackendPolicy,
+    caps: tuple[bytes, ...],
+    client_id: IdFields | None,
+    origin: ClientOrigin | None,
+) -> IdFields | None:
+    """The ID to send before logging in: the client's, merged with the client's address when
+    forwarding and the server offers ID (``forwarding``); fields the client may not set are
+    never passed on."""
+    if origin is None:
+        return client_id
+    if policy.forward_client_address and capability.has(caps, b"ID"):
+        return forwarding.id_fields(origin, client_id)
+    return forwarding.client_fields(origin, client_id)
+
+
 def login_dialogue(
-    credentials: Credentials, policy: BackendPolicy, client_id: tuple[bytes | None, ...] | None
+    credentials: Credentials,
+    policy: BackendPolicy,
+    client_id: IdFields | None,
+    origin: ClientOrigin | None = None,
 ) -> Steps[LoginResult]:
     text, caps = yield from greeting(policy)
-    if client_id is not None:
-        yield from replay_id(client_id, b"I0001")
+    fields = login_id(policy, caps, client_id, origin)
+    if fields is not None:
+        yield from replay_id(fields, b"I0001")
     if policy.preauth_command:
         _, done = yield from command(b"P0001 " + policy.preauth_command + b"\r\n", b"P0001")
         if done.word != b"OK":

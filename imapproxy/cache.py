@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from imapproxy.credentials import same_digest
@@ -50,6 +50,10 @@ class Slot(Generic[S]):
         session, self.session = self.session, None
         self.state, self.username, self.digest, self.cached_at = SlotState.FREE, b"", b"", 0.0
         return session
+
+
+def _accepted(slot: Slot[S], accept: Callable[[S], bool] | None) -> bool:
+    return accept is None or (slot.session is not None and accept(slot.session))
 
 
 class ConnectionCache(Generic[S]):
@@ -92,13 +96,16 @@ class ConnectionCache(Generic[S]):
         """Record the session that now occupies an ACTIVE slot and whose it is."""
         slot.username, slot.digest, slot.session = username, digest, session
 
-    def take_cached(self, username: bytes, digest: bytes) -> Slot[S] | None:
-        """The most recently cached slot of ``username`` with a matching digest, made ACTIVE."""
+    def take_cached(
+        self, username: bytes, digest: bytes, accept: Callable[[S], bool] | None = None
+    ) -> Slot[S] | None:
+        """The most recently cached slot of ``username`` with a matching digest (and a session
+        that ``accept`` accepts, when given), made ACTIVE."""
         candidates = self._by_user.get(username)
         if not candidates:
             return None
         for slot in reversed(candidates):
-            if same_digest(slot.digest, digest):
+            if same_digest(slot.digest, digest) and _accepted(slot, accept):
                 self._uncache(slot)
                 slot.state = SlotState.ACTIVE
                 return slot

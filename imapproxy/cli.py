@@ -154,6 +154,20 @@ def bind_listeners(config: Config, port: int) -> list[socket.socket]:
     return listeners
 
 
+def bind_metrics_listeners(config: Config) -> list[socket.socket]:
+    """The ``metrics_listen`` sockets (bound as root, like the others), and the metrics module
+    loaded (before a chroot hides the interpreter's files)."""
+    if config.metrics_listen is None:
+        return []
+    from imapproxy import metrics  # noqa: F401  (prometheus_client only when it is used)
+
+    host, port = config.metrics_listen
+    return [
+        _listen(family, address, config, dual_stack=False)
+        for family, address in _listen_addresses(host, port)
+    ]
+
+
 def _listen_addresses(host: str | None, port: int) -> list[tuple[int, tuple[object, ...]]]:
     if host is None:  # all addresses: one dual-stack socket where IPv6 exists (RFC 3493 §5.3)
         if socket.has_ipv6:
@@ -238,6 +252,7 @@ def run(config: Config, startup: Startup) -> int:
     first_contact = wait_for_backend(backend, config)
     listeners = bind_listeners(config, config.listen_port)
     tls_listeners = bind_listeners(config, config.client_tls_port) if config.client_tls_port else []
+    metrics_listeners = bind_metrics_listeners(config)
     if not startup.foreground:
         daemon.detach()
     if startup.pidfile_path:
@@ -245,12 +260,19 @@ def run(config: Config, startup: Startup) -> int:
     read_tls_files = tls_file_reader(config, startup, identity)
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
-    proxy = Proxy(config, backend, counters)
-    proxy.tracer = tracer
-    proxy.client_tls = client_tls
-    if first_contact is not None:
-        proxy.refresh(first_contact)
-    return serve(proxy, listeners, tls_listeners, startup, read_tls_files)
+    proxy = Proxy(
+        config,
+        backend,
+        counters,
+        tracer=tracer,
+        client_tls=client_tls,
+        first_contact=first_contact,
+    )
+    if metrics_listeners:
+        from imapproxy import metrics  # imported before: bind_metrics_listeners
+
+        proxy.metrics = metrics.Metrics(proxy)
+    return serve(proxy, listeners, tls_listeners, startup, read_tls_files, metrics_listeners)
 
 
 TLSFileReader = Callable[[Config], dict[str, bytes]]
@@ -291,6 +313,7 @@ def serve(
     tls_listeners: list[socket.socket],
     startup: Startup,
     read_tls_files: TLSFileReader = tls.read_files,
+    metrics_listeners: Sequence[socket.socket] = (),
 ) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters."""
     stop = Event()
@@ -308,6 +331,7 @@ def serve(
         for s in listeners + tls_listeners
     )
     LOGGER.info("normal server startup: listening on %s, proxying to %s", names, proxy.backend.name)
+    serve_metrics(proxy, metrics_listeners)
     daemon.notify("READY=1")
     stop.wait()
     daemon.notify("STOPPING=1")
@@ -317,6 +341,18 @@ def serve(
         _remove(startup.pidfile_path)
     LOGGER.info("stopped")
     return 0
+
+
+def serve_metrics(proxy: Proxy, listeners: Sequence[socket.socket]) -> None:
+    """``/metrics`` on each listener; ``proxy.stop`` closes them with the IMAP listeners."""
+    if not listeners:
+        return
+    from imapproxy import metrics
+
+    for listener in listeners:
+        proxy.servers.append(metrics.start_server(proxy, listener))
+        host, port = listener.getsockname()[:2]
+        LOGGER.info("metrics: http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
 
 
 def reload(proxy: Proxy, startup: Startup, read_tls_files: TLSFileReader) -> None:

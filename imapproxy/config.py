@@ -136,6 +136,18 @@ def host_list(value: str) -> tuple[str, ...]:
     return tuple(value.split())
 
 
+def host_port(value: str) -> tuple[str, int]:
+    """``ADDRESS:PORT``, ``[IPV6]:PORT`` or ``NAME:PORT``."""
+    host, colon, number = value.rpartition(":")
+    if not colon or not host or not number.isdigit():
+        raise ValueError(f"expected ADDRESS:PORT, got {_quoted(value)}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"expected [IPV6]:PORT for an IPv6 address, got {_quoted(value)}")
+    return host, port(number)
+
+
 def network_list(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     networks = []
     for item in value.replace(",", " ").split():
@@ -144,6 +156,20 @@ def network_list(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
         except ValueError:
             raise ValueError(f"expected addresses or networks, got {_quoted(item)}") from None
     return tuple(networks)
+
+
+def in_networks(host: str, networks: tuple[Any, ...]) -> bool:
+    """Whether the address ``host`` (text, maybe with a ``%zone``) is in one of ``networks``;
+    an IPv4-mapped IPv6 address counts as its IPv4 address."""
+    if not networks:  # the common case, on every connection: spare the parse
+        return False
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def setting(
@@ -268,6 +294,26 @@ class Config:
     max_client_connections: int = setting(
         0, non_negative_int, "clients served at once; 0: as the open-file limit allows"
     )
+
+    proxy_protocol_trusted_networks: tuple[Any, ...] = setting(
+        (), network_list, "senders of a PROXY protocol header (HAProxy); empty: off"
+    )
+    forward_client_address: bool = setting(
+        True, boolean, "tell the server the client's address (ID, as Dovecot's proxy)"
+    )
+    forward_trusted_networks: tuple[Any, ...] = setting(
+        (), network_list, "clients whose ID may set x-originating-ip (webmail)"
+    )
+    reuse_same_client_address: bool = setting(
+        False, boolean, "reuse a cached session only for the address it was opened for"
+    )
+    metrics_listen: tuple[str, int] | None = setting(
+        None,
+        host_port,
+        "ADDRESS:PORT of the Prometheus /metrics endpoint; unset: off",
+        restart=True,
+    )
+    metrics_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may scrape /metrics")
 
     # not a setting: where the others were read
     origin: Origin = field(default_factory=Origin, compare=False, repr=False)
@@ -415,6 +461,8 @@ def _format(value: Any, *, masked: bool) -> str:
         return "********"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return f"[{value[0]}]:{value[1]}" if ":" in value[0] else f"{value[0]}:{value[1]}"
     if isinstance(value, tuple):
         return " ".join(str(item) for item in value)
     return str(value)

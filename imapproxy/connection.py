@@ -1,8 +1,10 @@
 """One client connection, from greeting to close.
 
-The pre-login dialogue (``session.PreLoginSession``) with TLS when offered (the implicit-TLS
-port, or STARTTLS), the login (``Proxy.checkout``: a cached session or a new one), the relay,
-and what becomes of the backend session afterwards (``Proxy.checkin``).
+The PROXY protocol header first when the connection comes from a load balancer
+(``proxy_protocol_trusted_networks``: its address is the client's from then on), the pre-login
+dialogue (``session.PreLoginSession``) with TLS when offered (the implicit-TLS port, or
+STARTTLS), the login (``Proxy.checkout``: a cached session or a new one), the relay, and what
+becomes of the backend session afterwards (``Proxy.checkin``).
 
 One triage point per connection (``run``): a known error sends its response, anything else is
 logged with a traceback (which never holds a password: ``Credentials`` masks it) and the client
@@ -11,17 +13,23 @@ gets ``* BYE Internal proxy error``. Nothing escapes to the hub, nobody else is 
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import TYPE_CHECKING
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import socket, ssl
 
-from imapproxy import admin
+from imapproxy import admin, proxy_protocol
 from imapproxy.backend import BackendSession
 from imapproxy.cache import Slot
+from imapproxy.config import in_networks
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
+from imapproxy.forwarding import ClientOrigin, unmapped
 from imapproxy.log import host_port
+from imapproxy.protocol.proxy_header import ProxyHeaderError
 from imapproxy.relay import IDLE_TIMEOUT_BYE, Outcome, Relay, RelaySettings
 from imapproxy.send import send_quietly
 from imapproxy.session import (
@@ -53,6 +61,15 @@ def format_address(address: tuple[object, ...]) -> str:
     return host_port(address[0], address[1]) if len(address) >= 2 else str(address)
 
 
+_SESSION_PREFIX = secrets.token_urlsafe(6)  # drawn once per process
+_session_numbers = itertools.count(1)
+
+
+def new_session_id() -> str:
+    """The proxy's id of a client connection (``x-session-id``; Dovecot logs it as session=)."""
+    return f"{_SESSION_PREFIX}{next(_session_numbers):08x}"
+
+
 class ClientConnection:
     """One client, from greeting to close."""
 
@@ -66,14 +83,16 @@ class ClientConnection:
         self.proxy = proxy
         self.sock = sock
         self.raw_sock = sock  # StreamServer closes this one; a TLS wrapper is ours to close
-        self.address = address
+        self.address = address  # the client's: from the PROXY header when there is one
+        self.connected_to: tuple[object, ...] | None = None  # from the PROXY header
         self.where = format_address(address)
+        self.session_id = ""
         self.implicit_tls = implicit_tls
         self.tls = False
         self.session = PreLoginSession(
             PreLoginPolicy(
                 capabilities=lambda: proxy.snapshot.capability_line(*self._capability_state()),
-                admin_enabled=lambda: admin.allowed(proxy.config, address),
+                admin_enabled=lambda: admin.allowed(proxy.config, self.address),
                 starttls_offered=self._starttls_offered,
                 login_allowed=lambda: self.tls or not proxy.config.client_tls_required,
             )
@@ -100,6 +119,8 @@ class ClientConnection:
             self._send(INTERNAL_ERROR_BYE)
         finally:
             counters.client_disconnected()
+            if self.proxy.metrics is not None:  # self.sock: TLS detaches raw_sock from its fd
+                self.proxy.metrics.client_closed(self.sock)
             if self.sock is not self.raw_sock:
                 self.sock.close()
 
@@ -126,12 +147,44 @@ class ClientConnection:
             self._logged_in(*login)
 
     def _before_login(self) -> LoggedIn | None:
-        """TLS first on the implicit-TLS port, the greeting, then the pre-login dialogue."""
+        """The PROXY header if from HAProxy, TLS first on the implicit-TLS port, the greeting,
+        then the pre-login dialogue."""
+        if not self._proxy_header():
+            return None
         if self.implicit_tls and not self._handshake():
             return None
         if not self._send(self.proxy.snapshot.greeting(*self._capability_state())):
             return None
         return self._prelogin()
+
+    def _proxy_header(self) -> bool:
+        """From ``proxy_protocol_trusted_networks``, a connection must start with a PROXY
+        header (never guessed), whose addresses become the client's; False: it did not."""
+        if not in_networks(str(self.address[0]), self.proxy.config.proxy_protocol_trusted_networks):
+            return True
+        try:
+            header = proxy_protocol.read_header(self.raw_sock)
+        except ProxyHeaderError as error:
+            LOGGER.info("PROXY header from %s refused: %s", self.where, error)
+            if self.proxy.metrics is not None:
+                self.proxy.metrics.proxy_header_refusals += 1
+            return False
+        if header.client is not None:  # None: LOCAL (a health check) or no address given
+            self.address, self.connected_to = header.client, header.server
+            self.where = format_address(self.address)
+        return True
+
+    def origin(self) -> ClientOrigin:
+        """Who the client is, for the server (``forwarding``) and ``reuse_same_client_address``."""
+        if not self.session_id:
+            self.session_id = new_session_id()
+        local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()  # TLS: the wrapper
+        client: tuple[Any, ...] = self.address
+        trusted = in_networks(str(client[0]), self.proxy.config.forward_trusted_networks)
+        client_ip, local_ip = unmapped(str(client[0])), unmapped(str(local[0]))
+        return ClientOrigin(
+            client_ip, int(client[1]), local_ip, int(local[1]), self.session_id, trusted
+        )
 
     def _handshake(self) -> bool:
         """Server-side TLS handshake (cooperative: other clients go on meanwhile)."""
@@ -176,16 +229,21 @@ class ClientConnection:
 
     def _login(self, request: LoginRequested) -> LoggedIn | None:
         self.proxy.counters.TotalClientLogins += 1
+        started = time.perf_counter()
         try:
             slot, reused = self.proxy.checkout(
-                request.credentials, self.session.client_id, self.where
+                request.credentials, self.session.client_id, self.where, self.origin()
             )
         except BackendFailure as error:
             self.proxy.counters.TotalLoginFailures += 1
+            delay = 0.0
             if error.kind is FailureKind.AUTH_REJECTED:  # brute force: make it slow
-                gevent.sleep(
-                    self.proxy.throttle.failed(request.credentials.username, str(self.address[0]))
+                delay = self.proxy.throttle.failed(
+                    request.credentials.username, str(self.address[0])
                 )
+                gevent.sleep(delay)
+            if self.proxy.metrics is not None:
+                self.proxy.metrics.login_failed(error.kind, delay > self.proxy.throttle.base_delay)
             LOGGER.info(
                 "LOGIN: '%s' (%s) failed: %s",
                 request.credentials.username_text,
@@ -194,6 +252,8 @@ class ClientConnection:
             )
             self._send(error.response(request.tag))
             return None
+        if self.proxy.metrics is not None:
+            self.proxy.metrics.logged_in(reused, time.perf_counter() - started)
         return slot, reused, request
 
     def _logged_in(self, slot: Slot[BackendSession], reused: bool, request: LoginRequested) -> None:
@@ -232,7 +292,9 @@ class ClientConnection:
         if sent and not framer.has_input:
             framer.receive_data(self._receive_first_command())
         try:
-            return self.proxy.confirm(slot, request.credentials, self.session.client_id, self.where)
+            return self.proxy.confirm(
+                slot, request.credentials, self.session.client_id, self.where, self.origin()
+            )
         except BackendFailure as error:
             LOGGER.info(
                 "LOGIN: '%s' (%s) no session after a dead cached one: %s",
@@ -265,5 +327,8 @@ class ClientConnection:
         tracer = self.proxy.tracer
         trace = tracer.for_user(session.username, session.sd) if tracer else None
         if trace is not None:
-            trace.proxy(f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]")
+            trace.proxy(
+                f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]"
+                f" for client {self.where}"
+            )
         return Relay(self.sock, session, self.session.framer, settings, self.proxy.counters, trace)

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import socket, ssl
@@ -20,7 +21,7 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from imapproxy import daemon
+from imapproxy import daemon, forwarding
 from imapproxy.backend import Backend, BackendSession
 from imapproxy.backend_login import LoginResult, check_shared_secret
 from imapproxy.cache import ConnectionCache, Slot
@@ -28,6 +29,7 @@ from imapproxy.config import Config
 from imapproxy.connection import ClientConnection, format_address
 from imapproxy.credentials import CredentialHasher, Credentials
 from imapproxy.errors import BackendFailure, FailureKind, why
+from imapproxy.forwarding import ClientOrigin
 from imapproxy.protocol import capability
 from imapproxy.relay import Outcome
 from imapproxy.send import send_quietly
@@ -35,6 +37,9 @@ from imapproxy.session import id_command_args
 from imapproxy.stats import Counters
 from imapproxy.throttle import LoginThrottle
 from imapproxy.trace import Tracer
+
+if TYPE_CHECKING:
+    from imapproxy.metrics import Metrics
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -73,6 +78,11 @@ def _now() -> float:
     return time.monotonic()
 
 
+def _session_note(origin: ClientOrigin | None) -> str:
+    """The proxy's session id in the LOGIN lines, as Dovecot's log has it (``x-session-id``)."""
+    return f" session=<{origin.session_id}>" if origin is not None else ""
+
+
 class Proxy:
     """State shared by all client connections."""
 
@@ -82,6 +92,10 @@ class Proxy:
         backend: Backend,
         counters: Counters,
         clock: Callable[[], float] = _now,
+        *,
+        tracer: Tracer | None = None,
+        client_tls: ssl.SSLContext | None = None,
+        first_contact: LoginResult | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
@@ -91,8 +105,11 @@ class Proxy:
         self.hasher = CredentialHasher()
         self.throttle = LoginThrottle(config.auth_failure_delay, clock)
         self.snapshot = Snapshot()
-        self.tracer: Tracer | None = None
-        self.client_tls: ssl.SSLContext | None = None  # STARTTLS and the implicit-TLS port
+        if first_contact is not None:  # the start-up probe's greeting and capabilities
+            self.refresh(first_contact)
+        self.tracer = tracer
+        self.metrics: Metrics | None = None  # with metrics_listen (it reads the proxy)
+        self.client_tls = client_tls  # STARTTLS and the implicit-TLS port
         self.servers: list[StreamServer] = []
         self.clients: Group = Group()
         self._logouts = gevent.pool.Pool(LOGOUT_CONCURRENCY)
@@ -117,9 +134,15 @@ class Proxy:
         self.counters.set_server_connections(self.cache.active_count, self.cache.cached_count)
 
     def checkout(
-        self, credentials: Credentials, client_id: tuple[bytes | None, ...] | None, where: str
+        self,
+        credentials: Credentials,
+        client_id: tuple[bytes | None, ...] | None,
+        where: str,
+        origin: ClientOrigin | None = None,
     ) -> tuple[Slot[BackendSession], bool]:
-        """A backend session for these credentials: a cached one, else a new one.
+        """A backend session for these credentials: a cached one, else a new one (told the
+        client's address, ``origin``; ``reuse_same_client_address``: a cached one only if it
+        was opened for the same address).
 
         A cached session is handed over at once, its liveness check only sent
         (``BackendSession.start_check``): the caller answers the client and calls ``confirm``
@@ -130,7 +153,8 @@ class Proxy:
         """
         check_shared_secret(credentials, self.backend.policy)
         digest = self.hasher.digest(credentials)
-        while (slot := self.cache.take_cached(credentials.username, digest)) is not None:
+        accept = self._same_address(origin, client_id)
+        while (slot := self.cache.take_cached(credentials.username, digest, accept)) is not None:
             self._update_gauges()
             session = slot.session
             assert session is not None
@@ -142,10 +166,22 @@ class Proxy:
                 continue
             self.counters.TotalServerConnectionsReused += 1
             LOGGER.info(
-                "LOGIN: '%s' (%s) on existing sd [%d]", credentials.username_text, where, session.sd
+                "LOGIN: '%s' (%s) on existing sd [%d]%s",
+                credentials.username_text,
+                where,
+                session.sd,
+                _session_note(origin),
             )
             return slot, True
-        return self._new_session(credentials, client_id, digest, where), False
+        return self._new_session(credentials, client_id, digest, where, origin), False
+
+    def _same_address(
+        self, origin: ClientOrigin | None, client_id: tuple[bytes | None, ...] | None
+    ) -> Callable[[BackendSession], bool] | None:
+        if origin is None or not self.config.reuse_same_client_address:
+            return None
+        address = forwarding.originating_ip(origin, client_id)
+        return lambda session: session.origin_ip == address
 
     def confirm(
         self,
@@ -153,18 +189,23 @@ class Proxy:
         credentials: Credentials,
         client_id: tuple[bytes | None, ...] | None,
         where: str,
+        origin: ClientOrigin | None = None,
     ) -> Slot[BackendSession]:
         """Read a reused session's check: its slot if it passed, else a new session's (with the
         credentials the connection still holds); ``BackendFailure`` if none can be had."""
         session = slot.session
         assert session is not None
+        sent_at = session.check_sent_at
         try:
             if session.finish_check(self.clock()):
                 self.counters.BackendWaits += 1  # the overlap did not hide the check this time
         except (BackendFailure, OSError) as error:
             self.counters.TotalServerConnectionsReused -= 1
             self._dead(slot, credentials, where, error)
-            return self._new_session(credentials, client_id, self.hasher.digest(credentials), where)
+            digest = self.hasher.digest(credentials)
+            return self._new_session(credentials, client_id, digest, where, origin)
+        if self.metrics is not None:  # sent with the login answer, read at the next command
+            self.metrics.round_trip(time.perf_counter() - sent_at)
         return slot
 
     def _dead(
@@ -187,6 +228,7 @@ class Proxy:
         client_id: tuple[bytes | None, ...] | None,
         digest: bytes,
         where: str,
+        origin: ClientOrigin | None = None,
     ) -> Slot[BackendSession]:
         slot, evicted = self.cache.acquire()
         if evicted is not None:
@@ -196,7 +238,7 @@ class Proxy:
             raise BackendFailure(FailureKind.CAPACITY, f"all {self.cache.size} slots active")
         self._update_gauges()
         try:
-            session = self.backend.open_session(credentials, client_id)
+            session = self.backend.open_session(credentials, client_id, origin)
         except BaseException:
             self.cache.release(slot)
             self._update_gauges()
@@ -207,7 +249,13 @@ class Proxy:
             self._logout_later(stale, "Expiring server sd [%d]: opened with an older password")
         self._update_gauges()
         self.counters.TotalServerConnectionsCreated += 1
-        LOGGER.info("LOGIN: '%s' (%s) on new sd [%d]", credentials.username_text, where, session.sd)
+        LOGGER.info(
+            "LOGIN: '%s' (%s) on new sd [%d]%s",
+            credentials.username_text,
+            where,
+            session.sd,
+            _session_note(origin),
+        )
         return slot
 
     def checkin(self, slot: Slot[BackendSession], outcome: Outcome) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,15 @@ def test_every_key_parses_a_value() -> None:
         "client_tls_port": ("993", 993),
         "client_starttls": ("yes", True),
         "client_tls_required": ("yes", True),
+        "proxy_protocol_trusted_networks": (
+            "10.0.0.1, 192.0.2.0/24",
+            (ipaddress.ip_network("10.0.0.1/32"), ipaddress.ip_network("192.0.2.0/24")),
+        ),
+        "forward_client_address": ("no", False),
+        "forward_trusted_networks": ("::1", (ipaddress.ip_network("::1/128"),)),
+        "reuse_same_client_address": ("yes", True),
+        "metrics_listen": ("[::1]:9117", ("::1", 9117)),
+        "metrics_allow": ("192.0.2.9", (ipaddress.ip_network("192.0.2.9/32"),)),
     }
     text = "".join(
         f"{key.upper() if i % 2 else key}\t {raw}  # comment\n"
@@ -206,6 +216,23 @@ def test_every_key_parses_a_value() -> None:
         (
             "server_hostname x\nadmin_allow 10.0.0.0/8 nonsense\n",
             'imapproxy.conf:2: admin_allow: expected addresses or networks, got "nonsense"',
+        ),
+        (
+            "server_hostname x\nproxy_protocol_trusted_networks 10.0.0.300\n",
+            "imapproxy.conf:2: proxy_protocol_trusted_networks: expected addresses or networks, "
+            'got "10.0.0.300"',
+        ),
+        (
+            "server_hostname x\nmetrics_listen 9117\n",
+            'imapproxy.conf:2: metrics_listen: expected ADDRESS:PORT, got "9117"',
+        ),
+        (
+            "server_hostname x\nmetrics_listen ::1:9117\n",
+            "imapproxy.conf:2: metrics_listen: expected [IPV6]:PORT for an IPv6 address",
+        ),
+        (
+            "server_hostname x\nmetrics_listen 127.0.0.1:0\n",
+            'imapproxy.conf:2: metrics_listen: expected a port number from 1 to 65535, got "0"',
         ),
     ],
 )

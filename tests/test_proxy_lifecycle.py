@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -191,7 +192,12 @@ def test_client_id_is_replayed_on_new_and_reused_sessions(
     # before login on the new session (imap-login logs it), after login on the reused one
     assert wait_until(lambda: "ID sent: name=test-webmail, round=1" in dovecot.log_text())
     log = dovecot.log_text()
-    assert "imap-login: Info: ID sent: name=test-webmail, round=0" in log
+    # the new session's ID: the proxy's forwarding fields (forward_client_address), then the
+    # client's own
+    assert re.search(
+        r"imap-login: Info: ID sent: x-originating-ip=127\.0\.0\.1, .*name=test-webmail, round=0",
+        log,
+    ), log
     before_replay = log.split("ID sent: name=test-webmail, round=1")[0]
     assert f"imap({user.name})" in before_replay.rsplit("\n", 1)[-1]
 
@@ -199,9 +205,19 @@ def test_client_id_is_replayed_on_new_and_reused_sessions(
 def test_preauth_command(
     start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
 ) -> None:
-    proxy = start_proxy(preauth_command=f'ID ("GUID" "preauth-{user.name}")')
+    # Dovecot logs only a connection's first ID: with forward_client_address (the default)
+    # that is the proxy's forwarding ID, and an ID in preauth_command is answered, not logged
+    proxy = start_proxy(
+        preauth_command=f'ID ("GUID" "preauth-{user.name}")', forward_client_address=False
+    )
     page(proxy.host, proxy.port, user.name, user.password)
     assert wait_until(lambda: f"ID sent: GUID=preauth-{user.name}" in dovecot.log_text())
+    forwarding = start_proxy(preauth_command='ID ("GUID" "preauth-forwarding")')
+    page(forwarding.host, forwarding.port, user.name, user.password)  # the preauth ID got OK
+    log = forwarding.wait_for_log(f"LOGIN: '{user.name}'")
+    session = re.search(r"on new sd \[\d+\] session=<(\S+)>", log)
+    assert session, log
+    assert wait_until(lambda: f"x-session-id={session.group(1)}" in dovecot.log_text())
 
 
 def test_no_password_reaches_the_log(

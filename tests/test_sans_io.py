@@ -23,6 +23,7 @@ SANS_IO = [
             "relay_state.py",
             "reuse_check.py",
             "tls_status.py",
+            "forwarding.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",

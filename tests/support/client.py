@@ -13,9 +13,15 @@ _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")
 
 class RawClient:
     def __init__(
-        self, host: str, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None
+        self,
+        host: str,
+        port: int,
+        timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        source: str | None = None,  # a loopback address of the test's choice: 127.0.0.5
     ) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        source_address = (source, 0) if source else None
+        self.sock = socket.create_connection((host, port), timeout, source_address)
         if tls is not None:  # implicit TLS (port 993 style)
             self.sock = tls.wrap_socket(self.sock, server_hostname=host)
         self.buffer = b""

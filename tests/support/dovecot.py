@@ -87,6 +87,7 @@ namespace inbox {{
   inbox = yes
 }}
 imap_id_log = *
+login_trusted_networks = {login_trusted_networks}
 auth_failure_delay = {auth_failure_delay}
 protocol imap {{
   mail_max_userip_connections = {max_userip}
@@ -143,6 +144,7 @@ class DovecotInstance:
         ssl_client_ca: Path | None = None,
         rawlog: bool = False,
         client_limit: int = 1000,
+        login_trusted_networks: str = "",
     ) -> None:
         self.root = root
         self.listen = listen  # Dovecot's "listen": one address, or several separated by ", "
@@ -154,6 +156,7 @@ class DovecotInstance:
         self.ssl_client_ca = ssl_client_ca  # logins need a client certificate from this CA
         self.rawlog = rawlog
         self.client_limit = client_limit
+        self.login_trusted_networks = login_trusted_networks  # believes ID's x-originating-ip
         self.users: dict[str, User] = {}
         self.masters: dict[str, User] = {}
         self.uid, self.gid = (8, 8) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
@@ -236,6 +239,7 @@ class DovecotInstance:
                 login_tuning=FAST_LOGIN if self.fast else "",
                 imap_tuning=FAST_IMAP if self.fast else "",
                 client_limit=self.client_limit,
+                login_trusted_networks=self.login_trusted_networks,
                 process_limit=max(1000, self.client_limit) if self.fast else 100,
             )
         )
