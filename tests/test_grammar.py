@@ -126,3 +126,17 @@ def test_hostile_arguments_only_raise_our_errors(line: bytes) -> None:
     line = line.replace(b"\n", b"")
     with contextlib.suppress(ClientProtocolError):
         login_args(b"a LOGIN " + line)
+
+
+def _quoted_outcome(line: bytes, fast: bool) -> tuple[object, ...]:
+    args = Arguments([line], [], b"t")
+    try:
+        value = args._quoted() if fast else args._quoted_slowly()
+    except ClientProtocolError as error:
+        return ("error", str(error))
+    return ("value", value, args._pos)
+
+
+@given(st.binary(max_size=40).map(lambda tail: b'"' + tail))
+def test_quoted_fast_path_says_what_the_byte_walk_says(line: bytes) -> None:
+    assert _quoted_outcome(line, fast=True) == _quoted_outcome(line, fast=False)
