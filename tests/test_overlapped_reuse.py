@@ -125,6 +125,31 @@ def test_reuse_answers_at_once_and_checks_while_the_client_speaks(
     client.close()
 
 
+def test_select_hit_waits_for_nothing_but_the_check_sent_at_login(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    """SELECT cache on: the entry's validation leaves with the login answer; the page's SELECT
+    is answered from the cache the moment it is back, so the page waits for its FETCH only."""
+    proxy = start_proxy(enable_select_cache=True)
+    for page in range(2):  # the second SELECT, over a selected mailbox, shows its [CLOSED]
+        client, _ = logged_in(proxy.host, proxy.port, user.name, user.password)
+        first = client.command(b"s", b"SELECT INBOX")
+        client.command(b"z", b"LOGOUT")
+        client.close()
+        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd", count=page + 1)
+    before = proxy.counters()
+    client, replies = logged_in(proxy.host, proxy.port, user.name, user.password)
+    assert replies[0].startswith(REUSED)
+    again = client.command(b"s", b"SELECT INBOX")
+    assert client.command(b"f", b"FETCH 1 (FLAGS)")[-1].startswith(b"f OK")
+    after = proxy.counters()
+    assert after.SelectCacheHits == before.SelectCacheHits + 1
+    assert again[1:-1] == first[1:-1] and again[0].startswith(b"* OK [CLOSED]"), again
+    waits = after.BackendWaits - before.BackendWaits
+    assert 1 <= waits <= 2, waits  # the FETCH, and the check only if it came late
+    client.close()
+
+
 def test_cached_selected_session_with_news_waiting_is_never_served_stale(
     start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
 ) -> None:
