@@ -12,7 +12,7 @@ PY          := $(VENV)/bin/python
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # dovecot: the test backend; imapproxy: up-imapproxy, for comparisons; tmux: pimpstat's screen
 # tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script.
-APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts
+APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts strace
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 SBINDIR     ?= $(PREFIX)/sbin
