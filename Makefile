@@ -11,7 +11,8 @@ VENV        ?= .venv
 PY          := $(VENV)/bin/python
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # dovecot: the test backend; imapproxy: up-imapproxy, for comparisons; tmux: pimpstat's screen
-# tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script.
+# tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script;
+# strace: the system calls per page (python -m bench.syscalls).
 APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts strace
 PREFIX      ?= /usr/local
 DESTDIR     ?=
