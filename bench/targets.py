@@ -6,13 +6,13 @@ started twice, SELECT cache off and on. The floor relay (``bench.floor_relay``) 
 gevent relay can do, a reference for the bulk and NOOP workloads. Every process started here
 is stopped by the ``ExitStack`` it was registered with, also on Ctrl-C or an exception.
 
-The server over TLS (``tls_targets``): Dovecot direct over implicit TLS (its 993-style
-listener), up-imapproxy with STARTTLS to Dovecot's cleartext port (``force_tls yes``: it only
-uses TLS when told to or when the server advertises LOGINDISABLED, README.ssl) and imapproxy
-with implicit TLS (``server_tls yes``) to the TLS port, both proxies verifying Dovecot's
-certificate against the bench CA (``tls_verify_server yes``; imapproxy also checks the name)
-and both with the SELECT cache on; the clients speak cleartext to the proxies, as webmail on
-the same host does.
+The server over TLS (``direct_tls_target``, ``start_tls_proxies``): Dovecot direct over
+implicit TLS (its 993-style listener), up-imapproxy with STARTTLS to Dovecot's cleartext port
+(``force_tls yes``: it only uses TLS when told to or when the server advertises LOGINDISABLED,
+README.ssl) and imapproxy with implicit TLS (``server_tls yes``) to the TLS port, both proxies
+verifying Dovecot's certificate against the bench CA (``tls_verify_server yes``; imapproxy also
+checks the name) and both with the SELECT cache on; the clients speak cleartext to the
+proxies, as webmail on the same host does.
 
 Both start as root and drop to ``nobody``. up-imapproxy (``/usr/sbin/imapproxyd``) sets its
 own descriptor limit to ``2 * cache_size + 10`` and listens with a backlog of 5.
