@@ -13,8 +13,10 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # dovecot: the test backend; imapproxy: up-imapproxy, for comparisons; tmux: pimpstat's screen
 # tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script;
 # haproxy: the load balancer in front of the proxy in the PROXY protocol tests; prometheus:
-# promtool, which checks the /metrics output.
-APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts haproxy prometheus
+# promtool, which checks the /metrics output; strace: the system calls per page
+# (python -m bench.syscalls).
+APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts haproxy prometheus \
+	strace
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 SBINDIR     ?= $(PREFIX)/sbin

@@ -6,6 +6,8 @@ rounds of each rate and percentile, while errors are summed, the reuse share is 
 logins of all rounds and CPU per unit is the CPU of all rounds over their units: a proxy's CPU
 comes in 10 ms clock ticks, and a slow target (up-imapproxy with the plain client does 8 pages
 a second) may spend less than a tick in a round. Below ``MIN_CPU_S`` in all, it is not shown.
+Backend waits per unit (imapproxy only: its ``BackendWaits`` counter) are likewise all rounds'
+waits over all their units.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def percentile(ordered: list[float], fraction: float) -> float:
 
 @dataclass
 class Cost:
-    """CPU seconds spent during a round, and Dovecot logins seen in its log.
+    """CPU seconds spent during a round, Dovecot logins seen in its log, and the times a
+    client of imapproxy waited for Dovecot (``BackendWaits``; None for the other targets).
 
     ``machine_cpu_s`` is the whole machine's busy time; what the proxy, Dovecot and the load
     generator do not explain is other load (another program, the kernel's own work), noise
@@ -45,6 +48,7 @@ class Cost:
     backend_logins: int = 0
     machine_cpu_s: float = 0.0
     wall_s: float = 0.0
+    backend_waits: int | None = None
 
     def other_share(self) -> float | None:
         if self.wall_s <= 0:
@@ -99,6 +103,7 @@ class Summary:
     errors: Counter[str] = field(default_factory=Counter)
     reuse_share: float | None = None
     backend_logins_per_unit: float | None = None
+    backend_waits_per_unit: float | None = None
     proxy_cpu_s_per_unit: float | None = None
     dovecot_cpu_s_per_unit: float | None = None
     loadgen_cpu_s_per_unit: float | None = None
@@ -137,6 +142,7 @@ def summarize(rounds: list[Round]) -> Summary:
         backend_logins_per_unit=(sum(r.cost.backend_logins for r in rounds) / units)
         if units
         else None,
+        backend_waits_per_unit=waits_per_unit([r.cost.backend_waits for r in rounds], units),
         proxy_cpu_s_per_unit=per_unit([r.cost.proxy_cpu_s for r in rounds], units),
         dovecot_cpu_s_per_unit=per_unit([r.cost.dovecot_cpu_s for r in rounds], units),
         loadgen_cpu_s_per_unit=per_unit([r.cost.loadgen_cpu_s for r in rounds], units),
@@ -150,6 +156,13 @@ def per_unit(cpu_s: list[float | None], units: int) -> float | None:
         return None
     total = sum(c for c in cpu_s if c is not None)
     return total / units if total >= MIN_CPU_S else None
+
+
+def waits_per_unit(waits: list[int | None], units: int) -> float | None:
+    """Backend waits per unit over all rounds; None when not counted (not imapproxy)."""
+    if units == 0 or not waits or any(w is None for w in waits):
+        return None
+    return sum(w for w in waits if w is not None) / units
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Each goal reads the summaries (``Summaries``: case -> target key -> ``Summary``) and says met,
 missed or not measured, with the figures it compared. Target keys are ``dovecot``, ``limit``,
-``floor`` (the floor relay), ``up-off``/``up-on`` and ``ipx-off``/``ipx-on``; ``cache`` is
-``off`` or ``on``.
+``floor`` (the floor relay), ``up-off``/``up-on`` and ``ipx-off``/``ipx-on``, and for the
+server over TLS (SELECT cache on only) ``dovecot-tls``, ``up-tls`` and ``ipx-tls``; ``cache``
+is ``off`` or ``on``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ Summaries = dict[Case, dict[str, Summary]]
 NOOP_BUDGET_US = 1.5 * 24  # the round trip imapproxy may add over direct Dovecot
 CACHED_SESSION_KIB = 16
 OPEN_CONNECTION_KIB = 32
+TLS_OVER_DIRECT = 3.0  # issue 10: up-imapproxy's best case reaches 3.3x (c=1) and 3.0x (c=8)
+BACKEND_WAITS = {"off": 2.0, "on": 1.0}  # per page: SELECT + FETCH, or the FETCH alone
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,39 @@ def cpu_per_page(evidence: Evidence) -> Verdict:
     return compare(worst, 1.0, text, at_least=False)
 
 
+def tls_over_direct(concurrency: int) -> Goal:
+    def judge(evidence: Evidence) -> Verdict:
+        if evidence.cache == "off":
+            return Verdict(None, "the server over TLS runs with the SELECT cache on")
+        by_target = evidence.summaries.get(Case("tls", "quickack", concurrency), {})
+        ours, direct = by_target.get("ipx-tls"), by_target.get("dovecot-tls")
+        if ours is None or direct is None:
+            return Verdict(None, "")
+        ratio = ours.rate / direct.rate
+        text = f"{number(ours.rate)} vs {number(direct.rate)} pages/s, {ratio:.2f}x"
+        return compare(ratio, TLS_OVER_DIRECT, text, at_least=True)
+
+    return Goal(
+        f"server over TLS: pages/s at c={concurrency} >= {TLS_OVER_DIRECT:g}x direct Dovecot "
+        "over TLS",
+        judge,
+    )
+
+
+def backend_waits(evidence: Evidence) -> Verdict:
+    """The worst page case's waits per page through imapproxy, against the design's count."""
+    found = []
+    for case, by_target in evidence.summaries.items():
+        ours = by_target.get(f"ipx-{evidence.cache}")
+        if case.workload == "page" and ours and ours.backend_waits_per_unit is not None:
+            found.append((ours.backend_waits_per_unit, case))
+    if not found:
+        return Verdict(None, "")
+    worst, case = max(found, key=lambda pair: pair[0])
+    text = f"worst {worst:.2f} ({case.label})"
+    return compare(worst, BACKEND_WAITS[evidence.cache], text, at_least=False)
+
+
 _EMPTY = Summary(0, math.nan, math.nan, math.nan, math.nan, math.nan, 0)
 
 GOALS = (
@@ -200,6 +236,12 @@ GOALS = (
         memory_per("open", OPEN_CONNECTION_KIB),
     ),
     Goal("proxy CPU per page <= up-imapproxy's, every page case", cpu_per_page),
+    Goal(
+        "backend waits per page <= 2 with the SELECT cache off, <= 1 with it on, every page case",
+        backend_waits,
+    ),
+    tls_over_direct(1),
+    tls_over_direct(8),
 )
 
 

@@ -11,6 +11,11 @@ Users:
   the load generator checks to catch a proxy that hands out someone else's session);
 - ``big0`` .. ``big2``: two 1 MB and two 10 MB messages each (the bulk workload);
 - ``mem00000`` ..: empty mailboxes for the memory workload, one backend session each.
+
+For the server over TLS, ``write_pki`` makes a ``trustme`` CA and a certificate for
+127.0.0.1 (where the bench Dovecot listens) and ``localhost``; the Dovecot that gets them
+offers implicit TLS on its ``imaps_port`` and STARTTLS on its cleartext port, where cleartext
+LOGIN stays allowed (``disable_plaintext_auth = no``), so the other workloads are unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import os
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+
+import trustme
 
 from tests.support.dovecot import DovecotInstance, User, make_message
 
@@ -47,6 +55,30 @@ def big_users() -> list[str]:
 
 def memory_users(count: int) -> list[str]:
     return [f"mem{i:05d}" for i in range(count)]
+
+
+@dataclass(frozen=True)
+class BenchPki:
+    """The PEM files of the server over TLS (world-readable: Dovecot and nobody read them)."""
+
+    ca: Path
+    cert: Path  # the server certificate and its chain
+    key: Path
+
+
+def write_pki(directory: Path, host: str = "127.0.0.1") -> BenchPki:
+    """A CA and a server certificate for ``host`` and ``localhost``, in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    pki = BenchPki(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    ca.cert_pem.write_to_path(str(pki.ca))
+    server = ca.issue_cert(host, "localhost")
+    for index, pem in enumerate(server.cert_chain_pems):
+        pem.write_to_path(str(pki.cert), append=index > 0)
+    server.private_key_pem.write_to_path(str(pki.key))
+    for path in (pki.ca, pki.cert, pki.key):
+        path.chmod(0o644)
+    return pki
 
 
 class BenchDovecot(DovecotInstance):

@@ -13,13 +13,18 @@ Scripts:
 - ``warm``: one webmail page per user of the thread, once; records each user's header bytes;
 - ``noop``: NOOPs on one logged-in session;
 - ``bulk``: ``UID FETCH <uid> BODY.PEEK[]`` of the user's messages in a size range;
+- ``counted``: one webmail page per entry of the thread's users, in order (a fixed number of
+  pages, for ``bench.syscalls``);
 - ``cycle``: LOGIN and LOGOUT once per user (leaves a cached session in a proxy);
 - ``hold``: LOGIN once per user and keep the connection open (``release`` closes them all).
+
+A job with ``tls_ca_file`` speaks implicit TLS to its target, verified with that CA.
 """
 
 from __future__ import annotations
 
 import random
+import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +51,7 @@ class Job:
     expected: tuple[tuple[str, int], ...] = ()  # user -> header bytes of their page FETCH
     thread_numbers: tuple[int, ...] = ()  # of ``threads`` in the whole job (set per worker)
     size_range: tuple[int, int] = (0, 1 << 40)  # bulk: message sizes to fetch
+    tls_ca_file: str = ""  # implicit TLS to the target, its certificate from this CA
 
 
 @dataclass
@@ -80,6 +86,16 @@ class WorkerState:
         self.sessions: dict[tuple[str, int, str], Connection] = {}
         self.held: list[Connection] = []
         self.lock = threading.Lock()
+        self.tls_contexts: dict[str, ssl.SSLContext] = {}
+
+    def tls_context(self, ca_file: str) -> ssl.SSLContext:
+        """One client context per CA for the worker's life (as a PHP process keeps one)."""
+        with self.lock:
+            context = self.tls_contexts.get(ca_file)
+            if context is None:
+                context = ssl.create_default_context(cafile=ca_file)
+                self.tls_contexts[ca_file] = context
+            return context
 
     def close_all(self) -> None:
         for connection in [*self.sessions.values(), *self.held]:
@@ -116,8 +132,9 @@ class Script:
     def logged_in(self, user: str) -> Connection:
         """Connect and LOGIN as ``user`` (counted); the connection is closed if LOGIN fails."""
         job = self.job
+        tls = self.state.tls_context(job.tls_ca_file) if job.tls_ca_file else None
         connection = Connection.open(
-            job.host, job.port, quickack=job.quickack, timeout_s=job.timeout_s
+            job.host, job.port, quickack=job.quickack, timeout_s=job.timeout_s, tls=tls
         )
         try:
             reply = connection.login(user, job.password)
@@ -171,6 +188,11 @@ class WarmPage(FiniteScript):
     def step(self) -> None:
         user = self.take_user()
         self.tally.observed[user] = self.page(user)
+
+
+class CountedPages(FiniteScript):
+    def step(self) -> None:
+        self.page(self.take_user())
 
 
 class LimitPage(Script):
@@ -268,6 +290,7 @@ SCRIPTS: dict[str, type[Script]] = {
     "webmail": WebmailPage,
     "warm": WarmPage,
     "limit": LimitPage,
+    "counted": CountedPages,
     "noop": Noop,
     "bulk": BulkFetch,
     "cycle": Cycle,

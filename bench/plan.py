@@ -1,20 +1,35 @@
 """How long and how much: the default run (under 10 minutes) and ``--quick`` (under 2).
 
 Every duration is a window per round and target; a round of a workload measures every target
-once (those of ``ONLY_IN`` only in their workloads), in the order of ``TARGET_ORDER``, so that
-machine noise hits all alike. Before the rounds of a case, each target gets one unmeasured
-warm-up window (not in a quick run). A page stuck in up-imapproxy's listen queue (backlog 5)
-holds its round up to ``timeout_s`` more.
+once (those of ``ONLY_IN`` only in their workloads; a workload of ``OWN_TARGETS`` only its
+own), in the order of ``TARGET_ORDER``, so that machine noise hits all alike. Before the
+rounds of a case, each target gets one unmeasured warm-up window (not in a quick run). A page
+stuck in up-imapproxy's listen queue (backlog 5) holds its round up to ``timeout_s`` more.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TARGET_ORDER = ("dovecot", "limit", "floor", "up-off", "ipx-off", "up-on", "ipx-on")
+TARGET_ORDER = (
+    "dovecot",
+    "limit",
+    "floor",
+    "up-off",
+    "ipx-off",
+    "up-on",
+    "ipx-on",
+    "dovecot-tls",
+    "up-tls",
+    "ipx-tls",
+)
 # Targets in some workloads only: the limit is a page without login and logout; the floor
-# relay (bench.floor_relay) is correct only for one command at a time on one session.
-ONLY_IN = {"limit": ("page",), "floor": ("bulk", "noop")}
+# relay (bench.floor_relay) is correct only for one command at a time on one session; the
+# server over TLS (direct over implicit TLS, and each proxy speaking TLS to Dovecot) is its
+# own workload.
+TLS_TARGETS = ("dovecot-tls", "up-tls", "ipx-tls")
+ONLY_IN = {"limit": ("page",), "floor": ("bulk", "noop"), **{key: ("tls",) for key in TLS_TARGETS}}
+OWN_TARGETS = ("tls",)  # workloads that measure only the targets ``ONLY_IN`` gives them
 WEBMAIL_USERS = 200
 MEMORY_SESSIONS = (1_000, 10_000)
 
@@ -29,6 +44,8 @@ class Plan:
     bulk_window_s: float
     noop_window_s: float
     memory_sessions: tuple[int, ...]  # cached-session points; the largest also held open
+    tls_window_s: float  # the server over TLS: page windows, quickack client
+    tls_concurrencies: tuple[int, ...] = (1, 8)
     workers: int = 2  # load-generator processes (the machine has 2 cores)
     timeout_s: float = 5.0  # per I/O: connect, each reply
     users: int = WEBMAIL_USERS
@@ -37,6 +54,8 @@ class Plan:
         return (
             f"{self.name}: {self.rounds} rounds, page windows of {self.page_window_s:g} s "
             + (f"(warm-up {self.warmup_window_s:g} s)" if self.warmup_window_s else "(no warm-up)")
+            + f", server over TLS {self.tls_window_s:g} s at c="
+            + ", ".join(str(c) for c in self.tls_concurrencies)
             + f", bulk {self.bulk_window_s:g} s, "
             f"NOOP {self.noop_window_s:g} s, memory at "
             + ", ".join(f"{n:,}" for n in self.memory_sessions)
@@ -54,6 +73,7 @@ DEFAULT = Plan(
     bulk_window_s=0.7,
     noop_window_s=0.7,
     memory_sessions=MEMORY_SESSIONS,
+    tls_window_s=2.0,
 )
 
 QUICK = Plan(
@@ -65,5 +85,6 @@ QUICK = Plan(
     bulk_window_s=0.25,
     noop_window_s=0.2,
     memory_sessions=(1_000,),  # the 10,000 point takes minutes: skipped, and the report says so
+    tls_window_s=0.5,
     timeout_s=2.0,  # up-imapproxy's full listen queue stalls pages for seconds at c=32
 )

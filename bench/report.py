@@ -117,26 +117,105 @@ def summary_table(summaries: Summaries, memory: dict[str, MemoryFigures], cache:
     keys = {"dovecot": "dovecot", "limit": "limit", "floor": "floor"}
     keys.update(up=f"up-{cache}", ipx=f"ipx-{cache}")
     concurrencies = sorted({c.concurrency for c in summaries if c.workload == "page"}) or [1]
-    rows = []
-    for row in page_rows(concurrencies) + OTHER_ROWS:
-        assert row.case is not None
-        by_target = summaries.get(row.case, {})
-        values = {
-            col: (row.value(by_target[keys[col]]) if keys[col] in by_target else None)
-            for col in COLUMNS
-        }
-        if row.over_direct:
-            values = over_direct(values)
-        rows.append(
-            [row.label]
-            + [fmt(values[col], row.digits) for col in COLUMNS]
-            + [ratio(values["ipx"], values[col]) for col in ("up", "dovecot", "limit")]
-            + [row.better]
-        )
+    rows = figure_rows(summaries, page_rows(concurrencies) + OTHER_ROWS, keys, COMPARED)
     rows += memory_rows(memory)
     header = ["figure", *(PRODUCT_NAMES[c] for c in COLUMNS)]
     header += ["÷ up-imapproxy", "÷ Dovecot", "÷ limit", "better"]
     return table(header, rows)
+
+
+COMPARED = ("up", "dovecot", "limit")  # imapproxy's figure is divided by these columns'
+
+
+def figure_rows(
+    summaries: Summaries, rows: Sequence[Row], keys: dict[str, str], compared: Sequence[str]
+) -> list[list[str]]:
+    """One line per row: the figure of each column (``keys``: column -> target key), then
+    imapproxy's ratio to each ``compared`` column, then which way is better."""
+    lines = []
+    for row in rows:
+        assert row.case is not None
+        by_target = summaries.get(row.case, {})
+        values = {
+            col: (row.value(by_target[key]) if key in by_target else None)
+            for col, key in keys.items()
+        }
+        if row.over_direct:
+            values = over_direct(values)
+        lines.append(
+            [row.label]
+            + [fmt(values[col], row.digits) for col in keys]
+            + [ratio(values["ipx"], values[col]) for col in compared]
+            + [row.better]
+        )
+    return lines
+
+
+# -- the server over TLS ------------------------------------------------------------------------
+
+TLS_KEYS = {"dovecot": "dovecot-tls", "up": "up-tls", "ipx": "ipx-tls"}
+
+
+def tls_rows(concurrencies: Sequence[int]) -> list[Row]:
+    rows = []
+    for c in concurrencies:
+        case = Case("tls", "quickack", c)
+        rows.append(Row(f"TLS page quickack c={c}: pages/s", case, "higher", 0, rate))
+        rows.append(Row(f"TLS page quickack c={c}: p50 ms", case, "lower", 2, p50_ms))
+    case = Case("tls", "quickack", concurrencies[-1])
+    label = f"TLS page quickack c={case.concurrency}: proxy CPU ms/page"
+    rows.append(Row(label, case, "lower", 3, proxy_ms))
+    return rows
+
+
+def tls_table(summaries: Summaries) -> str:
+    concurrencies = sorted({c.concurrency for c in summaries if c.workload == "tls"})
+    if not concurrencies:
+        return "Not measured.\n"
+    rows = figure_rows(summaries, tls_rows(concurrencies), TLS_KEYS, ("up", "dovecot"))
+    header = ["figure", "Dovecot over TLS", "up-imapproxy (STARTTLS)", "imapproxy (implicit TLS)"]
+    return table(header + ["÷ up-imapproxy", "÷ Dovecot over TLS", "better"], rows)
+
+
+TLS_TEXT = (
+    "Dovecot direct over implicit TLS (its 993-style listener; the client does a full TLS "
+    "handshake per page) against up-imapproxy with STARTTLS to Dovecot (`force_tls yes`) and "
+    "imapproxy with implicit TLS to it (`server_tls yes`), both verifying Dovecot's certificate "
+    "(`tls_ca_file`, `tls_verify_server yes`), both with the SELECT cache on; the clients speak "
+    "cleartext to the proxies (they sit on the webmail host). Quickack client."
+)
+
+
+# -- backend waits ------------------------------------------------------------------------------
+
+
+def waits_table(summaries: Summaries) -> str:
+    """imapproxy's backend waits per page (its ``BackendWaits``), per page case."""
+    rows = []
+    for case, by_target in summaries.items():
+        if case.workload not in ("page", "tls"):
+            continue
+        keys = ("ipx-off", "ipx-on") if case.workload == "page" else ("", "ipx-tls")
+        cells = [by_target[k].backend_waits_per_unit if k in by_target else None for k in keys]
+        rows.append([case.label, *(fmt(cell, 2) for cell in cells)])
+    return table(["case", "imapproxy, SELECT cache off", "imapproxy, SELECT cache on"], rows)
+
+
+WAITS_TEXT = (
+    "Times a client of imapproxy waited for Dovecot, per page, from the proxy's `BackendWaits` "
+    "counter (each forwarded command's round trip, each SELECT-cache validation asked at SELECT "
+    "time, and each reuse check whose reply had not arrived by the client's next command). "
+    "The other targets wait by design: the limit 2 (SELECT + FETCH); up-imapproxy with the "
+    "SELECT cache on 1 (the FETCH only: its cached SELECT is answered unchecked); direct "
+    "Dovecot 4 (LOGIN + SELECT + FETCH + LOGOUT)."
+)
+
+NO_DELAY_TEXT = (
+    "All figures are on loopback and carry no network delay: this machine's kernel has no "
+    "`netem` (`CONFIG_NET_SCH_NETEM` is not set), so no round-trip time was added. Over a real "
+    "network each backend wait costs a round trip more, which widens the lead of the targets "
+    "that wait less."
+)
 
 
 def over_direct(values: dict[str, float | None]) -> dict[str, float | None]:
@@ -182,7 +261,8 @@ def cpu_ms(value: float | None) -> str:
 def details(summaries: Summaries) -> str:
     parts = []
     header = ["target", "rate/s", "p50 ms", "p90 ms", "p99 ms", "MiB/s", "errors", "reuse"]
-    header += ["Dovecot logins/unit", "CPU ms/unit: proxy", "Dovecot", "load generator"]
+    header += ["Dovecot logins/unit", "backend waits/unit", "CPU ms/unit: proxy", "Dovecot"]
+    header += ["load generator"]
     header += ["other load"]
     for case, by_target in summaries.items():
         rows = []
@@ -191,8 +271,9 @@ def details(summaries: Summaries) -> str:
                 [key, fmt(s.rate, 1), fmt(s.p50_s * 1e3, 3), fmt(s.p90_s * 1e3, 3)]
                 + [fmt(s.p99_s * 1e3, 3), fmt(s.mib_per_s, 0) if case.workload == "bulk" else DASH]
                 + [errors_text(s), share(s.reuse_share) if key != "limit" else DASH]
-                + [fmt(s.backend_logins_per_unit, 2), cpu_ms(s.proxy_cpu_s_per_unit)]
-                + [cpu_ms(s.dovecot_cpu_s_per_unit), cpu_ms(s.loadgen_cpu_s_per_unit)]
+                + [fmt(s.backend_logins_per_unit, 2), fmt(s.backend_waits_per_unit, 2)]
+                + [cpu_ms(s.proxy_cpu_s_per_unit), cpu_ms(s.dovecot_cpu_s_per_unit)]
+                + [cpu_ms(s.loadgen_cpu_s_per_unit)]
                 + [share(s.other_load)]
             )
         units = sum(s.units for s in by_target.values())
@@ -258,13 +339,19 @@ def summary(results: Results, plan: Plan, date: str, elapsed_s: float, command: 
         summary_table(summaries, results.memory, "off"),
         "#### SELECT cache on (both proxies)\n",
         summary_table(summaries, results.memory, "on"),
+        "#### Server over TLS (SELECT cache on in both proxies)\n",
+        TLS_TEXT + "\n",
+        tls_table(summaries),
+        "#### Backend waits per page\n",
+        WAITS_TEXT + "\n",
+        waits_table(summaries),
         "#### Goals\n",
         table(
             ["goal", "SELECT cache off", "SELECT cache on"],
             verdicts(summaries, results.memory),
         ),
     ]
-    notes = results.notes + noise_notes(summaries)
+    notes = results.notes + [NO_DELAY_TEXT] + noise_notes(summaries)
     if notes:
         parts.append("Notes:\n\n" + "".join(f"- {note}\n" for note in notes))
     return "\n".join(parts)
@@ -320,6 +407,20 @@ METHOD = """\
   with all of them logged in at once (open client connections). KiB per session is the RSS
   above the empty proxy divided by the sessions; the established connections to Dovecot's port
   (`/proc/net/tcp`) check that the proxy really holds them.
+- Server over TLS: the same Dovecot has a `trustme` certificate for 127.0.0.1 and offers
+  implicit TLS on a second listener (STARTTLS on the cleartext one, where cleartext LOGIN stays
+  allowed, so the other workloads are as before). Targets: Dovecot direct over implicit TLS
+  (the load generator does the handshake, a full one per page, and verifies the certificate);
+  up-imapproxy with `force_tls yes` (STARTTLS to the cleartext port), imapproxy with
+  `server_tls yes` (to the TLS port), both with `tls_ca_file` (the bench CA) and
+  `tls_verify_server yes` and the SELECT cache on; clients speak cleartext to the proxies.
+  The page and the quickack client as above, at c=1 and c=8, each target once per round in
+  that order.
+- Backend waits: imapproxy's `BackendWaits` counter (its statistics file, read before and after
+  each round) over the round's pages; not counted for the other targets, whose waits are
+  fixed by their design (see the summary).
+- No network delay: everything is on loopback and this kernel has no `netem`, so no delay was
+  added; a real network would add a round trip per backend wait.
 """
 
 

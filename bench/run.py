@@ -1,7 +1,8 @@
 """``python -m bench.run [--quick] [--no-publish] [--keep]``: the whole benchmark, start to end.
 
-Seeds and starts a private Dovecot, up-imapproxy and imapproxy (each SELECT cache off and on)
-and the floor relay in front of it, the load generator, runs every workload against its
+Seeds and starts a private Dovecot (with a trustme certificate for its TLS listener),
+up-imapproxy and imapproxy (each SELECT cache off and on, and each once more speaking TLS to
+Dovecot) and the floor relay in front of it, the load generator, runs every workload against its
 targets, prints the summary and writes the report to ``bench/results/<date>.md``
 (``<date>-quick.md`` for a quick run). A default run also puts the summary into BENCHMARKS.md
 (not with ``--no-publish``; a quick run never does). Everything started is stopped at the end,
@@ -16,6 +17,7 @@ import datetime
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,17 +27,20 @@ from types import FrameType
 
 from bench import report
 from bench.loadgen import LoadGenerator
-from bench.mailstore import BenchDovecot, seed_all
+from bench.mailstore import BenchDovecot, seed_all, write_pki
 from bench.plan import DEFAULT, QUICK, TARGET_ORDER, Plan
 from bench.targets import (
     IMAPPROXYD,
     REPO,
+    Target,
     direct_targets,
+    direct_tls_target,
     start_dovecot,
     start_floor_relay,
     start_proxy,
+    start_tls_proxies,
 )
-from bench.workloads import Bench, Results, bulk, memory, noop, pages, warm_up
+from bench.workloads import Bench, Results, bulk, memory, noop, pages, tls_pages, warm_up
 from tests.support.dovecot import DOVECOT
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -85,25 +90,29 @@ def stop_on_sigterm() -> None:
 
 def run_all(plan: Plan, root: Path, stack: contextlib.ExitStack, progress: Progress) -> Results:
     progress(f"seeding Dovecot in {root}")
-    dovecot = BenchDovecot(root, fast=True, client_limit=DOVECOT_CLIENT_LIMIT)
+    pki = write_pki(root / "pki")
+    dovecot = BenchDovecot(
+        root, fast=True, client_limit=DOVECOT_CLIENT_LIMIT, ssl_cert=pki.cert, ssl_key=pki.key
+    )
     seed_all(dovecot, plan.users, max(plan.memory_sessions))
     start_dovecot(stack, dovecot)
     loadgen = LoadGenerator(plan.workers)
     stack.callback(loadgen.close)
+    targets = direct_targets(dovecot) + [direct_tls_target(dovecot, pki)]
+    proxies: dict[str, subprocess.Popen[bytes]] = {}
     progress("starting up-imapproxy and imapproxy, SELECT cache off and on")
-    targets = direct_targets(dovecot)
-    proxies = {}
     for select_cache in (False, True):
         for product in ("up-imapproxy", "imapproxy"):
-            target, process = start_proxy(
-                stack, product, dovecot, root / "proxies", select_cache=select_cache
+            add(
+                targets,
+                proxies,
+                start_proxy(stack, product, dovecot, root / "proxies", select_cache=select_cache),
             )
-            targets.append(target)
-            proxies[target.key] = process
+    progress("starting both proxies with TLS to Dovecot")
+    for started in start_tls_proxies(stack, dovecot, pki, root / "proxies"):
+        add(targets, proxies, started)
     progress("starting the floor relay")
-    target, process = start_floor_relay(stack, dovecot, root / "proxies")
-    targets.append(target)
-    proxies[target.key] = process
+    add(targets, proxies, start_floor_relay(stack, dovecot, root / "proxies"))
     targets.sort(key=lambda t: TARGET_ORDER.index(t.key))
     bench = Bench(plan, dovecot, targets, proxies, loadgen, root / "proxies", progress)
     progress("warm-up")
@@ -115,10 +124,21 @@ def run_all(plan: Plan, root: Path, stack: contextlib.ExitStack, progress: Progr
             "(the 10,000 point is skipped), so its goals are judged there."
         )
     pages(bench, results)
+    tls_pages(bench, results)
     bulk(bench, results)
     noop(bench, results)
     memory(bench, stack, results)
     return results
+
+
+def add(
+    targets: list[Target],
+    proxies: dict[str, subprocess.Popen[bytes]],
+    started: tuple[Target, subprocess.Popen[bytes]],
+) -> None:
+    target, process = started
+    targets.append(target)
+    proxies[target.key] = process
 
 
 def main(argv: Sequence[str] | None = None) -> int:

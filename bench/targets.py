@@ -6,6 +6,14 @@ started twice, SELECT cache off and on. The floor relay (``bench.floor_relay``) 
 gevent relay can do, a reference for the bulk and NOOP workloads. Every process started here
 is stopped by the ``ExitStack`` it was registered with, also on Ctrl-C or an exception.
 
+The server over TLS (``direct_tls_target``, ``start_tls_proxies``): Dovecot direct over
+implicit TLS (its 993-style listener), up-imapproxy with STARTTLS to Dovecot's cleartext port
+(``force_tls yes``: it only uses TLS when told to or when the server advertises LOGINDISABLED,
+README.ssl) and imapproxy with implicit TLS (``server_tls yes``) to the TLS port, both proxies
+verifying Dovecot's certificate against the bench CA (``tls_verify_server yes``; imapproxy also
+checks the name) and both with the SELECT cache on; the clients speak cleartext to the
+proxies, as webmail on the same host does.
+
 Both start as root and drop to ``nobody``. up-imapproxy (``/usr/sbin/imapproxyd``) sets its
 own descriptor limit to ``2 * cache_size + 10`` and listens with a backlog of 5.
 imapproxy runs as ``python -m imapproxy`` from the repository, its soft descriptor limit raised
@@ -25,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.mailstore import BenchDovecot
+from bench.mailstore import BenchDovecot, BenchPki
 from tests.support.dovecot import free_port, wait_for_port
 from tests.support.proxy import write_config
 
@@ -56,6 +64,8 @@ class Target:
     port: int
     pid: int | None = None  # the proxy process, for CPU and RSS
     select_cache: bool | None = None
+    stat_path: Path | None = None  # imapproxy's statistics file (its BackendWaits)
+    tls_ca_file: str = ""  # the client speaks implicit TLS to it, verified with this CA
 
 
 def start_dovecot(stack: contextlib.ExitStack, dovecot: BenchDovecot) -> BenchDovecot:
@@ -74,6 +84,35 @@ def direct_targets(dovecot: BenchDovecot) -> list[Target]:
         Target("dovecot", "Dovecot", dovecot.host, dovecot.port),
         Target("limit", "limit", dovecot.host, dovecot.port),
     ]
+
+
+def direct_tls_target(dovecot: BenchDovecot, pki: BenchPki) -> Target:
+    """Dovecot's implicit-TLS listener, to which the load generator speaks TLS itself."""
+    return Target(
+        "dovecot-tls", "Dovecot", dovecot.host, dovecot.imaps_port, tls_ca_file=str(pki.ca)
+    )
+
+
+def backend_tls_settings(product: str, dovecot: BenchDovecot, pki: BenchPki) -> dict[str, Any]:
+    """How each proxy speaks TLS to Dovecot: STARTTLS (up-imapproxy) or implicit TLS."""
+    verify = {"tls_ca_file": pki.ca, "tls_verify_server": True}
+    if product == "up-imapproxy":  # STARTTLS on the cleartext port: its only way (README.ssl)
+        return {**verify, "force_tls": True}
+    return {**verify, "server_tls": True, "server_port": dovecot.imaps_port}
+
+
+def start_tls_proxies(
+    stack: contextlib.ExitStack, dovecot: BenchDovecot, pki: BenchPki, workdir: Path
+) -> list[tuple[Target, subprocess.Popen[bytes]]]:
+    """Both proxies with TLS to Dovecot and the SELECT cache on (keys ``up-tls``, ``ipx-tls``)."""
+    started = []
+    for product in ("up-imapproxy", "imapproxy"):
+        key = f"{'up' if product == 'up-imapproxy' else 'ipx'}-tls"
+        settings = backend_tls_settings(product, dovecot, pki)
+        started.append(
+            start_proxy(stack, product, dovecot, workdir, select_cache=True, key=key, **settings)
+        )
+    return started
 
 
 def nofile_hard_limit() -> int:
@@ -126,10 +165,15 @@ def start_proxy(
     *,
     select_cache: bool,
     name: str = "",
+    key: str = "",
     **overrides: Any,
 ) -> tuple[Target, subprocess.Popen[bytes]]:
-    """Start up-imapproxy or imapproxy in front of ``dovecot``; wait until it listens."""
-    key = f"{'up' if product == 'up-imapproxy' else 'ipx'}-{'on' if select_cache else 'off'}"
+    """Start up-imapproxy or imapproxy in front of ``dovecot``; wait until it listens.
+
+    ``key`` defaults to ``up-off``, ``ipx-on`` and so on, from the product and the cache.
+    """
+    cache = "on" if select_cache else "off"
+    key = key or f"{'up' if product == 'up-imapproxy' else 'ipx'}-{cache}"
     port = free_port()
     directory = workdir / f"{name or 'pages'}-{key}-{port}"
     directory.mkdir(parents=True)
@@ -152,7 +196,8 @@ def start_proxy(
         argv = [sys.executable, "-m", "imapproxy", "-f", str(config), "--foreground"]
     process = start_process(stack, argv, directory / "output.log")
     wait_listening(process, port, product, directory / "output.log")
-    target = Target(key, product, "127.0.0.1", port, process.pid, select_cache)
+    stat_path = directory / "pimpstats" if product == "imapproxy" else None
+    target = Target(key, product, "127.0.0.1", port, process.pid, select_cache, stat_path)
     return target, process
 
 

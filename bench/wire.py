@@ -6,15 +6,20 @@ line by line until the tagged completion; a line ending in ``{n}`` (RFC 9051 §4
 by ``n`` bytes of literal, which are skipped without being looked at, so a 10 MB message body
 costs a few ``recv_into`` calls and no copies.
 
+A connection may speak implicit TLS (RFC 8314 §3.2: the handshake right after connect, before
+the greeting), as webmail does to port 993; the context comes from the caller.
+
 Every failure becomes a ``WireError`` whose ``kind`` is the error class the report counts:
-``connect`` (refused, timed out), ``timeout`` (no reply in time), ``closed`` (EOF), or
-``NO``/``BAD``/``BYE`` followed by the command (a non-OK tagged reply or a bad greeting).
+``connect`` (refused, timed out), ``tls`` (the handshake failed), ``timeout`` (no reply in
+time), ``closed`` (EOF), or ``NO``/``BAD``/``BYE`` followed by the command (a non-OK tagged
+reply or a bad greeting).
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 
@@ -53,8 +58,16 @@ class Connection:
         self.next_tag = 0
 
     @classmethod
-    def open(cls, host: str, port: int, *, quickack: bool, timeout_s: float) -> Connection:
-        """Connect and read the greeting, which must be ``* OK``.
+    def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        quickack: bool,
+        timeout_s: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> Connection:
+        """Connect (with ``tls``: then the TLS handshake) and read the greeting, ``* OK``.
 
         The socket stays in blocking mode, its time-outs set with ``SO_RCVTIMEO`` and
         ``SO_SNDTIMEO`` (which also bounds ``connect`` on Linux): Python's own time-outs would
@@ -69,6 +82,8 @@ class Connection:
         except OSError as error:
             sock.close()
             raise WireError("connect", str(error)) from None
+        if tls is not None:
+            sock = handshake(sock, tls, host)
         connection = cls(sock, quickack=quickack)
         try:
             greeting = connection.read_line()
@@ -168,9 +183,22 @@ class Connection:
         self.command(b"LOGOUT", "LOGOUT")
 
 
+def handshake(sock: socket.socket, context: ssl.SSLContext, host: str) -> ssl.SSLSocket:
+    """The TLS handshake on a connected socket, the server checked against ``host``."""
+    try:
+        return context.wrap_socket(sock, server_hostname=host)
+    except OSError as error:
+        sock.close()
+        kind = "timeout" if failure(error).kind == "timeout" else "tls"
+        raise WireError(kind, str(error)) from None
+
+
 def failure(error: OSError) -> WireError:
-    """A socket error as the report counts it: a time-out (EAGAIN from SO_RCVTIMEO) or not."""
-    if isinstance(error, TimeoutError) or error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+    """A socket error as the report counts it: a time-out (EAGAIN from SO_RCVTIMEO, which a
+    TLS socket reports as "want read/write") or not."""
+    if isinstance(error, (TimeoutError, ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+        return WireError("timeout")
+    if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
         return WireError("timeout")
     return WireError("closed", str(error))
 

@@ -3,6 +3,9 @@
 - ``pages``: the webmail page at each concurrency, with the plain client socket (as PHP leaves
   it) and with the ``TCP_QUICKACK`` one; the ``limit`` target does the same SELECT + FETCH on
   sessions kept logged in to Dovecot (a perfect cache);
+- ``tls``: the server over TLS: the same page with the quickack client at c=1 and c=8,
+  against Dovecot direct over implicit TLS and each proxy (SELECT cache on) speaking TLS to
+  Dovecot while its clients speak cleartext (``targets.start_tls_proxies``);
 - ``bulk``: FETCH of whole 10 MiB (and 1 MiB) messages on one session, MiB/s;
 - ``noop``: sequential NOOPs on one logged-in session, latency; bulk and NOOP also measure the
   floor relay (``bench.floor_relay``), the least any gevent relay adds;
@@ -10,7 +13,8 @@
   largest number of client connections open (separate proxy instances, started last).
 
 A ``Bench`` holds what they share and measures one round: CPU of the proxy, of Dovecot (see
-``procstat``) and of the load generator before and after, and Dovecot's logins from its log.
+``procstat``) and of the load generator before and after, Dovecot's logins from its log, and
+for imapproxy its ``BackendWaits`` counter (from its statistics file) before and after.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from bench.figures import Cost, MemoryFigures, MemoryPoint, Round
 from bench.loadgen import LoadGenerator
 from bench.mailstore import PASSWORD, BenchDovecot, big_users, memory_users, webmail_users
 from bench.pages import Job
-from bench.plan import ONLY_IN, Plan
+from bench.plan import ONLY_IN, OWN_TARGETS, Plan
 from bench.targets import (
     Target,
     dovecot_pid,
@@ -36,6 +40,7 @@ from bench.targets import (
     start_proxy,
     stop_process,
 )
+from imapproxy import stats
 
 JOB_MARGIN_S = 60.0
 MEMORY_CACHE_SIZE = 10_240  # the memory proxies' cache_size, where the descriptor limit allows
@@ -49,7 +54,7 @@ LOG_DELAY_S = 0.02  # Dovecot's log process writes a login line a moment after t
 class Case:
     """A workload variant: the rows of the report."""
 
-    workload: str  # "page", "bulk", "noop"
+    workload: str  # "page", "tls", "bulk", "noop"
     client: str = "plain"  # "plain" or "quickack"
     concurrency: int = 1
     size: str = ""
@@ -58,6 +63,8 @@ class Case:
     def label(self) -> str:
         if self.workload == "page":
             return f"page, {self.client} client, c={self.concurrency}"
+        if self.workload == "tls":
+            return f"page, server over TLS, {self.client} client, c={self.concurrency}"
         if self.workload == "bulk":
             return f"bulk FETCH {self.size}"
         return "NOOP round trip"
@@ -93,6 +100,8 @@ class Bench:
 
     def targets_of(self, workload: str) -> list[Target]:
         """The targets ``workload`` measures (see ``plan.ONLY_IN``), in their order."""
+        if workload in OWN_TARGETS:
+            return [t for t in self.targets if workload in ONLY_IN.get(t.key, ())]
         return [t for t in self.targets if workload in ONLY_IN.get(t.key, (workload,))]
 
     def job(
@@ -118,6 +127,7 @@ class Bench:
             seed=seed,
             expected=self.expected,
             size_range=size_range,
+            tls_ca_file=target.tls_ca_file,
         )
 
     def max_wait_s(self, job: Job, units: int = 1) -> float:
@@ -138,6 +148,7 @@ class Bench:
             backend_logins=self.new_backend_logins(),
             machine_cpu_s=after.machine_cpu_s - before.machine_cpu_s,
             wall_s=after.wall_s - before.wall_s,
+            backend_waits=difference_int(after.backend_waits, before.backend_waits),
         )
         return Round.of(outcome.tally, outcome.rate, cost)
 
@@ -148,6 +159,7 @@ class Bench:
             loadgen_cpu_s=sum(procstat.process_cpu_s(pid) for pid in self.loadgen.pids()),
             machine_cpu_s=procstat.machine_busy_s(),
             wall_s=time.monotonic(),
+            backend_waits=backend_waits(target),
         )
 
     def new_backend_logins(self) -> int:
@@ -165,6 +177,18 @@ class Bench:
 
 def difference(after: float | None, before: float | None) -> float | None:
     return None if after is None or before is None else after - before
+
+
+def difference_int(after: int | None, before: int | None) -> int | None:
+    return None if after is None or before is None else after - before
+
+
+def backend_waits(target: Target) -> int | None:
+    """imapproxy's ``BackendWaits`` so far; None for other targets or an unreadable file."""
+    if target.stat_path is None:
+        return None
+    counters = stats.read_file(str(target.stat_path))
+    return None if counters is None else counters.BackendWaits
 
 
 def split(users: list[str], threads: int) -> list[list[str]]:
@@ -187,7 +211,7 @@ def warm_up(bench: Bench) -> None:
         )
         check_warm(outcome.tally.errors, direct)
     bench.expected = tuple(sorted(outcome.tally.observed.items()))
-    for target in bench.targets_of("page"):
+    for target in bench.targets_of("page") + bench.targets_of("tls"):
         if target.pid is not None:
             outcome = bench.loadgen.run(
                 bench.job("warm", target, split(bench.users, 8), quickack=True), JOB_MARGIN_S * 5
@@ -230,15 +254,31 @@ def pages(bench: Bench, results: Results) -> None:
     for client in ("plain", "quickack"):
         for concurrency in plan.concurrencies:
             case = Case("page", client, concurrency)
-            bench.progress(case.label)
-            for target in bench.targets_of("page"):  # 0 s still logs in the limit's sessions
-                if plan.warmup_window_s or target.key == "limit":
-                    job = page_job(bench, target, client, concurrency, plan.warmup_window_s)
-                    bench.loadgen.run(job, plan.warmup_window_s + JOB_MARGIN_S * 2)
-            for _ in range(plan.rounds):
-                for target in bench.targets_of("page"):
-                    job = page_job(bench, target, client, concurrency, plan.page_window_s)
-                    results.add(case, target, bench.measure(target, job))
+            page_case(bench, results, case, bench.targets_of("page"), plan.page_window_s)
+
+
+def tls_pages(bench: Bench, results: Results) -> None:
+    """The server over TLS: the page with the quickack client, measured as in ``pages``."""
+    plan = bench.plan
+    for concurrency in plan.tls_concurrencies:
+        case = Case("tls", "quickack", concurrency)
+        page_case(bench, results, case, bench.targets_of("tls"), plan.tls_window_s)
+
+
+def page_case(
+    bench: Bench, results: Results, case: Case, targets: list[Target], window_s: float
+) -> None:
+    """A warm-up window per target (0 s still logs in the limit's sessions), then the rounds."""
+    plan = bench.plan
+    bench.progress(case.label)
+    for target in targets:
+        if plan.warmup_window_s or target.key == "limit":
+            job = page_job(bench, target, case.client, case.concurrency, plan.warmup_window_s)
+            bench.loadgen.run(job, plan.warmup_window_s + JOB_MARGIN_S * 2)
+    for _ in range(plan.rounds):
+        for target in targets:
+            job = page_job(bench, target, case.client, case.concurrency, window_s)
+            results.add(case, target, bench.measure(target, job))
 
 
 # -- bulk and NOOP ------------------------------------------------------------------------------
