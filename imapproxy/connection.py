@@ -29,8 +29,10 @@ from imapproxy.config import in_networks
 from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind
 from imapproxy.forwarding import ClientOrigin, unmapped
 from imapproxy.log import host_port
+from imapproxy.protocol.framing import Line
 from imapproxy.protocol.proxy_header import ProxyHeaderError
 from imapproxy.relay import IDLE_TIMEOUT_BYE, Outcome, Relay, RelaySettings
+from imapproxy.reuse_check import goes_with_the_check
 from imapproxy.send import send_quietly
 from imapproxy.session import (
     AdminRequested,
@@ -88,6 +90,7 @@ class ClientConnection:
         self.where = format_address(address)
         self.session_id = ""
         self.implicit_tls = implicit_tls
+        self.sent_early: Line | None = None  # a first command sent behind the reuse check
         self.tls = False
         self.session = PreLoginSession(
             PreLoginPolicy(
@@ -266,7 +269,8 @@ class ClientConnection:
             confirmed = self._confirm(slot, request, sent)
             if confirmed is None:
                 return
-            reused, slot = confirmed is slot, confirmed
+            # the slot may be the same one, freed and taken again: the session tells
+            reused, slot = confirmed.session is session, confirmed
             session = slot.session
             assert session is not None
         if not sent:
@@ -291,9 +295,16 @@ class ClientConnection:
         framer = self.session.framer
         if sent and not framer.has_input:
             framer.receive_data(self._receive_first_command())
+        early = self._send_with_the_check(slot) if sent else None
+        original = slot.session
         try:
-            return self.proxy.confirm(
-                slot, request.credentials, self.session.client_id, self.where, self.origin()
+            confirmed = self.proxy.confirm(
+                slot,
+                request.credentials,
+                self.session.client_id,
+                self.where,
+                self.origin(),
+                merged=early is not None,
             )
         except BackendFailure as error:
             LOGGER.info(
@@ -304,6 +315,25 @@ class ClientConnection:
             )
             self._send(SESSION_LOST_BYE)
             return None
+        if early is not None and confirmed.session is original:  # sent to it: taken here
+            line = framer.next_event()
+            assert isinstance(line, Line) and line.data == early
+            self.sent_early = line
+        return confirmed
+
+    def _send_with_the_check(self, slot: Slot[BackendSession]) -> bytes | None:
+        """SELECT cache off: the page's SELECT goes right behind the reuse check, so that the
+        client waits once for both (``reuse_check.goes_with_the_check``); the line sent."""
+        line = self.session.framer.peek_line()
+        if self.proxy.config.enable_select_cache or line is None or not goes_with_the_check(line):
+            return None
+        session = slot.session
+        assert session is not None
+        try:
+            session.send(line)
+        except OSError:
+            return None  # the check will find the session dead
+        return line
 
     def _receive_first_command(self) -> bytes:
         self.sock.settimeout(self.proxy.config.client_idle_timeout)
@@ -331,4 +361,6 @@ class ClientConnection:
                 f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]"
                 f" for client {self.where}"
             )
-        return Relay(self.sock, session, self.session.framer, settings, self.proxy.counters, trace)
+        relay = Relay(self.sock, session, self.session.framer, settings, self.proxy.counters, trace)
+        relay.sent_early, self.sent_early = self.sent_early, None
+        return relay

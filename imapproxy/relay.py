@@ -133,6 +133,7 @@ class Relay:
         self.copier.trace = trace
         self.backend_gone: str | None = None
         self.farewell = b""  # what the client gets after the session is dealt with (LOGOUT)
+        self.sent_early: Line | None = None  # the client's first command, sent with the check
         self._pump: gevent.Greenlet | None = None
         self._pump_parked = False  # the pump waits in recv: everything read has been sent
         self._client_writing = False
@@ -275,7 +276,12 @@ class Relay:
     def _client_loop(self) -> Outcome:
         self.client.settimeout(self.settings.idle_timeout)
         self.session.sock.settimeout(self.settings.idle_timeout)  # None again once done
-        self._copy(lambda: True)  # what the server sent after the login reply, if anything
+        if self.sent_early is not None:  # sent behind the reuse check: one wait for both
+            self._line(self.sent_early, [])  # outstanding before its reply is copied
+            self.counters.BackendWaits += 1
+            self._copy(self.state.replies_done)
+        else:
+            self._copy(lambda: True)  # what the server sent after the login reply, if anything
         while True:
             outcome = self._process_client_events()
             if outcome is not None:

@@ -11,6 +11,13 @@ runs during the client's own round trip instead of before it. What is sent, in o
   (``select_cache.check_commands``: ``NOOP``, ``STATUS``, ``SEARCH``): the same proof, and the
   page's ``SELECT`` can then be answered from the cache without another round trip.
 
+With the SELECT cache off, a webmail page's first command after the login is its ``SELECT``:
+it may travel right behind the check (``goes_with_the_check``), so that the page waits once
+for both. The server completes the check before it starts the SELECT, which changes the
+selected state (RFC 9051 §5.5), so the check's replies come first; if the check fails, the
+session is dropped with the SELECT's reply and the SELECT goes again to the new session (it
+changes no mail).
+
 Untagged replies to a plain ``NOOP`` are news for an earlier client (the mailbox it had
 selected): dropped, and with them the SELECT cache entry, which can no longer be trusted.
 """
@@ -20,6 +27,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from imapproxy.errors import ClientProtocolError
+from imapproxy.protocol.framing import parse_literal_marker
+from imapproxy.protocol.grammar import split_command_line
 from imapproxy.protocol.response import Response
 from imapproxy.select_cache import SelectEntry, check_commands, still_valid
 
@@ -64,3 +74,18 @@ class ReuseCheck:
             holds = still_valid(self.entry, untagged)
             return Verdict(True, holds, not holds)
         return Verdict(True, False, bool(untagged))
+
+
+PIPELINED_FIRST_COMMANDS = frozenset({b"SELECT", b"EXAMINE"})
+
+
+def goes_with_the_check(line: bytes) -> bool:
+    """Whether a client's first command may be sent before the reuse check is read: a plain
+    SELECT or EXAMINE line (no literal: the proxy would have to answer for the server)."""
+    if parse_literal_marker(line) is not None:
+        return False
+    try:
+        start = split_command_line(line)
+    except ClientProtocolError:
+        return False
+    return start.name in PIPELINED_FIRST_COMMANDS

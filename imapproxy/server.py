@@ -190,14 +190,20 @@ class Proxy:
         client_id: tuple[bytes | None, ...] | None,
         where: str,
         origin: ClientOrigin | None = None,
+        *,
+        merged: bool = False,
     ) -> Slot[BackendSession]:
         """Read a reused session's check: its slot if it passed, else a new session's (with the
-        credentials the connection still holds); ``BackendFailure`` if none can be had."""
+        credentials the connection still holds); ``BackendFailure`` if none can be had.
+
+        ``merged``: the client's first command went behind the check, and the wait for the
+        check is the wait for that command's reply (the relay counts it).
+        """
         session = slot.session
         assert session is not None
         sent_at = session.check_sent_at
         try:
-            if session.finish_check(self.clock()):
+            if session.finish_check(self.clock()) and not merged:
                 self.counters.BackendWaits += 1  # the overlap did not hide the check this time
         except (BackendFailure, OSError) as error:
             self.counters.TotalServerConnectionsReused -= 1

@@ -173,3 +173,20 @@ def test_hostile_bytes_only_raise_our_errors(data: bytes, step: int) -> None:
 def test_chunking_never_changes_the_events(parts: list[bytes], step: int) -> None:
     data = b"".join(parts)
     assert feed(data, step=step) == feed(data)
+
+
+def test_peek_line_shows_a_whole_first_line_and_consumes_nothing() -> None:
+    framer = CommandFramer(1024)
+    framer.receive_data(b"s SELECT IN")
+    assert framer.peek_line() is None  # not whole yet
+    framer.receive_data(b"BOX\r\nf FETCH 1 FLAGS\r\n")
+    assert framer.peek_line() == b"s SELECT INBOX\r\n"
+    assert framer.peek_line() == b"s SELECT INBOX\r\n"
+    assert framer_events(framer)[0] == Line(b"s SELECT INBOX\r\n", True, None)
+
+
+def test_peek_line_is_none_inside_a_command() -> None:
+    framer = CommandFramer(1024)
+    framer.receive_data(b"a APPEND INBOX {3+}\r\nabc\r\n")
+    framer.next_event()  # the line announcing the literal
+    assert framer.peek_line() is None  # literal bytes, not a command's first line

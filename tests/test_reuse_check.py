@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imapproxy.reuse_check import ReuseCheck, Verdict
+from imapproxy.reuse_check import ReuseCheck, Verdict, goes_with_the_check
 from tests.test_select_cache_unit import entry, parse
 
 STATUS = b"* STATUS INBOX (MESSAGES 5 UIDNEXT 9 UIDVALIDITY 77)\r\n"
@@ -68,3 +68,20 @@ def test_entry_with_news_or_other_figures_is_dropped() -> None:
     other = check.verdict(parse(STATUS.replace(b"MESSAGES 5", b"MESSAGES 4") + ESEARCH), done)
     for verdict in (with_news, other):
         assert verdict.alive and not verdict.entry_holds and verdict.drop_entry
+
+
+@pytest.mark.parametrize(
+    ("line", "goes"),
+    [
+        (b"s SELECT INBOX\r\n", True),
+        (b's examine "Sent Items"\r\n', True),
+        (b"s SELECT {5}\r\n", False),  # a literal: the proxy would answer for the server
+        (b"s SELECT {5+}\r\n", False),
+        (b"f FETCH 1 FLAGS\r\n", False),
+        (b"s STORE 1 +FLAGS (\\Deleted)\r\n", False),
+        (b"\r\n", False),
+        (b"* SELECT INBOX\r\n", False),  # no valid tag
+    ],
+)
+def test_only_a_plain_select_travels_with_the_check(line: bytes, goes: bool) -> None:
+    assert goes_with_the_check(line) is goes

@@ -128,6 +128,13 @@ class CommandFramer:
         """True inside a command: mid-line, mid-literal or awaiting a continuation."""
         return self._state != _LINE_START or bool(self._buffer)
 
+    def peek_line(self) -> bytes | None:
+        """The next line if it starts a command and is wholly here; nothing is consumed."""
+        if self._state != _LINE_START:
+            return None
+        end = self._buffer.find(b"\n", 0, self.max_line_bytes)
+        return bytes(self._buffer[: end + 1]) if end >= 0 else None
+
     @property
     def has_input(self) -> bool:
         """True when bytes (or the end of the stream) are waiting to be framed."""
