@@ -132,7 +132,7 @@ def test_an_ipv6_client_behind_haproxy(
     route = Route("imap6", (proxy.host, proxy.port), send, bind="::1")
     with running_haproxy([route]) as haproxy, RawClient("::1", haproxy.port("imap6")) as client:
         log_in(client, user, password)  # HAProxy's header: TCP6 ::1
-    proxy.wait_for_log(f"LOGIN: '{user}' (::1:")
+    proxy.wait_for_log(f"LOGIN: '{user}' ([::1]:")
     assert "rip=::1," in login_line(fwd_dovecot, user)
 
 
