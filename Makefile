@@ -67,7 +67,7 @@ lint: venv
 
 SANS_IO := imapproxy/protocol imapproxy/cache.py imapproxy/session.py imapproxy/backend_login.py \
 	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py imapproxy/select_cache.py \
-	imapproxy/redact.py imapproxy/throttle.py pimpstat/view.py
+	imapproxy/redact.py imapproxy/throttle.py imapproxy/route.py imapproxy/health.py pimpstat/view.py
 
 typecheck: venv
 	$(VENV)/bin/mypy imapproxy pimpstat

@@ -17,7 +17,7 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 from gevent import socket, ssl
@@ -61,6 +61,21 @@ LOGOUT_TIMEOUT_S = 5.0  # how long a LOGOUT to an expiring session may take befo
 Address = tuple[Any, ...]
 
 
+class HealthReport(Protocol):
+    """Where a ``Backend`` reports how its addresses fare (``router.ServerHealth``)."""
+
+    def usable(self, address: Address) -> bool: ...
+
+    def failed(self, backend: Backend, address: Address, reason: str) -> None: ...
+
+    def succeeded(self, backend: Backend, address: Address) -> None: ...
+
+
+# Failures that say the server is not serving (counted towards marking it down); a refused
+# password or a TLS set-up problem say nothing of its health.
+HEALTH_FAILURES = frozenset({FailureKind.CONNECT, FailureKind.TIMEOUT, FailureKind.PROTOCOL})
+
+
 @dataclass
 class ServerTraits:
     """What the proxy learns about the server's habits from its replies (shared by sessions)."""
@@ -84,6 +99,7 @@ class BackendSession:
         "username",
         "created_at",
         "selected",
+        "server",
     )
 
     def __init__(self, sock: socket.socket, address: Address, login: LoginResult) -> None:
@@ -99,6 +115,7 @@ class BackendSession:
         self.select_checked_at: float | None = None  # when the entry was last found valid
         self.pending: dict[bytes, bytes] = {}  # tag -> command sent without waiting for it
         self.traits = ServerTraits()
+        self.server = ""  # "host:port" of the server (XPROXY_DUMPICC, the trace)
 
     def has_capability(self, name: bytes) -> bool | None:
         """True/False when the post-login capabilities are known, None when they are not."""
@@ -292,6 +309,7 @@ class Backend:
         self.addresses: list[Address] = []
         self._rotation = itertools.count()
         self.traits = ServerTraits()
+        self.health: HealthReport | None = None  # set by the router
 
     def reconfigure(self, config: Config, tls_context: ssl.SSLContext | None) -> None:
         """New settings and TLS context for connections made from now on."""
@@ -300,7 +318,12 @@ class Backend:
 
     @property
     def name(self) -> str:
-        return f"{self.config.server_hostname}:{self.config.server_port}"
+        host = self.config.server_hostname or ""
+        return (
+            f"[{host}]:{self.config.server_port}"
+            if ":" in host
+            else f"{host}:{self.config.server_port}"
+        )
 
     def resolve(self) -> list[Address]:
         family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(
@@ -328,12 +351,19 @@ class Backend:
     def connect(self) -> tuple[socket.socket, Address]:
         """A TCP connection to the first address that answers (each tried once)."""
         last_error: OSError | None = None
-        for address in self._ordered_addresses():
+        addresses = self._ordered_addresses()
+        health = self.health
+        usable = [a for a in addresses if health.usable(a)] if health else addresses
+        for address in usable:
             try:
                 return self._connect_to(address), address
             except OSError as error:
                 last_error = error
+                if health is not None:
+                    health.failed(self, address, f"connect: {error}")
         self.addresses = []  # resolve again next time: the names may have moved
+        if not usable:  # fail fast: the health record says it is down, a probe watches it
+            raise BackendFailure(FailureKind.CONNECT, f"{self.name} is marked down")
         raise BackendFailure(FailureKind.CONNECT, f"cannot connect to {self.name}: {last_error}")
 
     def _connect_to(self, address: Address) -> socket.socket:
@@ -373,24 +403,45 @@ class Backend:
                 sock, result = self._run(
                     login_dialogue(credentials, self.policy, client_id), sock, reader
                 )
-        except BaseException:
+        except BaseException as error:
             sock.close()
+            self._report(address, error)
             raise
+        self._report(address, None)
         session = BackendSession(sock, address, result)
+        session.server = self.name
         session.reader = reader  # anything the backend sent after its login reply
         session.username = credentials.username
         session.traits = self.traits
         return session
 
-    def probe(self) -> LoginResult:
-        """Connect, read greeting and capabilities, LOGOUT (start-up and health checks)."""
+    def _report(self, address: Address, error: BaseException | None) -> None:
+        """Tell the health record how a login dialogue went (the server answered, or not)."""
+        if self.health is None:
+            return
+        if error is None or (
+            isinstance(error, BackendFailure) and error.kind is FailureKind.AUTH_REJECTED
+        ):
+            self.health.succeeded(self, address)
+        elif isinstance(error, BackendFailure) and error.kind in HEALTH_FAILURES:
+            self.health.failed(self, address, error.detail)
+
+    def probe(self, address: Address | None = None) -> LoginResult:
+        """Connect (to ``address``, else the first that answers), read greeting and
+        capabilities, LOGOUT (start-up and health checks)."""
 
         def dialogue() -> Steps[LoginResult]:
             text, caps = yield from greeting(self.policy)
             yield Send(b"Z0001 LOGOUT\r\n")
             return LoginResult(text, caps, b"", (), ())
 
-        sock, _ = self.connect()
+        if address is None:
+            sock, _ = self.connect()
+        else:
+            try:
+                sock = self._connect_to(address)
+            except OSError as error:
+                raise BackendFailure(FailureKind.CONNECT, f"connect: {error}") from None
         try:
             with _Deadline(self.config.server_response_timeout, "no greeting"):
                 return self._run(dialogue(), sock, ResponseReader())[1]

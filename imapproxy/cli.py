@@ -28,6 +28,8 @@ from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
 from imapproxy.config import Config
 from imapproxy.errors import BackendFailure, ConfigError, FailureKind
+from imapproxy.route import RouteSource
+from imapproxy.router import Router, build_source
 from imapproxy.server import Proxy
 from imapproxy.stats import Counters, create_file, summary
 from imapproxy.trace import Tracer
@@ -82,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         try:
             tls_contexts(config)  # certificate and key files too, not only the syntax
+            check_route_source(config)  # the route map's lines too
         except StartupError as error:
             print(f"in.imapproxyd: {error}", file=sys.stderr)
             return error.status
@@ -138,6 +141,22 @@ def wait_for_backend(backend: Backend, config: Config) -> LoginResult | None:
             if attempt < config.connect_retries:
                 gevent.sleep(config.connect_delay)
     raise StartupError(f"giving up: IMAP server {backend.name} is unreachable", EX_UNAVAILABLE)
+
+
+def check_route_source(config: Config) -> None:
+    """Build the route source and close it again (``--check-config``)."""
+    source = route_source(config)
+    if source is not None:
+        source.close()
+
+
+def route_source(config: Config) -> RouteSource | None:
+    try:
+        return build_source(config)
+    except ConfigError as error:
+        raise StartupError(str(error), config_module.EX_CONFIG) from None
+    except ImportError as error:
+        raise StartupError(f"route source: {error}", config_module.EX_CONFIG) from None
 
 
 def bind_listeners(config: Config, port: int) -> list[socket.socket]:
@@ -227,9 +246,11 @@ def run(config: Config, startup: Startup) -> int:
     tracer = open_tracer(config, identity)
     backend_tls, client_tls = tls_contexts(config)
     backend = Backend(config, backend_tls)
+    source = route_source(config)
     if config.server_port == 993 and not config.server_tls:
         LOGGER.warning("server_port is 993 but server_tls is no: port 993 usually wants TLS")
-    first_contact = wait_for_backend(backend, config)
+    # without a default server, the first server a login reaches gives the greeting
+    first_contact = wait_for_backend(backend, config) if config.server_hostname else None
     listeners = bind_listeners(config, config.listen_port)
     tls_listeners = bind_listeners(config, config.client_tls_port) if config.client_tls_port else []
     if not startup.foreground:
@@ -238,7 +259,8 @@ def run(config: Config, startup: Startup) -> int:
         write_pidfile(startup.pidfile_path)
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
-    proxy = Proxy(config, backend, counters)
+    router = Router(config, backend, Proxy.default_clock, source)
+    proxy = Proxy(config, backend, counters, router=router)
     proxy.tracer = tracer
     proxy.client_tls = client_tls
     if first_contact is not None:
@@ -273,7 +295,9 @@ def serve(
         f"{s.getsockname()[0]} port {s.getsockname()[1]}{' (TLS)' if s in tls_listeners else ''}"
         for s in listeners + tls_listeners
     )
-    LOGGER.info("normal server startup: listening on %s, proxying to %s", names, proxy.backend.name)
+    LOGGER.info(
+        "normal server startup: listening on %s, proxying to %s", names, proxy.router.describe()
+    )
     daemon.notify("READY=1")
     stop.wait()
     daemon.notify("STOPPING=1")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imapproxy.errors import ConfigError
+from imapproxy.route import check_filter
 
 EX_CONFIG = 78  # sysexits.h
 
@@ -146,6 +147,25 @@ def network_list(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
     return tuple(networks)
 
 
+def ldap_filter(value: str) -> str:
+    return check_filter(value.strip())
+
+
+SQL_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
+
+def sql_url(value: str) -> str:
+    if not value.startswith(SQL_SCHEMES) or value in SQL_SCHEMES:
+        raise ValueError("expected sqlite:///PATH or postgresql://... (a libpq URI)")
+    return value
+
+
+def http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {_quoted(value)}")
+    return value
+
+
 def setting(
     default: Any,
     parse: Parser,
@@ -252,6 +272,34 @@ class Config:
     client_tls_required: bool = setting(False, boolean, "no login before TLS (LOGINDISABLED)")
     admin_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may use XPROXY_* commands")
 
+    # -- routing: several IMAP servers (server_hostname is the default route) -------------------
+    route_map: str | None = setting(None, string, "file: login name, @domain or * -> server")
+    route_ldap_uri: str | None = setting(None, string, "LDAP server(s) to ask for routes")
+    route_ldap_base: str | None = setting(None, string, "LDAP search base")
+    route_ldap_filter: str = setting("(mail=%u)", ldap_filter, "LDAP filter; %u %n %d escaped")
+    route_ldap_attribute: str = setting("mailHost", string, "LDAP attribute: HOST[:PORT]")
+    route_ldap_bind_dn: str | None = setting(None, string, "LDAP bind DN (anonymous if unset)")
+    route_ldap_bind_password: str | None = setting(None, string, "its password", secret=True)
+    route_ldap_tls_ca_file: str | None = setting(None, string, "CAs for ldaps:// (else system)")
+    route_sql_url: str | None = setting(
+        None, sql_url, "sqlite:///PATH or postgresql://...", secret=True
+    )
+    route_sql_query: str | None = setting(None, string, "query with a bound login parameter")
+    route_http_url: str | None = setting(None, http_url, "nginx auth_http style service")
+    route_http_send_password: bool = setting(False, boolean, "send Auth-Pass to it")
+    route_lookup_timeout: int = setting(5, positive_int, "seconds a route lookup may take")
+    route_cache_ttl: int = setting(60, non_negative_int, "seconds a looked-up route is kept")
+    server_down_after: int = setting(3, positive_int, "failures in a row that mark a server down")
+    server_down_max_backoff: int = setting(
+        60, positive_int, "seconds between probes of a down server, at most"
+    )
+
+    @property
+    def route_source(self) -> str | None:
+        """The one route source configured (map, ldap, sql, http), if any."""
+        sources = route_sources(self)
+        return sources[0] if sources else None
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
@@ -300,10 +348,25 @@ def _unknown_key(path: str, lineno: int, word: str) -> ConfigError:
 _KEY_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_."
 
 
+ROUTE_SOURCE_KEYS = {
+    "map": "route_map",
+    "ldap": "route_ldap_uri",
+    "sql": "route_sql_url",
+    "http": "route_http_url",
+}
+
+
+def route_sources(config: Config) -> list[str]:
+    return [name for name, key in ROUTE_SOURCE_KEYS.items() if getattr(config, key)]
+
+
 def check(config: Config, path: str) -> None:
     """Rules across keys."""
-    if not config.server_hostname:
-        raise ConfigError(path, None, "server_hostname", "required, but not set")
+    if not config.server_hostname and not route_sources(config):
+        raise ConfigError(
+            path, None, "server_hostname", "required, but not set (nor any route_* source)"
+        )
+    _check_routing(config, path)
     static = [
         config.auth_sasl_plain_username,
         config.auth_sasl_plain_password,
@@ -335,6 +398,23 @@ def check(config: Config, path: str) -> None:
             None,
             "client_tls_required",
             "needs client_starttls or client_tls_port (clients could never log in)",
+        )
+
+
+def _check_routing(config: Config, path: str) -> None:
+    sources = route_sources(config)
+    if len(sources) > 1:
+        keys = ", ".join(ROUTE_SOURCE_KEYS[name] for name in sources)
+        raise ConfigError(
+            path, None, ROUTE_SOURCE_KEYS[sources[1]], f"one route source, not {keys}"
+        )
+    needs = {"route_ldap_uri": "route_ldap_base", "route_sql_url": "route_sql_query"}
+    for key, other in needs.items():
+        if getattr(config, key) and not getattr(config, other):
+            raise ConfigError(path, None, other, f"required with {key}")
+    if config.route_ldap_bind_password and not config.route_ldap_bind_dn:
+        raise ConfigError(
+            path, None, "route_ldap_bind_password", "set, but route_ldap_bind_dn is not"
         )
 
 

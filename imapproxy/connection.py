@@ -221,5 +221,6 @@ class ClientConnection:
         tracer = self.proxy.tracer
         trace = tracer.for_user(session.username, session.sd) if tracer else None
         if trace is not None:
-            trace.proxy(f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]")
+            how = "existing" if reused else "new"
+            trace.proxy(f"LOGIN on {how} sd [{session.sd}] on server {session.server}")
         return Relay(self.sock, session, self.session.framer, settings, self.proxy.counters, trace)

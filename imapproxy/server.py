@@ -29,6 +29,7 @@ from imapproxy.credentials import CredentialHasher, Credentials
 from imapproxy.errors import BackendFailure, FailureKind, why
 from imapproxy.protocol import capability
 from imapproxy.relay import Outcome
+from imapproxy.router import Router, Target
 from imapproxy.session import id_command_args
 from imapproxy.stats import Counters
 from imapproxy.throttle import LoginThrottle
@@ -72,15 +73,19 @@ def _now() -> float:
 class Proxy:
     """State shared by all client connections."""
 
+    default_clock = staticmethod(_now)
+
     def __init__(
         self,
         config: Config,
         backend: Backend,
         counters: Counters,
         clock: Callable[[], float] = _now,
+        router: Router | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
+        self.router = router or Router(config, backend, clock)
         self.counters = counters
         self.clock = clock
         self.cache: ConnectionCache[BackendSession] = ConnectionCache(config.cache_size)
@@ -119,7 +124,9 @@ class Proxy:
         """
         check_shared_secret(credentials, self.backend.policy)
         digest = self.hasher.digest(credentials)
-        while (slot := self.cache.take_cached(credentials.username, digest)) is not None:
+        target = self.router.target(credentials, digest, where)
+        route = target.route
+        while (slot := self.cache.take_cached(credentials.username, digest, route)) is not None:
             self._update_gauges()
             session = slot.session
             assert session is not None
@@ -140,7 +147,7 @@ class Proxy:
                 "LOGIN: '%s' (%s) on existing sd [%d]", credentials.username_text, where, session.sd
             )
             return slot, True
-        return self._new_session(credentials, client_id, digest, where), False
+        return self._new_session(credentials, client_id, digest, where, target), False
 
     def _new_session(
         self,
@@ -148,6 +155,7 @@ class Proxy:
         client_id: tuple[bytes | None, ...] | None,
         digest: bytes,
         where: str,
+        target: Target,
     ) -> Slot[BackendSession]:
         slot, evicted = self.cache.acquire()
         if evicted is not None:
@@ -157,13 +165,14 @@ class Proxy:
             raise BackendFailure(FailureKind.CAPACITY, f"all {self.cache.size} slots active")
         self._update_gauges()
         try:
-            session = self.backend.open_session(credentials, client_id)
+            session = target.open_session(credentials, client_id)
         except BaseException:
             self.cache.release(slot)
             self._update_gauges()
             raise
-        self.refresh(session.login)
-        self.cache.assign(slot, credentials.username, digest, session)
+        if self.router.adopt_greeting(target):
+            self.refresh(session.login)
+        self.cache.assign(slot, credentials.username, digest, session, target.route)
         for stale in self.cache.stale_for(credentials.username, digest):
             self._logout_later(stale, "Expiring server sd [%d]: opened with an older password")
         self._update_gauges()
@@ -238,6 +247,7 @@ class Proxy:
         self.client_tls = client_tls
         self.throttle.base_delay = config.auth_failure_delay
         self.backend.reconfigure(config, backend_tls)
+        self.router.reconfigure(config, backend_tls)
         self._expiry_wakeup.set()
 
     # -- listening and stopping -----------------------------------------------------------------
@@ -246,6 +256,7 @@ class Proxy:
         """Serve: clients on ``listeners`` start in clear, on ``tls_listeners`` with TLS."""
         self.counters.start(int(time.time()))
         self._expiry = gevent.spawn(self._expire_loop)
+        self.router.start()
         for group, implicit_tls in ((listeners, False), (tls_listeners, True)):
             handle = functools.partial(self._handle, implicit_tls=implicit_tls)
             for listener in group:
@@ -271,3 +282,4 @@ class Proxy:
         self._logouts.join(timeout=max(1.0, timeout))
         if self._expiry is not None:
             self._expiry.kill()
+        self.router.stop()

@@ -52,6 +52,7 @@ ADMIN_COMMANDS = frozenset(
         b"XPROXY_NEWLOG",
         b"XPROXY_RESETCOUNTERS",
         b"XPROXY_VERSION",
+        b"XPROXY_SERVERS",
     }
 )
 

@@ -20,6 +20,8 @@ SANS_IO = [
             "select_cache.py",
             "redact.py",
             "throttle.py",
+            "route.py",
+            "health.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",
