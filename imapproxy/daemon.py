@@ -78,6 +78,19 @@ LAZY_IMPORTS = (
     "gevent.ssl",
     "linecache",
     "traceback",
+    "pickle",  # gevent's threadpool keeps a failed task's traceback with it
+    # the route sources and their drivers (a SIGHUP may build one after the drop)
+    "imapproxy.route_map",
+    "imapproxy.route_sql",
+    "imapproxy.route_http",
+    "imapproxy.route_ldap",
+    "sqlite3",
+    "urllib.request",
+    "http.client",
+    "email.parser",
+    "psycopg",
+    "ldap3",
+    "ldap3.strategy.sync",
 )
 
 
