@@ -139,7 +139,10 @@ def test_every_key_parses_a_value() -> None:
         "route_ldap_bind_dn": ("cn=proxy,dc=example,dc=com", "cn=proxy,dc=example,dc=com"),
         "route_ldap_bind_password": ("s e", "s e"),
         "route_ldap_tls_ca_file": ("/ca.pem", "/ca.pem"),
-        "route_sql_query": ("SELECT host FROM r WHERE u = :user", "SELECT host FROM r WHERE u = :user"),
+        "route_sql_query": (
+            "SELECT host FROM r WHERE u = :user",
+            "SELECT host FROM r WHERE u = :user",
+        ),
         "route_http_send_password": ("yes", True),
         "route_lookup_timeout": ("2", 2),
         "route_cache_ttl": ("0", 0),
@@ -216,8 +219,14 @@ def test_every_key_parses_a_value() -> None:
             "route_map /r\nroute_http_url http://127.0.0.1/\n",
             "imapproxy.conf: route_http_url: one route source, not route_map, route_http_url",
         ),
-        ("route_sql_url sqlite:///r.db\n", "imapproxy.conf: route_sql_query: required with route_sql_url"),
-        ("route_ldap_uri ldap://127.0.0.1\n", "imapproxy.conf: route_ldap_base: required with route_ldap_uri"),
+        (
+            "route_sql_url sqlite:///r.db\n",
+            "imapproxy.conf: route_sql_query: required with route_sql_url",
+        ),
+        (
+            "route_ldap_uri ldap://127.0.0.1\n",
+            "imapproxy.conf: route_ldap_base: required with route_ldap_uri",
+        ),
         (
             "route_map /r\nroute_sql_url mysql://x\n",
             "imapproxy.conf:2: route_sql_url: expected sqlite:///PATH or postgresql://",

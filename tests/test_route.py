@@ -68,7 +68,10 @@ def test_no_star_no_route() -> None:
     [
         ("alice\n", "r:1: alice: expected KEY HOST[:PORT] [option=value]"),
         ("\n\nalice h:0\n", 'r:3: alice: expected a port number from 1 to 65535, got "0"'),
-        ("alice h tls=maybe\n", 'r:1: alice: tls: expected clear, starttls or implicit, got "maybe"'),
+        (
+            "alice h tls=maybe\n",
+            'r:1: alice: tls: expected clear, starttls or implicit, got "maybe"',
+        ),
         ("alice h color=red\n", 'r:1: alice: unknown option "color=red"'),
         ("a*b h\n", "r:1: a*b: a key is a login name, a bare name, @domain or *"),
         ("alice h\nALICE h2\n", "r:2: ALICE: a second route for this key"),

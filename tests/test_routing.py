@@ -370,7 +370,9 @@ def test_http_auth_service_routes_like_nginx(
     started = time.monotonic()
     client, replies = login(proxy.host, proxy.port, "mallory", "x")
     client.close()
-    assert replies == [b"L1 NO [AUTHENTICATIONFAILED] Invalid login or password\r\n"], proxy.log_text()
+    assert replies == [b"L1 NO [AUTHENTICATIONFAILED] Invalid login or password\r\n"], (
+        proxy.log_text()
+    )
     assert time.monotonic() - started >= 0.9  # Auth-Wait: 1
     assert password("alice") not in proxy.log_text()
 
