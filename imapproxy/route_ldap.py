@@ -73,14 +73,16 @@ class LdapSource:
 
     def lookup(self, request: RouteRequest) -> Route | None:
         query = expand_filter(self.filter, request.username.encode("utf-8"))
-        try:
-            connection = self._connections.get(self._connect)
+
+        def search(connection: Any) -> list[dict[str, Any]]:
             connection.search(
                 self.base, query, ldap3.SUBTREE, attributes=[self.attribute], size_limit=2
             )
-            entries = [e for e in connection.response or () if e.get("type") == "searchResEntry"]
+            return [e for e in connection.response or () if e.get("type") == "searchResEntry"]
+
+        try:
+            entries = self._connections.run(self._connect, search)
         except LDAPException as error:
-            self._connections.drop()
             if type(error).__name__ == "LDAPSizeLimitExceededResult":
                 raise RouteUnavailable(f"{self.name}: several entries match") from None
             raise RouteUnavailable(f"{self.name}: {type(error).__name__}: {error}") from None

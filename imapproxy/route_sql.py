@@ -18,7 +18,7 @@ import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from imapproxy.route import (
@@ -30,6 +30,7 @@ from imapproxy.route import (
     name_parts,
 )
 
+T = TypeVar("T")
 COLUMNS = ("host", "port", "destuser", "tls", "connect_timeout")
 
 
@@ -58,13 +59,32 @@ def parameters(request: RouteRequest) -> dict[str, str]:
 
 class Connections:
     """One connection per thread of the pool (no driver here shares one between threads),
-    all of them remembered so that ``close_all`` ends them."""
+    all of them remembered so that ``close_all`` ends them.
 
-    def __init__(self, close_errors: type[Exception]) -> None:
+    ``run`` uses this thread's connection; if a kept one fails (the server restarted since),
+    it is closed and the query tried once more on a new one, so that a server that is back
+    answers at once. A new connection that fails raises the driver's error.
+    """
+
+    def __init__(self, errors: type[Exception]) -> None:
         self._local = threading.local()
         self._every: list[Any] = []
         self._lock = threading.Lock()
-        self._close_errors = close_errors
+        self._close_errors = self.errors = errors
+
+    def run(self, connect: Callable[[], Any], use: Callable[[Any], T]) -> T:
+        kept = getattr(self._local, "connection", None) is not None
+        try:
+            return use(self.get(connect))
+        except self.errors:
+            self.drop()
+            if not kept:
+                raise
+        try:
+            return use(self.get(connect))
+        except self.errors:
+            self.drop()
+            raise
 
     def get(self, connect: Callable[[], Any]) -> Any:
         connection = getattr(self._local, "connection", None)
@@ -112,12 +132,13 @@ class SqliteSource:
         return sqlite3.connect("file:" + self.path + "?mode=ro", uri=True, timeout=self.timeout)
 
     def lookup(self, request: RouteRequest) -> Route | None:
+        def query(connection: sqlite3.Connection) -> tuple[list[str], Any]:
+            cursor = connection.execute(self.query, parameters(request))
+            return [d[0] for d in cursor.description or ()], cursor.fetchone()
+
         try:
-            cursor = self._connections.get(self._connect).execute(self.query, parameters(request))
-            row = cursor.fetchone()
-            names = [d[0] for d in cursor.description or ()]
+            names, row = self._connections.run(self._connect, query)
         except sqlite3.Error as error:
-            self._connections.drop()
             raise RouteUnavailable(f"{self.name}: {error}") from None
         return route_from_row(names, row)
 
@@ -148,13 +169,14 @@ class PostgresSource:
         )
 
     def lookup(self, request: RouteRequest) -> Route | None:
-        try:
-            with self._connections.get(self._connect).cursor() as cursor:
+        def query(connection: Any) -> tuple[list[str], Any]:
+            with connection.cursor() as cursor:
                 cursor.execute(self.query, parameters(request))
-                row = cursor.fetchone()
-                names = [d.name for d in cursor.description or ()]
+                return [d.name for d in cursor.description or ()], cursor.fetchone()
+
+        try:
+            names, row = self._connections.run(self._connect, query)
         except self.psycopg.Error as error:
-            self._connections.drop()
             lines = str(error).strip().splitlines()
             raise RouteUnavailable(
                 f"{self.name}: {lines[0] if lines else type(error).__name__}"

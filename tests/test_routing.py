@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,85 +22,19 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
-from tests.support.client import REUSED, RawClient, logged_in, login
+from tests.support.client import RawClient, logged_in, login
 from tests.support.dovecot import DovecotInstance, free_port, make_message, running_dovecot
 from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess
-
-USERS = ("alice", "bob", "carol", "dave")
-
-
-def password(name: str) -> str:
-    return f"pw-{name}-R0ute"
-
-
-@pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, DovecotInstance]]:
-    users = {name: password(name) for name in USERS}
-    with (
-        running_dovecot(users, prefix="ipx-route-a-") as a,
-        running_dovecot(users, prefix="ipx-route-b-") as b,
-    ):
-        for label, instance in (("A", a), ("B", b)):
-            for name in USERS:
-                instance.deliver(name, make_message(f"{name} on {label}"))
-        yield {"A": a, "B": b}
-
-
-@pytest.fixture
-def files() -> Iterator[Path]:
-    """A directory the proxy's service user (nobody) can read."""
-    root = Path(tempfile.mkdtemp(prefix="ipx-routes-"))
-    os.chmod(root, 0o755)
-    yield root
-    for path in root.iterdir():
-        path.unlink()
-    root.rmdir()
-
-
-def write_map(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines))
-    path.chmod(0o644)
-    return path
-
-
-def at(instance: DovecotInstance) -> str:
-    return f"{instance.host}:{instance.port}"
-
-
-def server_of(client: RawClient, user: str) -> str:
-    """Which server the session is on, from the user's mail there."""
-    assert client.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
-    fetched = b"".join(client.command(b"f", b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
-    for label in ("A", "B"):
-        if f"{user} on {label}".encode() in fetched:
-            return label
-    raise AssertionError(fetched)
-
-
-def visit(proxy: ProxyProcess, user: str) -> tuple[str, bool]:
-    """Log in, see which server, log out: (server, reused)."""
-    client, replies = logged_in(proxy.host, proxy.port, user, password(user))
-    try:
-        return server_of(client, user), replies[0].startswith(REUSED)
-    finally:
-        client.command(b"z", b"LOGOUT")
-        client.close()
-
-
-def routed_proxy(
-    start_proxy: Callable[..., ProxyProcess], default: DovecotInstance | None, **settings: Any
-) -> ProxyProcess:
-    base: dict[str, Any] = {"enable_admin_commands": True, "route_lookup_timeout": 3}
-    if default is None:
-        base["server_hostname"] = None
-    return start_proxy(default or ("127.0.0.1", 9), **{**base, **settings})
-
-
-def admin(proxy: ProxyProcess, command: bytes) -> list[bytes]:
-    with RawClient(proxy.host, proxy.port) as client:
-        return client.command(b"a", command)
-
+from tests.support.routing import (
+    admin,
+    at,
+    password,
+    routed_proxy,
+    server_of,
+    visit,
+    write_map,
+)
 
 # -- the route map -------------------------------------------------------------------------------
 
