@@ -47,7 +47,7 @@ class LdapSource:
             config.route_ldap_bind_password,
         )
         self.ca_file = config.route_ldap_tls_ca_file
-        self.timeout = timeout
+        self.timeout = max(1, int(timeout))  # ldap3 packs it into SO_RCVTIMEO: an integer
         self.name = f"LDAP {' '.join(self.uris)}"
         self._connections = Connections(LDAPException)
 

@@ -283,6 +283,10 @@ class Router:
         except RouteUnavailable as error:
             LOGGER.warning("route lookup for '%s' failed: %s", request.username, error)
             raise BackendFailure(FailureKind.ROUTE, str(error)) from None
+        except Exception as error:  # a driver's own surprise: still only this login fails
+            detail = f"{source.name}: {type(error).__name__}: {error}"
+            LOGGER.warning("route lookup for '%s' failed: %s", request.username, detail)
+            raise BackendFailure(FailureKind.ROUTE, detail) from None
 
     def _call(self, source: RouteSource, request: RouteRequest) -> Route | None:
         timeout = self.config.route_lookup_timeout
