@@ -28,8 +28,9 @@ from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
 from imapproxy.config import Config
 from imapproxy.errors import BackendFailure, ConfigError, FailureKind
+from imapproxy.health import servers_path
 from imapproxy.route import RouteSource
-from imapproxy.router import Router, build_source
+from imapproxy.router import Router, ServersFile, build_source
 from imapproxy.server import Proxy
 from imapproxy.stats import Counters, create_file, summary
 from imapproxy.trace import Tracer
@@ -214,6 +215,17 @@ def open_counters(config: Config, identity: daemon.Identity | None) -> Counters:
     return counters
 
 
+def open_servers_file(config: Config, identity: daemon.Identity | None) -> ServersFile | None:
+    """The servers' health for pimpstat, beside the statistics file."""
+    if not config.stat_filename:
+        return None
+    path = servers_path(config.stat_filename)
+    with _os_errors(f"cannot create {path}"):
+        servers_file = ServersFile(path)
+        daemon.hand_over(path, identity)
+    return servers_file
+
+
 def open_tracer(config: Config, identity: daemon.Identity | None) -> Tracer | None:
     if not config.protocol_log_filename:
         return None
@@ -244,6 +256,7 @@ def run(config: Config, startup: Startup) -> int:
         daemon.raise_file_limit(config.cache_size)
     counters = open_counters(config, identity)
     tracer = open_tracer(config, identity)
+    servers_file = open_servers_file(config, identity)
     backend_tls, client_tls = tls_contexts(config)
     backend = Backend(config, backend_tls)
     source = route_source(config)
@@ -260,6 +273,7 @@ def run(config: Config, startup: Startup) -> int:
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
     router = Router(config, backend, Proxy.default_clock, source)
+    router.health.file = servers_file
     proxy = Proxy(config, backend, counters, router=router)
     proxy.tracer = tracer
     proxy.client_tls = client_tls

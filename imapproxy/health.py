@@ -120,3 +120,58 @@ class HealthBook:
 
     def reconfigure(self, down_after: int, max_backoff: float) -> None:
         self.down_after, self.max_backoff = down_after, max_backoff
+
+
+# -- the servers file, for pimpstat ----------------------------------------------------------------
+# Beside the statistics file, at ``servers_path(stat_filename)``: one line per address,
+# tab-separated: server, address, up|down, failures in a row, the Unix time of the last state
+# change (0: never changed), the last error. The proxy rewrites it in place (after dropping
+# privileges it may not create files); a reader that catches a write half-done skips the lines
+# that do not parse.
+
+SERVERS_SUFFIX = ".servers"
+
+
+@dataclass(frozen=True)
+class ServerLine:
+    server: str
+    address: str
+    state: State
+    failures: int
+    changed_unix: int
+    last_error: str
+
+
+def servers_path(stat_filename: str) -> str:
+    return stat_filename + SERVERS_SUFFIX
+
+
+def format_servers(records: Iterator[Record], wall_now: float, now: float) -> bytes:
+    """The file's text; ``changed_at`` (monotonic) becomes Unix time with ``wall_now - now``."""
+    lines = []
+    for r in records:
+        changed = int(wall_now - (now - r.changed_at)) if r.changed_at else 0
+        fields = (r.server, r.address, r.state.value, str(r.failures), str(changed), r.last_error)
+        lines.append("\t".join(_one_line(f) for f in fields) + "\n")
+    return "".join(lines).encode("utf-8", "backslashreplace")
+
+
+def _one_line(text: str) -> str:
+    return "".join(" " if c in "\t\r\n" else c for c in text)
+
+
+def parse_servers(text: str) -> list[ServerLine]:
+    """The file's lines that parse (a half-written one does not)."""
+    parsed = []
+    for line in text.splitlines():
+        fields = line.split("\t")
+        if len(fields) != 6 or fields[2] not in ("up", "down"):
+            continue
+        if not fields[3].isdigit() or not fields[4].isdigit():
+            continue
+        parsed.append(
+            ServerLine(
+                fields[0], fields[1], State(fields[2]), int(fields[3]), int(fields[4]), fields[5]
+            )
+        )
+    return parsed

@@ -23,6 +23,7 @@ import ssl
 from typing import Any
 
 import ldap3
+import ldap3.strategy.sync  # imported on first use otherwise: it must come before the drop
 from ldap3.core.exceptions import LDAPException
 
 from imapproxy.config import Config

@@ -22,6 +22,8 @@ them back. State changes are logged once.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -37,7 +39,7 @@ from imapproxy.backend import Address, Backend, BackendSession
 from imapproxy.config import Config
 from imapproxy.credentials import Credentials
 from imapproxy.errors import NO_ROUTE_REPLY, BackendFailure, FailureKind, why
-from imapproxy.health import HealthBook, Record, State
+from imapproxy.health import HealthBook, Record, State, format_servers
 from imapproxy.route import (
     Route,
     RouteCache,
@@ -127,12 +129,32 @@ class Target:
         return session
 
 
+class ServersFile:
+    """``health.servers_path(stat_filename)``, opened before the privilege drop and rewritten
+    in place on every change (pimpstat's ``servers`` view reads it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, data: bytes) -> None:
+        try:
+            os.pwrite(self.fd, data, 0)
+            os.ftruncate(self.fd, len(data))
+        except OSError as error:  # a full disk must not fail a login
+            LOGGER.warning("cannot write %s: %s", self.path, error.strerror)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class ServerHealth:
     """The health records of all servers, the probe greenlet, the log of state changes."""
 
     def __init__(self, config: Config, clock: Callable[[], float]) -> None:
         self.book = HealthBook(config.server_down_after, float(config.server_down_max_backoff))
         self.clock = clock
+        self.file: ServersFile | None = None
         self._backends: dict[Hashable, Backend] = {}  # who probes each address
         self._wakeup = Event()
         self._probes = Group()
@@ -146,6 +168,7 @@ class ServerHealth:
         change = self.book.failed(
             address, backend.name, _address_text(address), reason, self.clock()
         )
+        self._publish()
         if change is not None:
             LOGGER.warning(
                 "IMAP server %s (%s) is down after %d failures in a row: %s; logins to it "
@@ -158,10 +181,13 @@ class ServerHealth:
             self._wakeup.set()
 
     def succeeded(self, backend: Backend, address: Address) -> None:
-        if address not in self._backends:  # first contact: listed from now on (XPROXY_SERVERS)
+        first = address not in self._backends
+        if first:  # first contact: listed from now on (XPROXY_SERVERS, the servers file)
             self._backends[address] = backend
             self.book.record(address, backend.name, _address_text(address))
         change = self.book.succeeded(address, self.clock())
+        if first or change is not None:
+            self._publish()
         if change is not None:
             LOGGER.warning(
                 "IMAP server %s (%s) is up again", change.record.server, change.record.address
@@ -169,6 +195,10 @@ class ServerHealth:
 
     def records(self) -> list[Record]:
         return list(self.book.records())
+
+    def _publish(self) -> None:
+        if self.file is not None:
+            self.file.write(format_servers(self.book.records(), time.time(), self.clock()))
 
     def reconfigure(self, config: Config) -> None:
         self.book.reconfigure(config.server_down_after, float(config.server_down_max_backoff))
@@ -200,6 +230,7 @@ class ServerHealth:
             self._backends[key].probe(key)  # type: ignore[arg-type]
         except (BackendFailure, OSError) as error:
             self.book.probe_failed(key, why(error), self.clock())
+            self._publish()
         else:
             self.succeeded(self._backends[key], key)  # type: ignore[arg-type]
         finally:
