@@ -227,3 +227,42 @@ def test_http_request_escapes_as_nginx_and_sends_the_password_only_if_told() -> 
     assert headers["Auth-User"] == "a%20b%25c%C3%A9" and "Auth-Pass" not in headers
     assert request_headers(request, send_password=True)["Auth-Pass"] == "pw%201"
     assert "pw 1" not in repr(request)
+
+
+# -- the servers file, and pimpstat's servers view ------------------------------------------------
+
+
+def test_servers_file_round_trip_skips_a_half_written_line() -> None:
+    from imapproxy.health import format_servers, parse_servers
+
+    book = HealthBook(1, 60)
+    book.record("a", "imap1:143", "10.0.0.1:143")
+    book.failed("b", "imap2:143", "10.0.0.2:143", "connect: [Errno 111]\tConnection refused", 50)
+    text = format_servers(book.records(), wall_now=1_800_000_100.0, now=100.0).decode()
+    lines = parse_servers(text + "imap3:143\t10.0.0.3:1")  # a write caught half-way
+    assert [(x.server, x.state, x.failures, x.changed_unix) for x in lines] == [
+        ("imap1:143", State.UP, 0, 0),
+        ("imap2:143", State.DOWN, 1, 1_800_000_050),
+    ]
+    assert lines[1].last_error == "connect: [Errno 111] Connection refused"
+
+
+def test_pimpstat_servers_view() -> None:
+    import time
+
+    from imapproxy.health import ServerLine
+    from pimpstat import view
+
+    lines = [
+        ServerLine("imap1:143", "10.0.0.1:143", State.UP, 0, 0, ""),
+        ServerLine("imap2:143", "10.0.0.2:143", State.DOWN, 3, 1_800_000_050, "no greeting"),
+    ]
+    rows = view.server_rows(lines, "/run/pimpstats.servers", time.gmtime)
+    text = [(r.label, r.value) for r in rows]
+    assert ("imap1:143 (10.0.0.1:143):", "UP") in text
+    assert ("imap2:143 (10.0.0.2:143):", "DOWN") in text
+    assert ("  failures in a row:", "3") in text and ("  last error:", "no greeting") in text
+    assert ("  since:", "Fri Jan 15 08:00:50 2027") in text
+    missing = view.server_rows(None, "/run/pimpstats.servers", time.gmtime)
+    assert ("problem:", "cannot read it") in [(r.label, r.value) for r in missing]
+    assert "servers" in view.VIEWS

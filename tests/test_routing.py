@@ -22,6 +22,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
+from imapproxy.health import State, parse_servers, servers_path
 from tests.support.client import RawClient, logged_in, login
 from tests.support.dovecot import DovecotInstance, free_port, make_message, running_dovecot
 from tests.support.polling import wait_until
@@ -408,6 +409,12 @@ def signal_all(pids: list[int], signum: int) -> None:
             os.kill(pid, signum)
 
 
+def servers_file_states(proxy: ProxyProcess) -> dict[str, State]:
+    """What pimpstat's servers view shows, from the file beside the statistics file."""
+    text = Path(servers_path(str(proxy.stat_path))).read_text()
+    return {line.address: line.state for line in parse_servers(text)}
+
+
 def timed_login(proxy: ProxyProcess, user: str) -> tuple[float, bytes]:
     started = time.monotonic()
     client, replies = login(proxy.host, proxy.port, user, password(user))
@@ -444,10 +451,12 @@ def test_a_hung_server_is_marked_down_fails_fast_for_its_users_only_and_comes_ba
         servers_view = b"".join(admin(proxy, b"XPROXY_SERVERS"))
         assert f"* XPROXY_SERVERS {at(b)} {at(b)} down ".encode() in servers_view, servers_view
         assert f"* XPROXY_SERVERS {at(a)} {at(a)} up 0 0\r\n".encode() in servers_view
+        assert servers_file_states(proxy) == {at(a): State.UP, at(b): State.DOWN}
     finally:
         signal_all(pids, signal.SIGCONT)
     assert wait_until(lambda: "is up again" in proxy.log_text(), timeout=15), proxy.log_text()
     assert visit(proxy, "bob") == ("B", False)  # back without a restart
+    assert servers_file_states(proxy) == {at(a): State.UP, at(b): State.UP}  # pimpstat's view
     log = proxy.log_text()
     assert log.count(f"IMAP server {at(b)} ({at(b)}) is down after 2 failures") == 1, log
     assert log.count(f"IMAP server {at(b)} ({at(b)}) is up again") == 1
