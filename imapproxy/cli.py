@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -272,7 +273,7 @@ def run(config: Config, startup: Startup) -> int:
         write_pidfile(startup.pidfile_path)
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
-    router = Router(config, backend, Proxy.default_clock, source)
+    router = Router(config, backend, time.monotonic, source)
     router.health.file = servers_file
     proxy = Proxy(config, backend, counters, router=router)
     proxy.tracer = tracer

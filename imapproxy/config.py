@@ -294,12 +294,6 @@ class Config:
         60, positive_int, "seconds between probes of a down server, at most"
     )
 
-    @property
-    def route_source(self) -> str | None:
-        """The one route source configured (map, ldap, sql, http), if any."""
-        sources = route_sources(self)
-        return sources[0] if sources else None
-
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 

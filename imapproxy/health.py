@@ -15,7 +15,7 @@ towards a backend that is down instead of making every user wait for a connect t
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable, Iterator
+from collections.abc import Container, Hashable, Iterator
 from dataclasses import dataclass
 
 INITIAL_BACKOFF_S = 1.0  # the first probe of a server just marked down
@@ -109,9 +109,13 @@ class HealthBook:
             if record.state is State.DOWN and record.next_probe_at <= now
         ]
 
-    def next_deadline(self) -> float | None:
-        """The earliest probe time of an address that is down."""
-        times = [r.next_probe_at for r in self._records.values() if r.state is State.DOWN]
+    def next_deadline(self, skip: Container[Hashable] = ()) -> float | None:
+        """The earliest probe time of an address that is down (and not in ``skip``)."""
+        times = [
+            r.next_probe_at
+            for key, r in self._records.items()
+            if r.state is State.DOWN and key not in skip
+        ]
         return min(times) if times else None
 
     def records(self) -> Iterator[Record]:

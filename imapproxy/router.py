@@ -55,9 +55,7 @@ LOGGER = logging.getLogger("imapproxy")
 LOOKUP_THREADS = 16  # lookups in flight at once; more wait for a thread (answers are cached)
 PROBE_CONCURRENCY = 16
 # Settings whose change on SIGHUP makes a new source (route_map is re-read on every SIGHUP).
-SOURCE_KEYS = tuple(
-    f.name for f in config_module.SETTINGS.values() if f.name.startswith("route_")
-) + ("server_connect_timeout",)
+SOURCE_KEYS = tuple(f.name for f in config_module.SETTINGS.values() if f.name.startswith("route_"))
 
 
 def build_source(config: Config) -> RouteSource | None:
@@ -212,9 +210,9 @@ class ServerHealth:
         self._probes.kill(block=False)
 
     def _probe_loop(self) -> None:
-        probing: set[Hashable] = set()
+        probing: set[Hashable] = set()  # a probe's end sets the wake-up
         while True:
-            deadline = self.book.next_deadline()
+            deadline = self.book.next_deadline(skip=probing)
             timeout = None if deadline is None else max(0.0, deadline - self.clock())
             self._wakeup.wait(timeout)
             self._wakeup.clear()
@@ -222,8 +220,6 @@ class ServerHealth:
                 if key not in probing and len(probing) < PROBE_CONCURRENCY:
                     probing.add(key)
                     self._probes.spawn(self._probe, key, probing)
-            if probing:  # the deadlines move once the probes are done; wait for one
-                gevent.sleep(0.05)
 
     def _probe(self, key: Hashable, probing: set[Hashable]) -> None:
         try:

@@ -73,8 +73,6 @@ def _now() -> float:
 class Proxy:
     """State shared by all client connections."""
 
-    default_clock = staticmethod(_now)
-
     def __init__(
         self,
         config: Config,
@@ -121,6 +119,8 @@ class Proxy:
 
         In static-identity mode the shared secret is checked first: before the cache (the
         setting may have changed on SIGHUP) and before a slot is made free for a new session.
+        The router then names the server (``Router.target``); its route is part of the cache
+        key, so a session is reused only on the server the user is routed to now.
         """
         check_shared_secret(credentials, self.backend.policy)
         digest = self.hasher.digest(credentials)
