@@ -162,6 +162,7 @@ def test_sqlite_route_change_takes_effect_after_the_ttl(
     assert visit(proxy, "dave") == ("B", True)
 
 
+NO_ROUTE = b"L1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
 HOSTILE = [b"*", b")(", b"\\", b"'; --", b"x' OR '1'='1", b"%s%n", b"\xff\xfe", b"a" * 250]
 
 
@@ -322,6 +323,27 @@ def test_http_sends_the_password_only_when_told(
     assert visit(proxy, "alice") == ("A", False)
     assert auth_service.requests[-1]["Auth-Pass"] == password("alice")
     assert password("alice") not in proxy.log_text()
+
+
+def test_http_hostile_names_are_escaped_and_never_split_a_header(
+    servers: dict[str, DovecotInstance],
+    start_proxy: Callable[..., ProxyProcess],
+    auth_service: AuthService,
+) -> None:
+    proxy = routed_proxy(start_proxy, None, route_http_url=auth_service.url, auth_failure_delay=0)
+    denied = b"L1 NO [AUTHENTICATIONFAILED] Invalid login or password\r\n"
+    for name in [*HOSTILE[:-2], "é x%".encode()]:
+        with RawClient(proxy.host, proxy.port) as client:
+            client.send(b"L1 LOGIN {%d+}\r\n%s {2+}\r\npw\r\n" % (len(name), name))
+            assert client.read_until_tagged(b"L1") == [denied], name
+    users = [r["Auth-User"] for r in auth_service.requests]
+    assert users == ["*", ")(", "\\", "';%20--", "x'%20OR%20'1'='1", "%25s%25n", "%C3%A9%20x%25"]
+    with RawClient(proxy.host, proxy.port) as client:  # CR LF in a name: never sent at all
+        name = b"a\r\nAuth-Pass: pw"
+        client.send(b"L1 LOGIN {%d+}\r\n%s {2+}\r\npw\r\n" % (len(name), name))
+        assert client.read_until_tagged(b"L1") == [NO_ROUTE]
+    assert len(auth_service.requests) == len(users)
+    assert visit(proxy, "alice") == ("A", False)
 
 
 def test_a_slow_lookup_delays_only_its_own_login(
