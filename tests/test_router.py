@@ -136,3 +136,33 @@ def test_backend_settings_per_route() -> None:
     assert (starttls.server_tls, starttls.force_tls) == (False, True)
     inherited = backend_config(config, Route("imap1", 993))
     assert (inherited.server_tls, inherited.server_connect_timeout) == (True, 10)
+
+
+def test_down_addresses_are_skipped_and_all_down_fails_fast() -> None:
+    """Two addresses of one server (here two listening sockets: a connect completes in the
+    kernel's backlog); the one marked down is never tried, with or without dns_rr."""
+    import socket
+
+    from imapproxy.router import ServerHealth
+
+    config = Config(server_hostname="127.0.0.1", server_down_after=1, dns_rr=True)
+    with socket.socket() as first, socket.socket() as second:
+        for listener in (first, second):
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+        down, up = first.getsockname(), second.getsockname()
+        backend = Backend(config)
+        backend.health = ServerHealth(config, FakeClock())
+        backend.addresses = [down, up]
+        backend.health.failed(backend, down, "test: refused")
+        for _ in range(4):  # dns_rr would start at each address in turn
+            sock, address = backend.connect()
+            sock.close()
+            assert address == up
+        backend.addresses = [down, up]
+        backend.health.failed(backend, up, "test: refused")
+        started = time.monotonic()
+        with pytest.raises(BackendFailure) as failure:
+            backend.connect()
+        assert failure.value.detail == "127.0.0.1:143 is marked down"
+        assert time.monotonic() - started < 0.1

@@ -47,8 +47,11 @@ def test_each_user_lands_on_their_own_server_and_reuses_there(
     before = {(s, u): servers[s].logins(u) for s in "AB" for u in ("alice", "bob", "carol")}
     routes = write_map(files / "routes", [f"alice {at(a)}", f"bob {at(b)}", f"* {at(a)}"])
     proxy = routed_proxy(start_proxy, None, route_map=routes)
+    assert admin(proxy, b"XPROXY_TRACE bob")[-1] == b"a OK Tracing enabled for user bob.\r\n"
     assert visit(proxy, "alice") == ("A", False)
     assert visit(proxy, "bob") == ("B", False)
+    assert b"PROXY: LOGIN on new sd [" in proxy.trace_path.read_bytes()
+    assert f"] on server {at(b)}".encode() in proxy.trace_path.read_bytes()
     assert visit(proxy, "carol") == ("A", False)  # "*"
     assert visit(proxy, "alice") == ("A", True)
     assert visit(proxy, "bob") == ("B", True)
