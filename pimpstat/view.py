@@ -35,12 +35,12 @@ class HasSnapshot(Protocol):
 
 Source = Snapshot | HasSnapshot
 
-VIEWS: Final = ("counters", "rates", "servers", "about")
+VIEWS: Final = ("counters", "rates", "about", "servers")
 VIEW_TITLES: Final = {
     "counters": "up-imapproxy's figures",
     "rates": "per second, and hit ratios",
-    "servers": "each IMAP server's health",
     "about": "files, format and keys",
+    "servers": "each IMAP server's health",
 }
 KEYS: Final = (("q", "quit"), ("r", "redraw"), ("m", "menu: choose the view"))
 
