@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.client import RawClient, login
 from tests.support.dovecot import DovecotInstance
+from tests.support.pki import write_pki
 from tests.support.postgres import Postgres, running_postgres
 from tests.support.proxy import ProxyProcess
 from tests.support.routing import at, password, routed_proxy, visit
@@ -177,3 +179,27 @@ def test_postgresql_stopped_gives_unavailable_within_the_timeout_and_recovers(
     assert visit(proxy, "bob") == ("B", False)
     log = proxy.log_text()
     assert "pg-proxy-pw" not in log and "imapproxy:********@127.0.0.1" in log
+
+
+def test_ldaps_is_verified_against_the_configured_ca(
+    servers: dict[str, DovecotInstance], start_proxy: Callable[..., ProxyProcess], files: Path
+) -> None:
+    """ldaps:// to a slapd whose certificate (for 127.0.0.2) comes from our CA: routes; with a
+    CA that did not sign it: NO [UNAVAILABLE], never an unverified answer."""
+    pki = write_pki(files)
+    with running_slapd(tls=(pki["server"], pki["key"])) as directory:
+        directory.add_people({"alice": at(servers["A"])})
+        for ca, expected in ((pki["ca"], "A"), (pki["other_ca"], None)):
+            proxy = routed_proxy(
+                start_proxy,
+                None,
+                route_ldap_uri=directory.tls_uri,
+                route_ldap_base=PEOPLE_DN,
+                route_ldap_filter="(uid=%u)",
+                route_ldap_tls_ca_file=ca,
+            )
+            if expected:
+                assert visit(proxy, "alice") == (expected, False)
+            else:
+                assert timed_login(proxy, "alice")[1] == [UNAVAILABLE]
+                assert "route lookup for 'alice' failed: LDAP ldaps://127.0.0.2" in proxy.log_text()

@@ -56,27 +56,37 @@ index uid eq
 
 
 class Slapd:
-    def __init__(self, root: Path) -> None:
+    """``ldap://127.0.0.1:PORT``, and with ``tls`` (certificate, key) ``ldaps://127.0.0.2:PORT``."""
+
+    def __init__(self, root: Path, tls: tuple[Path, Path] | None = None) -> None:
         self.root = root
         self.port = free_port()
+        self.tls = tls
+        self.tls_port = free_port("127.0.0.2") if tls else None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def uri(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
 
+    @property
+    def tls_uri(self) -> str:
+        return f"ldaps://127.0.0.2:{self.tls_port}"
+
+    def _urls(self) -> str:
+        return f"{self.uri}/ {self.tls_uri}/" if self.tls else f"{self.uri}/"
+
     def write_config(self) -> None:
         (self.root / "db").mkdir(exist_ok=True)
         (self.root / "mail.schema").write_text(MAIL_SCHEMA)
-        (self.root / "slapd.conf").write_text(
-            SLAPD_CONF.format(
-                schema=SCHEMA_DIR,
-                root=self.root,
-                base=BASE_DN,
-                rootdn=ROOT_DN,
-                rootpw=ROOT_PASSWORD,
-            )
+        conf = SLAPD_CONF.format(
+            schema=SCHEMA_DIR, root=self.root, base=BASE_DN, rootdn=ROOT_DN, rootpw=ROOT_PASSWORD
         )
+        if self.tls:  # global settings: before "database"
+            cert, key = self.tls
+            tls = f"TLSCertificateFile {cert}\nTLSCertificateKeyFile {key}\n"
+            conf = conf.replace("database mdb\n", tls + "database mdb\n")
+        (self.root / "slapd.conf").write_text(conf)
         if os.geteuid() == 0:
             user = pwd.getpwnam("openldap")
             for path in (self.root, self.root / "db"):
@@ -85,7 +95,7 @@ class Slapd:
     def start(self) -> Slapd:
         identity = ["-u", "openldap", "-g", "openldap"] if os.geteuid() == 0 else []
         self.process = subprocess.Popen(
-            [SLAPD, "-d", "0", "-f", str(self.root / "slapd.conf"), "-h", self.uri, *identity],
+            [SLAPD, "-d", "0", "-f", str(self.root / "slapd.conf"), "-h", self._urls(), *identity],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -135,10 +145,10 @@ class Slapd:
 
 
 @contextlib.contextmanager
-def running_slapd() -> Iterator[Slapd]:
+def running_slapd(tls: tuple[Path, Path] | None = None) -> Iterator[Slapd]:
     root = Path(tempfile.mkdtemp(prefix="ipx-slapd-"))
     os.chmod(root, 0o755)
-    server = Slapd(root)
+    server = Slapd(root, tls)
     try:
         server.write_config()
         yield server.start()
