@@ -361,9 +361,9 @@ class Backend:
                 last_error = error
                 if health is not None:
                     health.failed(self, address, f"connect: {error}")
-        self.addresses = []  # resolve again next time: the names may have moved
         if not usable:  # fail fast: the health record says it is down, a probe watches it
             raise BackendFailure(FailureKind.CONNECT, f"{self.name} is marked down")
+        self.addresses = []  # resolve again next time: the names may have moved
         raise BackendFailure(FailureKind.CONNECT, f"cannot connect to {self.name}: {last_error}")
 
     def _connect_to(self, address: Address) -> socket.socket:
