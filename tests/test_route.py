@@ -266,3 +266,54 @@ def test_pimpstat_servers_view() -> None:
     missing = view.server_rows(None, "/run/pimpstats.servers", time.gmtime)
     assert ("problem:", "cannot read it") in [(r.label, r.value) for r in missing]
     assert "servers" in view.VIEWS
+
+
+# -- hostile input to the parsers: only our own errors -------------------------------------------
+
+
+@given(st.lists(st.text(max_size=80), max_size=8))
+def test_any_route_map_text_parses_or_is_a_config_error(lines: list[str]) -> None:
+    try:
+        table = parse_route_map([line + "\n" for line in lines], "r")
+    except ConfigError as error:
+        assert str(error).startswith("r:")
+    else:
+        for route in table.entries.values():
+            assert 1 <= route.port <= 65535 and route.host
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["Auth-Status", "Auth-Server", "Auth-Port", "Auth-User", "Auth-Wait"]),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+    )
+)
+def test_any_auth_http_answer_is_a_route_or_our_error(headers: dict[str, str]) -> None:
+    message = Message()
+    for name, value in headers.items():
+        message[name] = value
+    try:
+        route = route_from_answer(message)
+    except RouteDenied as denied:
+        assert 0 <= denied.wait_s <= 30 and all(" " <= c <= "~" for c in denied.text)
+    except RouteUnavailable:
+        pass
+    else:
+        assert route.host and 1 <= route.port <= 65535
+
+
+@given(
+    st.lists(
+        st.one_of(st.none(), st.integers(), st.text(max_size=30), st.binary(max_size=10)),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_any_sql_row_is_a_route_none_or_our_error(row: list[object]) -> None:
+    try:
+        route = route_from_row(
+            ["host", "port", "destuser", "tls", "connect_timeout"][: len(row)], row
+        )
+    except RouteUnavailable:
+        return
+    assert route is None or (route.host and 1 <= route.port <= 65535)
