@@ -1,8 +1,8 @@
 """The HTTP source: a route from a service that speaks nginx's mail ``auth_http`` protocol.
 
 So that services written for nginx's mail proxy work unchanged, the request is nginx's: a GET
-of ``route_http_url`` with ``Auth-Method`` (``plain``, as nginx says for IMAP LOGIN and
-AUTHENTICATE PLAIN/LOGIN), ``Auth-User``, ``Auth-Pass`` (only with ``route_http_send_password
+of ``route_http_url`` with ``Auth-Method`` (as nginx says it: ``plain`` for IMAP LOGIN and
+AUTHENTICATE PLAIN, ``login`` for AUTHENTICATE LOGIN), ``Auth-User``, ``Auth-Pass`` (only with ``route_http_send_password
 yes``), ``Auth-Protocol: imap``, ``Auth-Login-Attempt: 1``, ``Client-IP``; user name and
 password URL-escaped as nginx escapes them (space, ``%`` and bytes outside printable ASCII).
 
@@ -45,7 +45,7 @@ def escape(value: str) -> str:
 
 def request_headers(request: RouteRequest, send_password: bool) -> dict[str, str]:
     headers = {
-        "Auth-Method": "plain",
+        "Auth-Method": "login" if request.mechanism == "AUTH-LOGIN" else "plain",
         "Auth-User": escape(request.username),
         "Auth-Protocol": "imap",
         "Auth-Login-Attempt": "1",

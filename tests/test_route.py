@@ -226,7 +226,9 @@ def test_http_request_escapes_as_nginx_and_sends_the_password_only_if_told() -> 
     headers = request_headers(request, send_password=False)
     assert headers["Auth-User"] == "a%20b%25c%C3%A9" and "Auth-Pass" not in headers
     assert request_headers(request, send_password=True)["Auth-Pass"] == "pw%201"
-    assert "pw 1" not in repr(request)
+    assert "pw 1" not in repr(request) and headers["Auth-Method"] == "plain"
+    auth_login = RouteRequest("a", b"p", "AUTH-LOGIN", "127.0.0.1")
+    assert request_headers(auth_login, send_password=False)["Auth-Method"] == "login"
 
 
 # -- the servers file, and pimpstat's servers view ------------------------------------------------
