@@ -290,11 +290,14 @@ class Router:
         name = lookup_name(credentials.username)
         if name is None:
             return None
+        request = RouteRequest(name, credentials.password, credentials.mechanism, client_ip(where))
+        assert self.source is not None
+        if not self.source.blocking:  # the map: a dictionary look-up needs no cache
+            return self._ask(request)
         key = (credentials.username, digest)  # an HTTP service may answer by password too
         found, route = self.cache.get(key, self.clock())
         if found:
             return route
-        request = RouteRequest(name, credentials.password, credentials.mechanism, client_ip(where))
         route = self._ask(request)
         self.cache.put(key, route, self.clock())
         return route
