@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.dovecot import free_port, wait_for_port
+from tests.support.polling import wait_until
 
 BINDIR = (
     Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
@@ -91,7 +92,21 @@ class Postgres:
         except TimeoutError:
             self.stop()
             raise RuntimeError("postgres did not start") from None
+        # listening is not serving: "the database system is starting up" comes first
+        if not wait_until(self._answers, timeout=60):
+            self.stop()
+            raise RuntimeError("postgres does not answer")
         return self
+
+    def _answers(self) -> bool:
+        import psycopg
+
+        try:
+            with self.superuser() as db:
+                db.execute("SELECT 1")
+        except psycopg.OperationalError:
+            return False
+        return True
 
     def stop(self) -> None:
         """A fast shutdown (SIGINT): clients are disconnected at once."""
