@@ -263,11 +263,9 @@ class Router:
         self.backends: dict[Route, Backend] = {}
         self.pool: ThreadPool | None = None
         self._greeting_taken = False
-
-    @property
-    def default_route(self) -> Route | None:
-        host = self.config.server_hostname
-        return Route(host, self.config.server_port) if host else None
+        # server_hostname and server_port need a restart: the default route never changes
+        host = config.server_hostname
+        self.default_route = Route(host, config.server_port) if host else None
 
     @property
     def routing(self) -> bool:
