@@ -1,10 +1,11 @@
 """The HTTP source: a route from a service that speaks nginx's mail ``auth_http`` protocol.
 
-So that services written for nginx's mail proxy work unchanged, the request is nginx's: a GET
-of ``route_http_url`` with ``Auth-Method`` (as nginx says it: ``plain`` for IMAP LOGIN and
-AUTHENTICATE PLAIN, ``login`` for AUTHENTICATE LOGIN), ``Auth-User``, ``Auth-Pass`` (only with ``route_http_send_password
-yes``), ``Auth-Protocol: imap``, ``Auth-Login-Attempt: 1``, ``Client-IP``; user name and
-password URL-escaped as nginx escapes them (space, ``%`` and bytes outside printable ASCII).
+So that services written for nginx's mail proxy work unchanged, the request is nginx's: a GET of
+``route_http_url`` with ``Auth-Method`` (as nginx says it: ``plain`` for IMAP LOGIN and
+AUTHENTICATE PLAIN, ``login`` for AUTHENTICATE LOGIN), ``Auth-User``, ``Auth-Pass`` (only with
+``route_http_send_password yes``), ``Auth-Protocol: imap``, ``Auth-Login-Attempt: 1``,
+``Client-IP``; user name and password URL-escaped as nginx escapes them (space, ``%`` and bytes
+outside printable ASCII).
 
 The answer: ``Auth-Status: OK`` with ``Auth-Server`` and ``Auth-Port`` (and optionally
 ``Auth-User``, the name to log in with there) is a route; any other ``Auth-Status`` is the

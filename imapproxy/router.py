@@ -7,16 +7,16 @@ route source every login goes to the default server (``server_hostname``/``serve
 as always.
 
 With a source (``route_map``, LDAP, SQL, an HTTP auth service): the source is asked, under
-``route_lookup_timeout``; a source that blocks (every one but the map) is asked in a thread of
-a pool of the router's own, so that a slow lookup delays only its own login. (The drivers
-wait in the standard library's ``socket``/``select``, which the proxy does not monkey-patch:
-psycopg's wait functions and ldap3's sockets would block the hub. In a thread they do not,
-and the standard ``sqlite3`` and ``urllib`` need no special support either. The pool is the
-router's own so that lookups never queue behind gevent's DNS resolver, which uses the hub's.) Answers, a route
-or "none", are kept ``route_cache_ttl`` seconds. No route: the default server, or without one
-``NO [AUTHENTICATIONFAILED]``. A source that fails or times out: ``NO [UNAVAILABLE]`` and a
-log line, never another server. Names that are not UTF-8 or hold control characters are
-never sent to a source (no server knows them): they have no route.
+``route_lookup_timeout``; a source that blocks (every one but the map) is asked in a thread of a
+pool of the router's own, so that a slow lookup delays only its own login. (The drivers wait in
+the standard library's ``socket``/``select``, which the proxy does not monkey-patch: psycopg's
+wait functions and ldap3's sockets would block the hub. In a thread they do not, and the
+standard ``sqlite3`` and ``urllib`` need no special support either. The pool is the router's own
+so that lookups never queue behind gevent's DNS resolver, which uses the hub's.) Answers, a
+route or "none", are kept ``route_cache_ttl`` seconds. No route: the default server, or without
+one ``NO [AUTHENTICATIONFAILED]``. A source that fails or times out: ``NO [UNAVAILABLE]`` and a
+log line, never another server. Names that are not UTF-8 or hold control characters are never
+sent to a source (no server knows them): they have no route.
 
 ``ServerHealth`` keeps a ``health.HealthBook`` for every address of every server: the
 ``Backend`` skips addresses that are down and fails fast when all are; a probe greenlet brings
