@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from imapproxy import __version__
 from imapproxy.config import Config, in_networks
+from imapproxy.router import is_down
 
 if TYPE_CHECKING:
     from imapproxy.server import Proxy
@@ -27,10 +28,35 @@ def execute(proxy: Proxy, request: AdminRequested) -> bytes:
 
 
 def _dumpicc(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+    """up-imapproxy's lines; when logins are routed, each with its session's server too."""
+    server = proxy.router.routing
     lines = [
-        b"* XPROXY_DUMPICC %d %s %s\r\n"
-        % (slot.session.sd if slot.session else -1, slot.username, slot.state.value.encode())
+        b"* XPROXY_DUMPICC %d %s %s%s\r\n"
+        % (
+            slot.session.sd if slot.session else -1,
+            slot.username,
+            slot.state.value.encode(),
+            b" " + slot.session.server.encode() if server and slot.session else b"",
+        )
         for slot in proxy.cache.in_use()
+    ]
+    return b"".join(lines) + tag + b" OK Completed\r\n"
+
+
+def _servers(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+    """``* XPROXY_SERVERS SERVER ADDRESS up|down FAILURES NEXT_PROBE_S``: every address
+    tried, from the health records (NEXT_PROBE_S is 0 while up)."""
+    now = proxy.clock()
+    lines = [
+        b"* XPROXY_SERVERS %s %s %s %d %d\r\n"
+        % (
+            record.server.encode(),
+            record.address.encode(),
+            record.state.value.encode(),
+            record.failures,
+            max(0, round(record.next_probe_at - now)) if is_down(record) else 0,
+        )
+        for record in proxy.router.health_view()
     ]
     return b"".join(lines) + tag + b" OK Completed\r\n"
 
@@ -85,4 +111,5 @@ _HANDLERS = {
     b"XPROXY_RESETCOUNTERS": _resetcounters,
     b"XPROXY_VERSION": _version,
     b"XPROXY_STATUS": _status,
+    b"XPROXY_SERVERS": _servers,
 }

@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 from gevent import socket, ssl
@@ -66,6 +66,21 @@ LOGOUT_TIMEOUT_S = 5.0  # how long a LOGOUT to an expiring session may take befo
 Address = tuple[Any, ...]
 
 
+class HealthReport(Protocol):
+    """Where a ``Backend`` reports how its addresses fare (``router.ServerHealth``)."""
+
+    def usable(self, address: Address) -> bool: ...
+
+    def failed(self, backend: Backend, address: Address, reason: str) -> None: ...
+
+    def succeeded(self, backend: Backend, address: Address) -> None: ...
+
+
+# Failures that say the server is not serving (counted towards marking it down); a refused
+# password or a TLS set-up problem say nothing of its health.
+HEALTH_FAILURES = frozenset({FailureKind.CONNECT, FailureKind.TIMEOUT, FailureKind.PROTOCOL})
+
+
 @dataclass
 class ServerTraits:
     """What the proxy learns about the server's habits from its replies (shared by sessions)."""
@@ -94,6 +109,7 @@ class BackendSession:
         "news",
         "check_sent_at",
         "origin_ip",
+        "server",
     )
 
     def __init__(self, sock: socket.socket, address: Address, login: LoginResult) -> None:
@@ -114,6 +130,7 @@ class BackendSession:
         self.news: list[Response] = []  # untagged replies that came while cached
         self.check_sent_at = 0.0  # time.perf_counter() when the reuse check left
         self.origin_ip: str | None = None  # the client address the server was told at login
+        self.server = ""  # "host:port" of the server (XPROXY_DUMPICC, the trace)
 
     def has_capability(self, name: bytes) -> bool | None:
         """True/False when the post-login capabilities are known, None when they are not."""
@@ -371,6 +388,7 @@ class Backend:
         self.addresses: list[Address] = []
         self._rotation = itertools.count()
         self.traits = ServerTraits()
+        self.health: HealthReport | None = None  # set by the router
         self.tls_health = TLSHealth()
         self.on_tls_change: Callable[[TLSState], None] = lambda state: None
 
@@ -413,11 +431,18 @@ class Backend:
     def connect(self) -> tuple[socket.socket, Address]:
         """A TCP connection to the first address that answers (each tried once)."""
         last_error: OSError | None = None
-        for address in self._ordered_addresses():
+        addresses = self._ordered_addresses()
+        health = self.health
+        usable = [a for a in addresses if health.usable(a)] if health else addresses
+        for address in usable:
             try:
                 return self._connect_to(address), address
             except OSError as error:
                 last_error = error
+                if health is not None:
+                    health.failed(self, address, f"connect: {error}")
+        if not usable:  # fail fast: the health record says it is down, a probe watches it
+            raise BackendFailure(FailureKind.CONNECT, f"{self.name} is marked down")
         self.addresses = []  # resolve again next time: the names may have moved
         raise BackendFailure(FailureKind.CONNECT, f"cannot connect to {self.name}: {last_error}")
 
@@ -469,10 +494,13 @@ class Backend:
                 sock, result = self._run(
                     login_dialogue(credentials, self.policy, client_id, origin), sock, reader
                 )
-        except BaseException:
+        except BaseException as error:
             sock.close()
+            self._report(address, error)
             raise
+        self._report(address, None)
         session = BackendSession(sock, address, result)
+        session.server = self.name
         session.reader = reader  # anything the backend sent after its login reply
         session.username = credentials.username
         session.traits = self.traits
@@ -480,15 +508,33 @@ class Backend:
             session.origin_ip = originating_ip(origin, client_id)
         return session
 
-    def probe(self) -> LoginResult:
-        """Connect, read greeting and capabilities, LOGOUT (start-up and health checks)."""
+    def _report(self, address: Address, error: BaseException | None) -> None:
+        """Tell the health record how a login dialogue went (the server answered, or not)."""
+        if self.health is None:
+            return
+        if error is None or (
+            isinstance(error, BackendFailure) and error.kind is FailureKind.AUTH_REJECTED
+        ):
+            self.health.succeeded(self, address)
+        elif isinstance(error, BackendFailure) and error.kind in HEALTH_FAILURES:
+            self.health.failed(self, address, error.detail)
+
+    def probe(self, address: Address | None = None) -> LoginResult:
+        """Connect (to ``address``, else the first that answers), read greeting and
+        capabilities, LOGOUT (start-up and health checks)."""
 
         def dialogue() -> Steps[LoginResult]:
             text, caps = yield from greeting(self.policy)
             yield Send(b"Z0001 LOGOUT\r\n")
             return LoginResult(text, caps, b"", (), ())
 
-        sock, _ = self.connect()
+        if address is None:
+            sock, _ = self.connect()
+        else:
+            try:
+                sock = self._connect_to(address)
+            except OSError as error:
+                raise BackendFailure(FailureKind.CONNECT, f"connect: {error}") from None
         try:
             with _Deadline(self.config.server_response_timeout, "no greeting", FailureKind.CONNECT):
                 return self._run(dialogue(), sock, ResponseReader())[1]

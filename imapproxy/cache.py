@@ -7,9 +7,11 @@ A slot is FREE, ACTIVE (its session serves a client) or CACHED (its client logge
 session waits for the same user with the same password). Active plus cached never exceed
 ``cache_size``, as in up-imapproxy (which wastes one slot; we do not).
 
-* Reuse: ``take_cached(user, digest)`` returns the most recently cached session of that user
-  whose password digest matches (``hmac.compare_digest``), so the warmest one is reused. Two
-  simultaneous logins never get the same session: taking makes it ACTIVE.
+* Reuse: ``take_cached(user, digest, server)`` returns the most recently cached session of that
+  user whose password digest matches (``hmac.compare_digest``) and that is on that server (the
+  login's route: a user whose route changed never gets a session on the old server), so the
+  warmest one is reused. Two simultaneous logins never get the same session: taking makes it
+  ACTIVE.
 * Expiry: cached slots are kept in the order they were cached, which is the order of their
   deadlines, so ``expire()`` pops from the front in O(1) each and ``next_deadline()`` is O(1).
 * Pressure: ``acquire()`` takes a free slot, or evicts the oldest cached session.
@@ -36,19 +38,21 @@ class SlotState(enum.Enum):
 class Slot(Generic[S]):
     """One preallocated place for a backend session."""
 
-    __slots__ = ("index", "state", "username", "digest", "session", "cached_at")
+    __slots__ = ("index", "state", "username", "digest", "server", "session", "cached_at")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.state = SlotState.FREE
         self.username = b""
         self.digest = b""
+        self.server: object = None  # the route the session was opened on (compared with ==)
         self.session: S | None = None
         self.cached_at = 0.0
 
     def clear(self) -> S | None:
         session, self.session = self.session, None
         self.state, self.username, self.digest, self.cached_at = SlotState.FREE, b"", b"", 0.0
+        self.server = None
         return session
 
 
@@ -92,20 +96,30 @@ class ConnectionCache(Generic[S]):
         slot.state = SlotState.ACTIVE
         return slot, evicted
 
-    def assign(self, slot: Slot[S], username: bytes, digest: bytes, session: S) -> None:
-        """Record the session that now occupies an ACTIVE slot and whose it is."""
-        slot.username, slot.digest, slot.session = username, digest, session
+    def assign(
+        self, slot: Slot[S], username: bytes, digest: bytes, session: S, server: object = None
+    ) -> None:
+        """Record the session that now occupies an ACTIVE slot, whose it is and where."""
+        slot.username, slot.digest, slot.session, slot.server = username, digest, session, server
 
     def take_cached(
-        self, username: bytes, digest: bytes, accept: Callable[[S], bool] | None = None
+        self,
+        username: bytes,
+        digest: bytes,
+        server: object = None,
+        accept: Callable[[S], bool] | None = None,
     ) -> Slot[S] | None:
-        """The most recently cached slot of ``username`` with a matching digest (and a session
-        that ``accept`` accepts, when given), made ACTIVE."""
+        """The most recently cached slot of ``username`` on ``server`` with a matching digest
+        (and a session that ``accept`` accepts, when given), made ACTIVE."""
         candidates = self._by_user.get(username)
         if not candidates:
             return None
         for slot in reversed(candidates):
-            if same_digest(slot.digest, digest) and _accepted(slot, accept):
+            if (
+                slot.server == server
+                and same_digest(slot.digest, digest)
+                and _accepted(slot, accept)
+            ):
                 self._uncache(slot)
                 slot.state = SlotState.ACTIVE
                 return slot

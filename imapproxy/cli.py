@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
 from imapproxy.config import Config
 from imapproxy.errors import BackendFailure, ConfigError, FailureKind
+from imapproxy.health import servers_path
+from imapproxy.route import RouteSource
+from imapproxy.router import Router, ServersFile, build_source
 from imapproxy.server import Proxy
 from imapproxy.stats import Counters, create_file, summary
 from imapproxy.trace import Tracer
@@ -91,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         try:
             backend_tls, _ = tls_contexts(config, tls.read_files)  # the files, not only syntax
+            check_route_source(config)  # the route map's lines too
         except StartupError as error:
             print(f"in.imapproxyd: {error}", file=sys.stderr)
             return error.status
@@ -143,6 +148,22 @@ def wait_for_backend(backend: Backend, config: Config) -> LoginResult | None:
             if attempt < config.connect_retries:
                 gevent.sleep(config.connect_delay)
     raise StartupError(f"giving up: IMAP server {backend.name} is unreachable", EX_UNAVAILABLE)
+
+
+def check_route_source(config: Config) -> None:
+    """Build the route source and close it again (``--check-config``)."""
+    source = route_source(config)
+    if source is not None:
+        source.close()
+
+
+def route_source(config: Config) -> RouteSource | None:
+    try:
+        return build_source(config)
+    except ConfigError as error:
+        raise StartupError(str(error), config_module.EX_CONFIG) from None
+    except ImportError as error:
+        raise StartupError(f"route source: {error}", config_module.EX_CONFIG) from None
 
 
 def bind_listeners(config: Config, port: int) -> list[socket.socket]:
@@ -214,6 +235,17 @@ def open_counters(config: Config, identity: daemon.Identity | None) -> Counters:
     return counters
 
 
+def open_servers_file(config: Config, identity: daemon.Identity | None) -> ServersFile | None:
+    """The servers' health for pimpstat, beside the statistics file."""
+    if not config.stat_filename:
+        return None
+    path = servers_path(config.stat_filename)
+    with _os_errors(f"cannot create {path}"):
+        servers_file = ServersFile(path)
+        daemon.hand_over(path, identity)
+    return servers_file
+
+
 def open_tracer(config: Config, identity: daemon.Identity | None) -> Tracer | None:
     if not config.protocol_log_filename:
         return None
@@ -244,12 +276,15 @@ def run(config: Config, startup: Startup) -> int:
         daemon.raise_file_limit(config.cache_size)
     counters = open_counters(config, identity)
     tracer = open_tracer(config, identity)
+    servers_file = open_servers_file(config, identity)
     backend_tls, client_tls = tls_contexts(config, tls.read_files)
     backend = Backend(config, backend_tls)
     backend_check.watch(backend, counters)
+    source = route_source(config)
     if config.server_port == 993 and not config.server_tls:
         LOGGER.warning("server_port is 993 but server_tls is no: port 993 usually wants TLS")
-    first_contact = wait_for_backend(backend, config)
+    # without a default server, the first server a login reaches gives the greeting
+    first_contact = wait_for_backend(backend, config) if config.server_hostname else None
     listeners = bind_listeners(config, config.listen_port)
     tls_listeners = bind_listeners(config, config.client_tls_port) if config.client_tls_port else []
     metrics_listeners = bind_metrics_listeners(config)
@@ -260,10 +295,13 @@ def run(config: Config, startup: Startup) -> int:
     read_tls_files = tls_file_reader(config, startup, identity)
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
+    router = Router(config, backend, time.monotonic, source)
+    router.health.file = servers_file
     proxy = Proxy(
         config,
         backend,
         counters,
+        router=router,
         tracer=tracer,
         client_tls=client_tls,
         first_contact=first_contact,
@@ -330,7 +368,9 @@ def serve(
         f"{s.getsockname()[0]} port {s.getsockname()[1]}{' (TLS)' if s in tls_listeners else ''}"
         for s in listeners + tls_listeners
     )
-    LOGGER.info("normal server startup: listening on %s, proxying to %s", names, proxy.backend.name)
+    LOGGER.info(
+        "normal server startup: listening on %s, proxying to %s", names, proxy.router.describe()
+    )
     serve_metrics(proxy, metrics_listeners)
     daemon.notify("READY=1")
     stop.wait()

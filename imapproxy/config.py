@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imapproxy.errors import ConfigError
+from imapproxy.route import check_filter
 
 EX_CONFIG = 78  # sysexits.h
 
@@ -172,6 +173,25 @@ def in_networks(host: str, networks: tuple[Any, ...]) -> bool:
     return any(address in network for network in networks)
 
 
+def ldap_filter(value: str) -> str:
+    return check_filter(value.strip())
+
+
+SQL_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
+
+def sql_url(value: str) -> str:
+    if not value.startswith(SQL_SCHEMES) or value in SQL_SCHEMES:
+        raise ValueError("expected sqlite:///PATH or postgresql://... (a libpq URI)")
+    return value
+
+
+def http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {_quoted(value)}")
+    return value
+
+
 def setting(
     default: Any,
     parse: Parser,
@@ -318,6 +338,28 @@ class Config:
     # not a setting: where the others were read
     origin: Origin = field(default_factory=Origin, compare=False, repr=False)
 
+    # -- routing: several IMAP servers (server_hostname is the default route) -------------------
+    route_map: str | None = setting(None, string, "file: login name, @domain or * -> server")
+    route_ldap_uri: str | None = setting(None, string, "LDAP server(s) to ask for routes")
+    route_ldap_base: str | None = setting(None, string, "LDAP search base")
+    route_ldap_filter: str = setting("(mail=%u)", ldap_filter, "LDAP filter; %u %n %d escaped")
+    route_ldap_attribute: str = setting("mailHost", string, "LDAP attribute: HOST[:PORT]")
+    route_ldap_bind_dn: str | None = setting(None, string, "LDAP bind DN (anonymous if unset)")
+    route_ldap_bind_password: str | None = setting(None, string, "its password", secret=True)
+    route_ldap_tls_ca_file: str | None = setting(None, string, "CAs for ldaps:// (else system)")
+    route_sql_url: str | None = setting(
+        None, sql_url, "sqlite:///PATH or postgresql://...", secret=True
+    )
+    route_sql_query: str | None = setting(None, string, "query with a bound login parameter")
+    route_http_url: str | None = setting(None, http_url, "nginx auth_http style service")
+    route_http_send_password: bool = setting(False, boolean, "send Auth-Pass to it")
+    route_lookup_timeout: int = setting(5, positive_int, "seconds a route lookup may take")
+    route_cache_ttl: int = setting(60, non_negative_int, "seconds a looked-up route is kept")
+    server_down_after: int = setting(3, positive_int, "failures in a row that mark a server down")
+    server_down_max_backoff: int = setting(
+        60, positive_int, "seconds between probes of a down server, at most"
+    )
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
@@ -375,13 +417,24 @@ STATIC_IDENTITY_KEYS = (
     "auth_sasl_plain_password",
     "auth_shared_secret",
 )
+ROUTE_SOURCE_KEYS = {
+    "map": "route_map",
+    "ldap": "route_ldap_uri",
+    "sql": "route_sql_url",
+    "http": "route_http_url",
+}
+
+
+def route_sources(config: Config) -> list[str]:
+    return [name for name, key in ROUTE_SOURCE_KEYS.items() if getattr(config, key)]
 
 
 def check(config: Config) -> None:
     """Rules across keys."""
     error = config.origin.error
-    if not config.server_hostname:
-        raise error("server_hostname", "required, but not set")
+    if not config.server_hostname and not route_sources(config):
+        raise error("server_hostname", "required, but not set (nor any route_* source)")
+    _check_routing(config)
     static = [
         config.auth_sasl_plain_username,
         config.auth_sasl_plain_password,
@@ -411,6 +464,20 @@ def check(config: Config) -> None:
             "client_tls_required",
             "needs client_starttls or client_tls_port (clients could never log in)",
         )
+
+
+def _check_routing(config: Config) -> None:
+    error = config.origin.error
+    sources = route_sources(config)
+    if len(sources) > 1:
+        keys = ", ".join(ROUTE_SOURCE_KEYS[name] for name in sources)
+        raise error(ROUTE_SOURCE_KEYS[sources[1]], f"one route source, not {keys}")
+    needs = {"route_ldap_uri": "route_ldap_base", "route_sql_url": "route_sql_query"}
+    for key, other in needs.items():
+        if getattr(config, key) and not getattr(config, other):
+            raise error(other, f"required with {key}")
+    if config.route_ldap_bind_password and not config.route_ldap_bind_dn:
+        raise error("route_ldap_bind_password", "set, but route_ldap_bind_dn is not")
 
 
 @dataclass(frozen=True)

@@ -357,8 +357,9 @@ class ClientConnection:
         tracer = self.proxy.tracer
         trace = tracer.for_user(session.username, session.sd) if tracer else None
         if trace is not None:
+            how = "existing" if reused else "new"
             trace.proxy(
-                f"LOGIN on {'existing' if reused else 'new'} sd [{session.sd}]"
+                f"LOGIN on {how} sd [{session.sd}] on server {session.server}"
                 f" for client {self.where}"
             )
         relay = Relay(self.sock, session, self.session.framer, settings, self.proxy.counters, trace)

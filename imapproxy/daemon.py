@@ -78,6 +78,17 @@ LAZY_IMPORTS = (
     "gevent.ssl",
     "linecache",
     "traceback",
+    "pickle",  # gevent's threadpool keeps a failed task's traceback with it
+    # the route sources that need nothing but the standard library (a SIGHUP may build one
+    # after the drop); ldap3 and psycopg are imported when their source is built at start-up,
+    # and only then: psycopg alone makes the process's memory grow (its bundled libraries)
+    "imapproxy.route_map",
+    "imapproxy.route_sql",
+    "imapproxy.route_http",
+    "sqlite3",
+    "urllib.request",
+    "http.client",
+    "email.parser",
 )
 
 

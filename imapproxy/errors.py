@@ -69,6 +69,7 @@ class FailureKind(enum.Enum):
     LOST = "lost"  # a logged-in session's connection broke (not a failure to connect)
     AUTH_REJECTED = "auth rejected"
     CAPACITY = "capacity"
+    ROUTE = "route lookup"  # the route source failed or timed out (never a silent fallback)
     INTERNAL = "internal"
 
 
@@ -80,8 +81,12 @@ CLIENT_REPLY: dict[FailureKind, bytes] = {
     FailureKind.TIMEOUT: b"NO [UNAVAILABLE] IMAP server did not respond in time",
     FailureKind.LOST: b"NO [UNAVAILABLE] IMAP server connection lost",
     FailureKind.CAPACITY: b"NO [UNAVAILABLE] Proxy connection limit reached, try again later",
+    FailureKind.ROUTE: b"NO [UNAVAILABLE] Cannot find your IMAP server now, try again later",
     FailureKind.INTERNAL: b"NO [SERVERBUG] Internal proxy error",
 }
+# A login with no route and no default server (RFC 5530: the same reply as a bad password, so
+# that a client cannot tell which names exist).
+NO_ROUTE_REPLY = b"NO [AUTHENTICATIONFAILED] Authentication failed."
 
 
 class BackendFailure(ProxyError):

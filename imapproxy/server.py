@@ -32,6 +32,7 @@ from imapproxy.errors import BackendFailure, FailureKind, why
 from imapproxy.forwarding import ClientOrigin
 from imapproxy.protocol import capability
 from imapproxy.relay import Outcome
+from imapproxy.router import Router, Target
 from imapproxy.send import send_quietly
 from imapproxy.session import id_command_args
 from imapproxy.stats import Counters
@@ -92,6 +93,7 @@ class Proxy:
         backend: Backend,
         counters: Counters,
         clock: Callable[[], float] = _now,
+        router: Router | None = None,
         *,
         tracer: Tracer | None = None,
         client_tls: ssl.SSLContext | None = None,
@@ -99,6 +101,7 @@ class Proxy:
     ) -> None:
         self.config = config
         self.backend = backend
+        self.router = router or Router(config, backend, clock)
         self.counters = counters
         self.clock = clock
         self.cache: ConnectionCache[BackendSession] = ConnectionCache(config.cache_size)
@@ -150,11 +153,17 @@ class Proxy:
 
         In static-identity mode the shared secret is checked first: before the cache (the
         setting may have changed on SIGHUP) and before a slot is made free for a new session.
+        The router then names the server (``Router.target``); its route is part of the cache
+        key, so a session is reused only on the server the user is routed to now.
         """
         check_shared_secret(credentials, self.backend.policy)
         digest = self.hasher.digest(credentials)
+        target = self.router.target(credentials, digest, where)
+        route = target.route
         accept = self._same_address(origin, client_id)
-        while (slot := self.cache.take_cached(credentials.username, digest, accept)) is not None:
+        while (
+            slot := self.cache.take_cached(credentials.username, digest, route, accept)
+        ) is not None:
             self._update_gauges()
             session = slot.session
             assert session is not None
@@ -173,7 +182,7 @@ class Proxy:
                 _session_note(origin),
             )
             return slot, True
-        return self._new_session(credentials, client_id, digest, where, origin), False
+        return self._new_session(credentials, client_id, digest, where, target, origin), False
 
     def _same_address(
         self, origin: ClientOrigin | None, client_id: tuple[bytes | None, ...] | None
@@ -209,7 +218,8 @@ class Proxy:
             self.counters.TotalServerConnectionsReused -= 1
             self._dead(slot, credentials, where, error)
             digest = self.hasher.digest(credentials)
-            return self._new_session(credentials, client_id, digest, where, origin)
+            target = self.router.target(credentials, digest, where)  # the route, cached
+            return self._new_session(credentials, client_id, digest, where, target, origin)
         if self.metrics is not None:  # sent with the login answer, read at the next command
             self.metrics.round_trip(time.perf_counter() - sent_at)
         return slot
@@ -234,6 +244,7 @@ class Proxy:
         client_id: tuple[bytes | None, ...] | None,
         digest: bytes,
         where: str,
+        target: Target,
         origin: ClientOrigin | None = None,
     ) -> Slot[BackendSession]:
         slot, evicted = self.cache.acquire()
@@ -244,13 +255,14 @@ class Proxy:
             raise BackendFailure(FailureKind.CAPACITY, f"all {self.cache.size} slots active")
         self._update_gauges()
         try:
-            session = self.backend.open_session(credentials, client_id, origin)
+            session = target.open_session(credentials, client_id, origin)
         except BaseException:
             self.cache.release(slot)
             self._update_gauges()
             raise
-        self.refresh(session.login)
-        self.cache.assign(slot, credentials.username, digest, session)
+        if self.router.adopt_greeting(target):
+            self.refresh(session.login)
+        self.cache.assign(slot, credentials.username, digest, session, target.route)
         for stale in self.cache.stale_for(credentials.username, digest):
             self._logout_later(stale, "Expiring server sd [%d]: opened with an older password")
         self._update_gauges()
@@ -332,6 +344,7 @@ class Proxy:
         self.throttle.base_delay = config.auth_failure_delay
         self.client_limit = daemon.client_limit(config.max_client_connections, config.cache_size)
         self.backend.reconfigure(config, backend_tls)
+        self.router.reconfigure(config, backend_tls)
         self._expiry_wakeup.set()
 
     # -- listening and stopping -----------------------------------------------------------------
@@ -340,6 +353,7 @@ class Proxy:
         """Serve: clients on ``listeners`` start in clear, on ``tls_listeners`` with TLS."""
         self.counters.start(int(time.time()))
         self._expiry = gevent.spawn(self._expire_loop)
+        self.router.start()
         for group, implicit_tls in ((listeners, False), (tls_listeners, True)):
             handle = functools.partial(self._handle, implicit_tls=implicit_tls)
             for listener in group:
@@ -385,3 +399,4 @@ class Proxy:
         self._logouts.join(timeout=max(1.0, timeout))
         if self._expiry is not None:
             self._expiry.kill()
+        self.router.stop()

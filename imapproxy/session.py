@@ -54,6 +54,7 @@ ADMIN_COMMANDS = frozenset(
         b"XPROXY_RESETCOUNTERS",
         b"XPROXY_VERSION",
         b"XPROXY_STATUS",
+        b"XPROXY_SERVERS",
     }
 )
 

@@ -35,6 +35,7 @@ from cursesmenu.items.selection_item import SelectionItem
 from imapproxy import __version__, stats
 from imapproxy import config as config_module
 from imapproxy.errors import ConfigError
+from imapproxy.health import ServerLine, parse_servers, servers_path
 from pimpstat import view
 from pimpstat.view import Row
 
@@ -122,6 +123,14 @@ class Monitor:
     backend_tls: tuple[int, int, str] | None = None  # from the current reading
     _read_at: float | None = field(default=None, repr=False)
 
+    def servers(self) -> list[ServerLine] | None:
+        """The servers file's lines (None if it cannot be read: an older proxy, or none)."""
+        try:
+            with open(servers_path(self.stat_filename), encoding="utf-8", errors="replace") as f:
+                return parse_servers(f.read())
+        except OSError:
+            return None
+
     def read(self, now: float) -> None:
         """Read the file (``now`` on a monotonic clock); a failed read forgets both readings."""
         counters = stats.read_file_or_reason(self.stat_filename)
@@ -136,6 +145,10 @@ class Monitor:
         self._read_at = now
 
     def rows(self) -> list[Row]:
+        if self.view == "servers":
+            return view.server_rows(
+                self.servers(), servers_path(self.stat_filename), time.localtime
+            )
         if self.view == "about":
             return view.about_rows(
                 version=__version__,

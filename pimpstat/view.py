@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
+from imapproxy.health import ServerLine, State
 from imapproxy.stats import EXTENSION_FIELDS
 
 Snapshot = Mapping[str, int]
@@ -34,11 +35,12 @@ class HasSnapshot(Protocol):
 
 Source = Snapshot | HasSnapshot
 
-VIEWS: Final = ("counters", "rates", "about")
+VIEWS: Final = ("counters", "rates", "about", "servers")
 VIEW_TITLES: Final = {
     "counters": "up-imapproxy's figures",
     "rates": "per second, and hit ratios",
     "about": "files, format and keys",
+    "servers": "each IMAP server's health",
 }
 KEYS: Final = (("q", "quit"), ("r", "redraw"), ("m", "menu: choose the view"))
 
@@ -383,6 +385,25 @@ def backend_tls_text(backend_tls: tuple[int, int, str] | None) -> str:
     if text:
         return text
     return ("not tried", "working", "failing")[code] if 0 <= code < 3 else "unknown"
+
+
+def server_rows(lines: Sequence[ServerLine] | None, path: str, localtime: LocalTime) -> list[Row]:
+    """The ``servers`` view: every server address the proxy tried, up or down, since when."""
+    rows = [heading("IMAP SERVERS"), BLANK]
+    if lines is None:
+        return [*rows, Row("file:", path, "info"), Row("problem:", "cannot read it", "info")]
+    if not lines:
+        return [*rows, Row("No server contacted yet.", kind="text")]
+    for line in lines:
+        state = "UP" if line.state is State.UP else "DOWN"
+        rows.append(Row(f"{line.server} ({line.address}):", state, "info"))
+        if line.changed_unix:
+            rows.append(Row("  since:", time_text(line.changed_unix, localtime), "info"))
+        if line.failures:
+            rows.append(Row("  failures in a row:", str(line.failures), "info"))
+        if line.last_error:
+            rows.append(Row("  last error:", line.last_error, "info"))
+    return rows
 
 
 def waiting_rows(stat_filename: str, problem: str) -> list[Row]:

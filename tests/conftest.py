@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.support.dovecot import DovecotInstance, User, make_message, running_dovecot
 from tests.support.proxy import ProxyProcess
+from tests.support.routing import USERS, password
 
 settings.register_profile(
     "fast", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -103,3 +104,28 @@ def start_proxy(dovecot: DovecotInstance) -> Iterator[Callable[..., ProxyProcess
 @pytest.fixture
 def proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
     return start_proxy()
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[dict[str, DovecotInstance]]:
+    """Two more Dovecots for the routing tests (tests.support.routing)."""
+    users = {name: password(name) for name in USERS}
+    with (
+        running_dovecot(users, prefix="ipx-route-a-") as a,
+        running_dovecot(users, prefix="ipx-route-b-") as b,
+    ):
+        for label, instance in (("A", a), ("B", b)):
+            for name in USERS:
+                instance.deliver(name, make_message(f"{name} on {label}"))
+        yield {"A": a, "B": b}
+
+
+@pytest.fixture
+def files() -> Iterator[Path]:
+    """A directory the proxy's service user (nobody) can read."""
+    root = Path(tempfile.mkdtemp(prefix="ipx-routes-"))
+    os.chmod(root, 0o755)
+    yield root
+    for path in root.iterdir():
+        path.unlink()
+    root.rmdir()

@@ -79,3 +79,16 @@ def test_release_and_counts() -> None:
     assert cache.release(slot) == "s"
     assert cache.release(slot) is None
     assert cache.active_count == 0 and len([s for s in cache.in_use()]) == 0
+
+
+def test_sessions_are_reused_on_their_own_server_only() -> None:
+    """The route is part of the key: a user whose route changed never gets the old session."""
+    cache: ConnectionCache[str] = ConnectionCache(4)
+    slot, _ = cache.acquire()
+    assert slot is not None
+    cache.assign(slot, b"alice", b"d1", "on-A", server=("A", 143))
+    cache.cache(slot, now=0)
+    assert cache.take_cached(b"alice", b"d1", ("B", 143)) is None
+    taken = cache.take_cached(b"alice", b"d1", ("A", 143))
+    assert taken is slot and taken.server == ("A", 143)
+    assert cache.release(slot) == "on-A" and slot.server is None

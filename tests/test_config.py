@@ -143,6 +143,22 @@ def test_every_key_parses_a_value() -> None:
         "reuse_same_client_address": ("yes", True),
         "metrics_listen": ("[::1]:9117", ("::1", 9117)),
         "metrics_allow": ("192.0.2.9", (ipaddress.ip_network("192.0.2.9/32"),)),
+        "route_map": ("/etc/imapproxy.routes", "/etc/imapproxy.routes"),
+        "route_ldap_base": ("dc=example,dc=com", "dc=example,dc=com"),
+        "route_ldap_filter": ("(&(objectClass=*)(mail=%u))", "(&(objectClass=*)(mail=%u))"),
+        "route_ldap_attribute": ("mailRoutingAddress", "mailRoutingAddress"),
+        "route_ldap_bind_dn": ("cn=proxy,dc=example,dc=com", "cn=proxy,dc=example,dc=com"),
+        "route_ldap_bind_password": ("s e", "s e"),
+        "route_ldap_tls_ca_file": ("/ca.pem", "/ca.pem"),
+        "route_sql_query": (
+            "SELECT host FROM r WHERE u = :user",
+            "SELECT host FROM r WHERE u = :user",
+        ),
+        "route_http_send_password": ("yes", True),
+        "route_lookup_timeout": ("2", 2),
+        "route_cache_ttl": ("0", 0),
+        "server_down_after": ("1", 1),
+        "server_down_max_backoff": ("8", 8),
     }
     text = "".join(
         f"{key.upper() if i % 2 else key}\t {raw}  # comment\n"
@@ -151,8 +167,9 @@ def test_every_key_parses_a_value() -> None:
     c = parse(text)
     for key, (_, expected) in values.items():
         assert getattr(c, SETTINGS[key].name) == expected, key
+    # one route source at a time: the other three are tested on their own
     missing = set(SETTINGS) - set(values) - {"admin_allow"}
-    assert not missing
+    assert missing == {"route_ldap_uri", "route_sql_url", "route_http_url"}
 
 
 @pytest.mark.parametrize(
@@ -212,6 +229,34 @@ def test_every_key_parses_a_value() -> None:
         (
             "server_hostname x\nclient_tls_min_version SSLv3\n",
             'imapproxy.conf:2: client_tls_min_version: expected one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3, got "SSLv3"',
+        ),
+        (
+            "route_map /r\nroute_http_url http://127.0.0.1/\n",
+            "imapproxy.conf: route_http_url: one route source, not route_map, route_http_url",
+        ),
+        (
+            "route_sql_url sqlite:///r.db\n",
+            "imapproxy.conf: route_sql_query: required with route_sql_url",
+        ),
+        (
+            "route_ldap_uri ldap://127.0.0.1\n",
+            "imapproxy.conf: route_ldap_base: required with route_ldap_uri",
+        ),
+        (
+            "route_map /r\nroute_sql_url mysql://x\n",
+            "imapproxy.conf:2: route_sql_url: expected sqlite:///PATH or postgresql://",
+        ),
+        (
+            "route_map /r\nroute_ldap_filter (mail=%s)\n",
+            "imapproxy.conf:2: route_ldap_filter: only %u, %n, %d and %% may follow a %",
+        ),
+        (
+            "route_map /r\nroute_ldap_filter mail=%u\n",
+            "imapproxy.conf:2: route_ldap_filter: expected a filter in parentheses",
+        ),
+        (
+            "route_map /r\nroute_http_url ftp://x/\n",
+            'imapproxy.conf:2: route_http_url: expected an http:// or https:// URL, got "ftp://x/"',
         ),
         (
             "server_hostname x\nadmin_allow 10.0.0.0/8 nonsense\n",
@@ -296,3 +341,13 @@ def test_config_is_frozen() -> None:
     c = parse("server_hostname x\n")
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.cache_size = 5  # type: ignore[misc]
+
+
+def test_a_route_source_stands_in_for_server_hostname() -> None:
+    c = parse("route_map /etc/imapproxy.routes\n")
+    assert c.server_hostname is None and c.route_map == "/etc/imapproxy.routes"
+
+
+def test_the_sql_url_is_a_secret() -> None:
+    c = parse("route_sql_url postgresql://u:Hunter4@127.0.0.1/r\nroute_sql_query SELECT 1\n")
+    assert "Hunter4" not in repr(c) and "Hunter4" not in config.describe(c)

@@ -280,6 +280,9 @@ def test_the_screen_follows_a_live_proxy(
     session.wait_for(lambda s: s.startswith("┌─ pimpstat: ab"), "a clipped title")
     session.resize(100, 40)
     session.wait_for(lambda s: "VIEWS" in s and len(s.splitlines()[0]) == 100, "a redraw at 100x40")
+    choose(session, "4", "servers")  # the server the logins above reached, up
+    server = f"{proxy.settings['server_hostname']}:{proxy.settings['server_port']}"
+    session.wait_for_text("IMAP SERVERS", f"{server} ({server}): UP")
     choose(session, "1", "counters")
     session.wait_for(showing("client logins:", "3"), "client logins 3")
 

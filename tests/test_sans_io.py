@@ -24,6 +24,8 @@ SANS_IO = [
             "reuse_check.py",
             "tls_status.py",
             "forwarding.py",
+            "route.py",
+            "health.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",
