@@ -7,27 +7,45 @@ default): the commands have no authentication, so the port open to all would be 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from imapproxy import __version__
 from imapproxy.config import Config, in_networks
 from imapproxy.router import is_down
 
 if TYPE_CHECKING:
-    from imapproxy.server import Proxy
+    from imapproxy.backend import Backend, BackendSession
+    from imapproxy.cache import ConnectionCache
+    from imapproxy.router import Router
     from imapproxy.session import AdminRequested
+    from imapproxy.stats import Counters
+    from imapproxy.trace import Tracer
+
+
+class AdminView(Protocol):
+    """What the admin commands may read (and, for the counters and the trace, reset) of the
+    proxy: a narrow view, so that this module needs nothing of the server's."""
+
+    config: Config
+    clock: Callable[[], float]
+    cache: ConnectionCache[BackendSession]
+    tracer: Tracer | None
+    counters: Counters
+    backend: Backend
+    router: Router
 
 
 def allowed(config: Config, address: tuple[object, ...]) -> bool:
     return config.enable_admin_commands and in_networks(str(address[0]), config.admin_allow)
 
 
-def execute(proxy: Proxy, request: AdminRequested) -> bytes:
+def execute(proxy: AdminView, request: AdminRequested) -> bytes:
     handler = _HANDLERS[request.name]
     return handler(proxy, request.tag, request.argument)
 
 
-def _dumpicc(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+def _dumpicc(proxy: AdminView, tag: bytes, argument: bytes | None) -> bytes:
     """up-imapproxy's lines; when logins are routed, each with its session's server too."""
     server = proxy.router.routing
     lines = [
@@ -43,7 +61,7 @@ def _dumpicc(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
     return b"".join(lines) + tag + b" OK Completed\r\n"
 
 
-def _servers(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+def _servers(proxy: AdminView, tag: bytes, argument: bytes | None) -> bytes:
     """``* XPROXY_SERVERS SERVER ADDRESS up|down FAILURES NEXT_PROBE_S``: every address
     tried, from the health records (NEXT_PROBE_S is 0 while up)."""
     now = proxy.clock()
@@ -61,7 +79,7 @@ def _servers(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
     return b"".join(lines) + tag + b" OK Completed\r\n"
 
 
-def _trace(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+def _trace(proxy: AdminView, tag: bytes, argument: bytes | None) -> bytes:
     tracer = proxy.tracer
     if tracer is None:
         return tag + b" NO internal server error\r\n"
@@ -74,7 +92,7 @@ def _trace(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
     return tag + b" OK Tracing enabled for user " + argument + b".\r\n"
 
 
-def _newlog(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+def _newlog(proxy: AdminView, tag: bytes, argument: bytes | None) -> bytes:
     if proxy.tracer is None:
         return tag + b" NO internal server error\r\n"
     try:
@@ -84,12 +102,12 @@ def _newlog(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
     return tag + b" OK Logfile cleared\r\n"
 
 
-def _resetcounters(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+def _resetcounters(proxy: AdminView, tag: bytes, argument: bytes | None) -> bytes:
     proxy.counters.reset(int(time.time()))
     return tag + b" OK Counters reset\r\n"
 
 
-def _status(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+def _status(proxy: AdminView, tag: bytes, argument: bytes | None) -> bytes:
     """Ours: what is known of TLS with the IMAP server (``tls_status``), one line."""
     state = proxy.backend.tls_health.state
     since = (
@@ -100,7 +118,7 @@ def _status(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
     return b"* XPROXY_STATUS " + line + b"\r\n" + tag + b" OK Completed\r\n"
 
 
-def _version(proxy: Proxy, tag: bytes, argument: bytes | None) -> bytes:
+def _version(proxy: AdminView, tag: bytes, argument: bytes | None) -> bytes:
     return b"* XPROXY_VERSION %s\r\n%s OK Completed\r\n" % (__version__.encode(), tag)
 
 

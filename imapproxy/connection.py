@@ -17,7 +17,7 @@ import itertools
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
 from gevent import socket, ssl
@@ -45,7 +45,53 @@ from imapproxy.session import (
 )
 
 if TYPE_CHECKING:
-    from imapproxy.server import Proxy
+    from imapproxy.credentials import Credentials
+    from imapproxy.metrics import Metrics
+    from imapproxy.throttle import LoginThrottle
+
+
+class Greeter(Protocol):
+    """The greeting and pre-login capabilities for a connection's state."""
+
+    def greeting(self, starttls: bool = False, login_disabled: bool = False) -> bytes: ...
+
+    def capability_line(self, starttls: bool = False, login_disabled: bool = False) -> bytes: ...
+
+
+class SessionBroker(admin.AdminView, Protocol):
+    """What a client connection needs of the proxy: check a backend session out (and
+    confirm a reuse), check it back in; the settings, counters and throttle it obeys; and,
+    for its admin commands, ``admin.AdminView``. ``server.Proxy`` is one."""
+
+    @property
+    def snapshot(self) -> Greeter: ...  # read only: it is replaced, never changed here
+
+    client_tls: ssl.SSLContext | None
+    stopping: bool
+    throttle: LoginThrottle
+    metrics: Metrics | None
+
+    def checkout(
+        self,
+        credentials: Credentials,
+        client_id: tuple[bytes | None, ...] | None,
+        where: str,
+        origin: ClientOrigin | None = None,
+    ) -> tuple[Slot[BackendSession], bool]: ...
+
+    def confirm(
+        self,
+        slot: Slot[BackendSession],
+        credentials: Credentials,
+        client_id: tuple[bytes | None, ...] | None,
+        where: str,
+        origin: ClientOrigin | None = None,
+        *,
+        merged: bool = False,
+    ) -> Slot[BackendSession]: ...
+
+    def checkin(self, slot: Slot[BackendSession], outcome: Outcome) -> None: ...
+
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -77,7 +123,7 @@ class ClientConnection:
 
     def __init__(
         self,
-        proxy: Proxy,
+        proxy: SessionBroker,
         sock: socket.socket,
         address: tuple[object, ...],
         implicit_tls: bool = False,

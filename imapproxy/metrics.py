@@ -6,10 +6,11 @@ seconds and bytes): every counter of the statistics file, read at scrape time (n
 counted twice on the relay's path); logins by outcome and failures by kind; the login latency,
 split new/reused, and the backend round trip of the reuse check as histograms; bytes on the
 client connections each way (the kernel's count, ``TCP_INFO``, taken as a connection ends);
-PROXY headers refused; build information. No user name or address is ever a label: a label
-value is one of a few fixed words.
+PROXY headers refused; build information. No user name or client address is ever a label: a
+label value is one of a few fixed words, or one of the proxy's own IMAP servers.
 
-The proxy has one IMAP server (``server_hostname``), so there are no per-server series.
+With routing on (several IMAP servers), each server's addresses up or down and its sessions
+by state; with one server those series are left out.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import platform
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gevent import socket
 from gevent.pool import Pool
@@ -35,9 +36,25 @@ from prometheus_client.registry import Collector
 from imapproxy import __version__
 from imapproxy.config import in_networks
 from imapproxy.errors import FailureKind
+from imapproxy.router import is_down
 
 if TYPE_CHECKING:
-    from imapproxy.server import Proxy
+    from imapproxy.backend import BackendSession
+    from imapproxy.cache import ConnectionCache
+    from imapproxy.config import Config
+    from imapproxy.router import Router
+    from imapproxy.stats import Counters
+
+
+class MetricsSource(Protocol):
+    """What the endpoint reads of the proxy (``server.Proxy`` is one)."""
+
+    config: Config
+    counters: Counters
+    cache: ConnectionCache[BackendSession]
+    router: Router
+    metrics: Metrics | None
+
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -59,7 +76,7 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 class Metrics:
     """The figures the statistics file has not, and the registry that shows them all."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: MetricsSource) -> None:
         disable_created_metrics()  # no *_created series: scrapers see the counter resets anyway
         self.registry = CollectorRegistry(auto_describe=True)
         self.login_seconds = Histogram(
@@ -111,13 +128,15 @@ class Metrics:
 class _ProxyCollector(Collector):
     """The statistics file's counters and the proxy's own figures, read at scrape time."""
 
-    def __init__(self, proxy: Proxy, metrics: Metrics) -> None:
+    def __init__(self, proxy: MetricsSource, metrics: Metrics) -> None:
         self.proxy, self.metrics = proxy, metrics
 
     def collect(self) -> Iterator[Metric]:
         yield from _stats_metrics(self.proxy)
         yield from _login_metrics(self.proxy, self.metrics)
         yield from _byte_metrics(self.metrics)
+        if self.proxy.router.routing:
+            yield from _server_metrics(self.proxy)
         info = GaugeMetricFamily(
             "imapproxy_build_info", "Version of imapproxy and Python.", labels=["version", "python"]
         )
@@ -139,6 +158,7 @@ STATS_COUNTERS = {
     "server_sessions_dropped": ("TotalServerConnectionsDropped", "Sessions closed, not cached."),
     "client_aborts_resynced": ("TotalClientAbortsResynced", "Vanished clients, session kept."),
     "capacity_refusals": ("TotalCapacityRefusals", "Logins refused: every slot in use."),
+    "backend_waits": ("BackendWaits", "Times a client waited for the IMAP server."),
 }
 
 
@@ -157,7 +177,33 @@ def _by_state(name: str, doc: str, active: int, cached: int) -> GaugeMetricFamil
     return family
 
 
-def _stats_metrics(proxy: Proxy) -> Iterator[Metric]:
+def _server_metrics(proxy: MetricsSource) -> Iterator[Metric]:
+    """Per server, when logins are routed: each address up (1) or down (0), and the
+    sessions on it by state. Servers are the proxy's own configuration, never a client's."""
+    up = GaugeMetricFamily(
+        "imapproxy_server_up",
+        "Whether an address of an IMAP server is up (1) or marked down (0).",
+        labels=["server", "address"],
+    )
+    for record in proxy.router.health_view():
+        up.add_metric([record.server, record.address], 0 if is_down(record) else 1)
+    yield up
+    sessions = GaugeMetricFamily(
+        "imapproxy_server_sessions_by_server",
+        "Backend sessions per IMAP server, by state.",
+        labels=["server", "state"],
+    )
+    counts: dict[tuple[str, str], int] = {}
+    for slot in proxy.cache.in_use():
+        if slot.session is not None:
+            key = (slot.session.server, slot.state.value.lower())
+            counts[key] = counts.get(key, 0) + 1
+    for (server, state), count in sorted(counts.items()):
+        sessions.add_metric([server, state], count)
+    yield sessions
+
+
+def _stats_metrics(proxy: MetricsSource) -> Iterator[Metric]:
     """Every field of the statistics file (``stats.Counters``), by its Prometheus name."""
     c = proxy.counters
     yield _gauge("imapproxy_start_time_seconds", "Start of the proxy (Unix time).", c.StartTime)
@@ -186,7 +232,7 @@ def _stats_metrics(proxy: Proxy) -> Iterator[Metric]:
         yield _counter(f"imapproxy_{name}", doc, getattr(c, field))
 
 
-def _login_metrics(proxy: Proxy, metrics: Metrics) -> Iterator[Metric]:
+def _login_metrics(proxy: MetricsSource, metrics: Metrics) -> Iterator[Metric]:
     c = proxy.counters
     rejected = metrics.failures[FailureKind.AUTH_REJECTED]
     outcomes = {
@@ -257,7 +303,7 @@ class _MetricsServer(WSGIServer):
         super().handle(sock, address)
 
 
-def start_server(proxy: Proxy, listener: socket.socket) -> WSGIServer:
+def start_server(proxy: MetricsSource, listener: socket.socket) -> WSGIServer:
     """Serve ``/metrics`` on ``listener`` in the proxy's gevent loop; ``metrics_allow`` is
     looked up per request, so that a SIGHUP changes it."""
     metrics = proxy.metrics

@@ -512,3 +512,29 @@ def test_a_stopped_server_is_marked_down_and_comes_back_when_restarted(
         assert wait_until(lambda: "is up again" in proxy.log_text(), timeout=15)
         client, replies = logged_in(proxy.host, proxy.port, "erin", "pw-erin")
         client.close()
+
+
+def test_metrics_show_each_servers_state_and_sessions(
+    servers: dict[str, DovecotInstance], start_proxy: Callable[..., ProxyProcess], files: Path
+) -> None:
+    from tests.test_metrics import promtool, samples, scrape_text, value
+
+    a, b = servers["A"], servers["B"]
+    routes = write_map(files / "routes", [f"alice {at(a)}", f"bob {at(b)}"])
+    port = free_port()
+    proxy = routed_proxy(start_proxy, None, route_map=routes, metrics_listen=f"127.0.0.1:{port}")
+    proxy.wait_for_log("metrics: http://127.0.0.1:")
+    assert visit(proxy, "alice") == ("A", False)
+    assert visit(proxy, "bob") == ("B", False)
+    held, _ = logged_in(proxy.host, proxy.port, "bob", password("bob"))  # active on B
+    status, text = scrape_text(port)
+    held.close()
+    assert status == 200
+    found = samples(text)
+    assert value(found, "imapproxy_server_sessions_by_server", server=at(a), state="cached") == 1
+    assert value(found, "imapproxy_server_sessions_by_server", server=at(b), state="active") == 1
+    up = {labels: v for (name, labels), v in found.items() if name == "imapproxy_server_up"}
+    assert up and set(up.values()) == {1.0}, up
+    assert {dict(labels)["server"] for labels in up} == {at(a), at(b)}
+    assert "alice" not in text and "bob" not in text  # servers as labels, never users
+    promtool(text)
