@@ -232,7 +232,7 @@ def test_every_key_parses_a_value() -> None:
         ),
         (
             "route_map /r\nroute_http_url http://127.0.0.1/\n",
-            "imapproxy.conf: route_http_url: one route source, not route_map, route_http_url",
+            "imapproxy.conf:2: route_http_url: one route source, not route_map, route_http_url",
         ),
         (
             "route_sql_url sqlite:///r.db\n",

@@ -257,7 +257,7 @@ def test_admin_allow_the_trace_and_the_throttle_see_the_headers_address(
             assert other.command(b"v", b"XPROXY_VERSION") == [b"v BAD Unrecognized command\r\n"]
         page(port, "127.0.0.6", user, password)
         assert b"PROXY: LOGIN on new sd [" in proxy.trace_path.read_bytes()
-        assert b"] for client 127.0.0.6:" in proxy.trace_path.read_bytes()
+        assert b" for client 127.0.0.6:" in proxy.trace_path.read_bytes()
 
         def failing_login(source: str, user: str) -> float:
             with RawClient("127.0.0.1", port, source=source) as client:

@@ -617,6 +617,7 @@ def test_a_chroot_without_proc_is_said_at_start_up_and_on_reload(
         inside.parent.mkdir(parents=True)
         shutil.copy(proxy.config_path, inside)
         assert proxy.process is not None
+        proxy.wait_for_log("normal server startup")  # SIGHUP is handled from then on
         proxy.process.send_signal(signal.SIGHUP)
         conf = proxy.config_path
         log = proxy.wait_for_log("TLS contexts kept")
