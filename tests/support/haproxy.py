@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tests.support.dovecot import free_port, wait_for_port
 from tests.support.polling import wait_until
+from tests.support.processes import reap
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -107,11 +108,7 @@ class HAProxyInstance:
         if self.process is None:
             return
         self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        reap(self.process)
         self.process = None
 
     def admin(self, command: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from tests.support.dovecot import free_port, wait_for_port
 from tests.support.polling import wait_until
+from tests.support.processes import reap
 
 BINDIR = (
     Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
@@ -116,11 +117,7 @@ class Postgres:
         if pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 2)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        reap(self.process, timeout_s=30)
         self.process = None
 
     def url(self, user: str = PROXY_ROLE, password: str = PROXY_PASSWORD) -> str:
