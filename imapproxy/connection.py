@@ -135,6 +135,7 @@ class ClientConnection:
         self.connected_to: tuple[object, ...] | None = None  # from the PROXY header
         self.where = format_address(address)
         self.session_id = ""
+        self._origin: ClientOrigin | None = None
         self.implicit_tls = implicit_tls
         self.sent_early: Line | None = None  # a first command sent behind the reuse check
         self.tls = False
@@ -224,16 +225,19 @@ class ClientConnection:
         return True
 
     def origin(self) -> ClientOrigin:
-        """Who the client is, for the server (``forwarding``) and ``reuse_same_client_address``."""
-        if not self.session_id:
-            self.session_id = new_session_id()
-        local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()  # TLS: the wrapper
-        client: tuple[Any, ...] = self.address
-        trusted = in_networks(str(client[0]), self.proxy.config.forward_trusted_networks)
-        client_ip, local_ip = unmapped(str(client[0])), unmapped(str(local[0]))
-        return ClientOrigin(
-            client_ip, int(client[1]), local_ip, int(local[1]), self.session_id, trusted
-        )
+        """Who the client is, for the server (``forwarding``) and ``reuse_same_client_address``;
+        made once per connection (a login and the confirmation of its reuse ask twice)."""
+        if self._origin is None:
+            if not self.session_id:
+                self.session_id = new_session_id()
+            local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()  # TLS: wrapper
+            client: tuple[Any, ...] = self.address
+            trusted = in_networks(str(client[0]), self.proxy.config.forward_trusted_networks)
+            client_ip, local_ip = unmapped(str(client[0])), unmapped(str(local[0]))
+            self._origin = ClientOrigin(
+                client_ip, int(client[1]), local_ip, int(local[1]), self.session_id, trusted
+            )
+        return self._origin
 
     def _handshake(self) -> bool:
         """Server-side TLS handshake (cooperative: other clients go on meanwhile)."""

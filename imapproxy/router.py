@@ -271,6 +271,9 @@ class Router:
         # server_hostname and server_port need a restart: the default route never changes
         host = config.server_hostname
         self.default_route = Route(host, config.server_port) if host else None
+        self.default_target = (
+            Target(self.default_route, self.default_backend) if self.default_route else None
+        )
 
     @property
     def routing(self) -> bool:
@@ -282,11 +285,12 @@ class Router:
     def target(self, credentials: Credentials, digest: bytes, where: str) -> Target:
         """Where this login goes; ``BackendFailure`` if nowhere (see the module's rules)."""
         route = self._route(credentials, digest, where) if self.source else None
-        route = route or self.default_route
-        if route is None:
-            raise BackendFailure(
-                FailureKind.AUTH_REJECTED, "no route and no default server", NO_ROUTE_REPLY
-            )
+        if route is None:  # no source, or it knows no route: the default server's, made once
+            if self.default_target is None:
+                raise BackendFailure(
+                    FailureKind.AUTH_REJECTED, "no route and no default server", NO_ROUTE_REPLY
+                )
+            return self.default_target
         return Target(route, self._backend(route))
 
     def _route(self, credentials: Credentials, digest: bytes, where: str) -> Route | None:

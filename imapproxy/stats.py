@@ -166,10 +166,14 @@ class Counters:
         self.CurrentClientConnections -= 1
 
     def set_server_connections(self, active: int, cached: int) -> None:
-        self.InUseServerConnections = active
-        self.PeakInUseServerConnections = max(self.PeakInUseServerConnections, active)
-        self.RetainedServerConnections = cached
-        self.PeakRetainedServerConnections = max(self.PeakRetainedServerConnections, cached)
+        """The gauges of the cache, set at every checkout and checkin: on the view directly
+        (the four fields are ``_counts`` 2 to 5), not through four descriptors."""
+        counts = self._counts
+        counts[2], counts[4] = active, cached
+        if active > counts[3]:
+            counts[3] = active
+        if cached > counts[5]:
+            counts[5] = cached
 
     def start(self, now: int) -> None:
         """Zero the counters and stamp the start (proxy start-up); the TLS status, found by
@@ -191,6 +195,15 @@ class Counters:
             "TotalClientLogins",
         ):
             setattr(self, name, 0)
+
+
+_GAUGE_FIELDS = (
+    "InUseServerConnections",
+    "PeakInUseServerConnections",
+    "RetainedServerConnections",
+    "PeakRetainedServerConnections",
+)
+assert [vars(Counters)[name].index for name in _GAUGE_FIELDS] == [2, 3, 4, 5]
 
 
 def _names(area: str) -> tuple[str, ...]:
