@@ -18,7 +18,8 @@ Scripts:
 - ``cycle``: LOGIN and LOGOUT once per user (leaves a cached session in a proxy);
 - ``hold``: LOGIN once per user and keep the connection open (``release`` closes them all).
 
-A job with ``tls_ca_file`` speaks implicit TLS to its target, verified with that CA.
+A job with ``tls_ca_file`` speaks implicit TLS to its target, verified with that CA; one with
+``proxy_source`` begins every connection with a PROXY v2 header naming that client address.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Job:
     thread_numbers: tuple[int, ...] = ()  # of ``threads`` in the whole job (set per worker)
     size_range: tuple[int, int] = (0, 1 << 40)  # bulk: message sizes to fetch
     tls_ca_file: str = ""  # implicit TLS to the target, its certificate from this CA
+    proxy_source: str = ""  # a PROXY v2 header first, naming this client address
 
 
 @dataclass
@@ -134,7 +136,12 @@ class Script:
         job = self.job
         tls = self.state.tls_context(job.tls_ca_file) if job.tls_ca_file else None
         connection = Connection.open(
-            job.host, job.port, quickack=job.quickack, timeout_s=job.timeout_s, tls=tls
+            job.host,
+            job.port,
+            quickack=job.quickack,
+            timeout_s=job.timeout_s,
+            tls=tls,
+            proxy_source=job.proxy_source,
         )
         try:
             reply = connection.login(user, job.password)
