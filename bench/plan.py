@@ -26,6 +26,8 @@ TARGET_ORDER = (
     "ipx-map",
     "ipx-sql",
     "ipx-pp",
+    "ipx-proxy",
+    "ipx-metrics",
 )
 # Targets in some workloads only: the limit is a page without login and logout; the floor
 # relay (bench.floor_relay) is correct only for one command at a time on one session; the
@@ -33,8 +35,9 @@ TARGET_ORDER = (
 # own workload.
 TLS_TARGETS = ("dovecot-tls", "up-tls", "ipx-tls")
 # imapproxy's options (issues 11 and 12), each against imapproxy SELECT cache on (``ipx-on``) in
-# its own workload: routed by a route map and by SQLite, and with PROXY protocol and metrics on.
-OPTION_TARGETS = ("ipx-map", "ipx-sql", "ipx-pp")
+# its own workload: routed by a route map and by SQLite, with PROXY protocol and metrics on,
+# and with each of those two alone.
+OPTION_TARGETS = ("ipx-map", "ipx-sql", "ipx-pp", "ipx-proxy", "ipx-metrics")
 ONLY_IN = {
     "limit": ("page",),
     "floor": ("bulk", "noop"),

@@ -193,6 +193,8 @@ OPTION_NAMES = {
     "ipx-map": "imapproxy, routed by `route_map`",
     "ipx-sql": "imapproxy, routed by SQLite",
     "ipx-pp": "imapproxy, PROXY v2 header + `metrics_listen`",
+    "ipx-proxy": "imapproxy, PROXY v2 header only",
+    "ipx-metrics": "imapproxy, `metrics_listen` only",
 }
 
 
@@ -222,8 +224,8 @@ OPTIONS_TEXT = (
     "`route_map` file and from a SQLite table (`route_sql_url`, `route_cache_ttl` at its "
     "default, 60 s), with no default server; and `proxy_protocol_trusted_networks 127.0.0.1` "
     "with `metrics_listen` on, each client connection starting with a PROXY v2 header (client "
-    "192.0.2.10, the real ports). Quickack client; every target is measured once per round, each "
-    "round starting one target later. The rounds take less than the 60 s `route_cache_ttl`, so "
+    "192.0.2.10, the real ports), and each of those two alone. Quickack client; every target "
+    "is measured once per round, each round starting one target later. The rounds take less than the 60 s `route_cache_ttl`, so "
     "SQLite's answers come mostly from the proxy's route cache, as with steady traffic."
 )
 
@@ -469,9 +471,10 @@ METHOD = """\
   (`proxy_protocol_trusted_networks 127.0.0.1`, `metrics_listen 127.0.0.1:PORT`), to which the
   load generator sends a 28-byte PROXY v2 header (TCP4, client 192.0.2.10 with its real port,
   the real server address and port) right after connect, before reading the greeting. Its
-  `/metrics` is scraped once after the rounds. The page and the quickack client at c=8, in
-  page windows, the four targets once per round, each round starting one target later; before
-  the rounds each target gets an unmeasured 1 s window at c=32, also in a quick run, so that
+  `/metrics` is scraped once after the rounds; `ipx-proxy` and `ipx-metrics` have one of
+  the two each, to tell their costs apart. The page and the quickack client at c=8, in
+  page windows, the six targets once per round, each round starting one target later; before
+  the rounds each target gets an unmeasured 2 s window at c=32, also in a quick run, so that
   each holds the spare cached sessions `ipx-on` brings from the page cases.
 - Backend waits: imapproxy's `BackendWaits` counter (its statistics file, read before and after
   each round) over the round's pages; not counted for the other targets, whose waits are

@@ -19,7 +19,8 @@ like ``ipx-on``, its reference: ``ipx-map`` routes every bench user by a ``route
 ``ipx-sql`` by SQLite (``route_sql_url``, ``route_cache_ttl`` at its default), each user by
 its full login name to the bench Dovecot and no default server (``server_hostname`` unset),
 so that a login the route source did not answer fails; ``ipx-pp`` has ``metrics_listen`` on and
-trusts 127.0.0.1 for the PROXY protocol, so the load generator sends a v2 header first.
+trusts 127.0.0.1 for the PROXY protocol, so the load generator sends a v2 header first;
+``ipx-proxy`` and ``ipx-metrics`` have one of the two each.
 
 Both start as root and drop to ``nobody``. up-imapproxy (``/usr/sbin/imapproxyd``) sets its
 own descriptor limit to ``2 * cache_size + 10`` and listens with a backlog of 5.
@@ -153,7 +154,8 @@ def write_routes(directory: Path, dovecot: BenchDovecot, users: list[str]) -> tu
 def start_option_proxies(
     stack: contextlib.ExitStack, dovecot: BenchDovecot, workdir: Path, users: list[str]
 ) -> list[tuple[Target, subprocess.Popen[bytes]]]:
-    """imapproxy, SELECT cache on, routed by a map, by SQLite, and with PROXY + metrics."""
+    """imapproxy, SELECT cache on, routed by a map, by SQLite, with PROXY + metrics, and with
+    each of those two alone (``ipx-proxy``, ``ipx-metrics``: which of them costs what)."""
     route_map, database = write_routes(workdir / "routes", dovecot, users)
     sql = {"route_sql_url": f"sqlite:///{database}", "route_sql_query": ROUTE_QUERY}
     started = [
@@ -163,24 +165,44 @@ def start_option_proxies(
             ("ipx-sql", {**sql, **NO_DEFAULT_SERVER}),
         )
     ]
-    metrics_port = free_port()
+    for key, proxy_protocol, metrics in (
+        ("ipx-pp", True, True),
+        ("ipx-proxy", True, False),
+        ("ipx-metrics", False, True),
+    ):
+        started.append(start_edge_proxy(stack, dovecot, workdir, key, proxy_protocol, metrics))
+    return started
+
+
+def start_edge_proxy(
+    stack: contextlib.ExitStack,
+    dovecot: BenchDovecot,
+    workdir: Path,
+    key: str,
+    proxy_protocol: bool,
+    metrics: bool,
+) -> tuple[Target, subprocess.Popen[bytes]]:
+    """imapproxy, SELECT cache on, trusting 127.0.0.1 for the PROXY protocol and/or with
+    ``metrics_listen`` on (waited for too)."""
+    metrics_port = free_port() if metrics else 0
     target, process = start_proxy(
         stack,
         "imapproxy",
         dovecot,
         workdir,
         select_cache=True,
-        key="ipx-pp",
-        proxy_protocol_trusted_networks="127.0.0.1",
-        metrics_listen=f"127.0.0.1:{metrics_port}",
+        key=key,
+        proxy_protocol_trusted_networks="127.0.0.1" if proxy_protocol else None,
+        metrics_listen=f"127.0.0.1:{metrics_port}" if metrics else None,
     )
-    try:
-        wait_for_port("127.0.0.1", metrics_port, timeout=START_TIMEOUT_S)
-    except TimeoutError:
-        raise RuntimeError(f"imapproxy's metrics_listen {metrics_port} did not listen") from None
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    started.append((replace(target, proxy_source=PROXY_CLIENT_ADDRESS, metrics_url=url), process))
-    return started
+    if metrics:
+        try:
+            wait_for_port("127.0.0.1", metrics_port, timeout=START_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(f"{key}: metrics_listen {metrics_port} did not listen") from None
+    url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics else ""
+    source = PROXY_CLIENT_ADDRESS if proxy_protocol else ""
+    return replace(target, proxy_source=source, metrics_url=url), process
 
 
 def nofile_hard_limit() -> int:

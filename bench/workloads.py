@@ -8,8 +8,9 @@
   Dovecot while its clients speak cleartext (``targets.start_tls_proxies``);
 - ``options``: imapproxy's options against imapproxy SELECT cache on (``ipx-on``), the page
   with the quickack client at c=8 in page windows: routed by a route map and by SQLite, and
-  with the PROXY protocol and metrics on (``targets.start_option_proxies``); the metrics
-  endpoint is scraped once afterwards, to show it was serving;
+  with the PROXY protocol and metrics on, and with each of those alone
+  (``targets.start_option_proxies``); each metrics endpoint is scraped once afterwards, to show
+  it was serving;
 - ``bulk``: FETCH of whole 10 MiB (and 1 MiB) messages on one session, MiB/s;
 - ``noop``: sequential NOOPs on one logged-in session, latency; bulk and NOOP also measure the
   floor relay (``bench.floor_relay``), the least any gevent relay adds;
@@ -54,7 +55,7 @@ BULK_SIZES = {"10 MiB": (5 << 20, 20 << 20), "1 MiB": (512 << 10, 5 << 20)}
 LOGIN_MARK = b"Login: user=<"
 LOG_DELAY_S = 0.02  # Dovecot's log process writes a login line a moment after the login
 SCRAPE_TIMEOUT_S = 10.0
-OPTIONS_WARMUP_S = 1.0  # per target, before the options' rounds (see ``options``)
+OPTIONS_WARMUP_S = 2.0  # per target, before the options' rounds (see ``options``)
 SCRAPED_LOGINS = b"imapproxy_client_logins_total "
 
 
