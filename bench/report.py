@@ -225,8 +225,9 @@ OPTIONS_TEXT = (
     "default, 60 s), with no default server; and `proxy_protocol_trusted_networks 127.0.0.1` "
     "with `metrics_listen` on, each client connection starting with a PROXY v2 header (client "
     "192.0.2.10, the real ports), and each of those two alone. Quickack client; every target "
-    "is measured once per round, each round starting one target later. The rounds take less than the 60 s `route_cache_ttl`, so "
-    "SQLite's answers come mostly from the proxy's route cache, as with steady traffic."
+    "is measured once per round, each round starting one target later. The case takes less "
+    "than the 60 s `route_cache_ttl`, so SQLite's answers come mostly from the proxy's route "
+    "cache, as with steady traffic."
 )
 
 
