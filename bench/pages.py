@@ -16,6 +16,8 @@ Scripts:
 - ``counted``: one webmail page per entry of the thread's users, in order (a fixed number of
   pages, for ``bench.syscalls``);
 - ``cycle``: LOGIN and LOGOUT once per user (leaves a cached session in a proxy);
+- ``pair``: two connections logged in as the same user at once, then both LOGOUT, once per
+  user (leaves two cached sessions in a proxy: one for when two clients ask at once);
 - ``hold``: LOGIN once per user and keep the connection open (``release`` closes them all).
 
 A job with ``tls_ca_file`` speaks implicit TLS to its target, verified with that CA; one with
@@ -286,6 +288,21 @@ class Cycle(FiniteScript):
             connection.close()
 
 
+class Pair(FiniteScript):
+    def step(self) -> None:
+        user = self.take_user()
+        first = self.logged_in(user)
+        try:
+            second = self.logged_in(user)  # while the first holds its session
+            try:
+                second.logout()
+            finally:
+                second.close()
+            first.logout()
+        finally:
+            first.close()
+
+
 class Hold(FiniteScript):
     def step(self) -> None:
         connection = self.logged_in(self.take_user())
@@ -301,5 +318,6 @@ SCRIPTS: dict[str, type[Script]] = {
     "noop": Noop,
     "bulk": BulkFetch,
     "cycle": Cycle,
+    "pair": Pair,
     "hold": Hold,
 }

@@ -475,8 +475,9 @@ METHOD = """\
   `/metrics` is scraped once after the rounds; `ipx-proxy` and `ipx-metrics` have one of
   the two each, to tell their costs apart. The page and the quickack client at c=8, in
   page windows, the six targets once per round, each round starting one target later; before
-  the rounds each target gets an unmeasured 2 s window at c=32, also in a quick run, so that
-  each holds the spare cached sessions `ipx-on` brings from the page cases.
+  the rounds each target gets two cached sessions per user (two logins of the user at once,
+  then both LOGOUT) and an unmeasured 1 s window at c=32, also in a quick run, so that each
+  holds the spare cached sessions `ipx-on` brings from the page cases.
 - Backend waits: imapproxy's `BackendWaits` counter (its statistics file, read before and after
   each round) over the round's pages; not counted for the other targets, whose waits are
   fixed by their design (see the summary).
