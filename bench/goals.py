@@ -3,8 +3,9 @@
 Each goal reads the summaries (``Summaries``: case -> target key -> ``Summary``) and says met,
 missed or not measured, with the figures it compared. Target keys are ``dovecot``, ``limit``,
 ``floor`` (the floor relay), ``up-off``/``up-on`` and ``ipx-off``/``ipx-on``, and for the
-server over TLS (SELECT cache on only) ``dovecot-tls``, ``up-tls`` and ``ipx-tls``; ``cache``
-is ``off`` or ``on``.
+server over TLS (SELECT cache on only) ``dovecot-tls``, ``up-tls`` and ``ipx-tls``, and for
+imapproxy's options (SELECT cache on only, against ``ipx-on``) ``ipx-map``, ``ipx-sql`` and
+``ipx-pp``; ``cache`` is ``off`` or ``on``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ CACHED_SESSION_KIB = 16
 OPEN_CONNECTION_KIB = 32
 TLS_OVER_DIRECT = 3.0  # issue 10: up-imapproxy's best case reaches 3.3x (c=1) and 3.0x (c=8)
 BACKEND_WAITS = {"off": 2.0, "on": 1.0}  # per page: SELECT + FETCH, or the FETCH alone
+ROUTED_SHARE = 0.95  # issue 11: a routed login within 5 % of pages/s unrouted
+PROXY_METRICS_SHARE = 0.97  # issue 12: PROXY protocol and metrics cost under 3 % pages/s
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,29 @@ def tls_over_direct(concurrency: int) -> Goal:
     )
 
 
+def option_share(keys: tuple[str, ...], least: float, what: str) -> Goal:
+    """The worst of ``keys``' pages/s over ``ipx-on``'s in the options case, with no errors."""
+
+    def judge(evidence: Evidence) -> Verdict:
+        if evidence.cache == "off":
+            return Verdict(None, "the options run with the SELECT cache on")
+        case = next((c for c in evidence.summaries if c.workload == "options"), None)
+        by_target = evidence.summaries.get(case, {}) if case else {}
+        plain = by_target.get("ipx-on")
+        found = [(by_target[k], k) for k in keys if k in by_target]
+        if plain is None or len(found) < len(keys):
+            return Verdict(None, "")
+        worst, key = min(found, key=lambda pair: pair[0].rate)
+        ratio = worst.rate / plain.rate
+        errors = sum(s.error_count for s, _ in found)
+        text = f"{key} {number(worst.rate)} vs {number(plain.rate)} pages/s, {ratio:.2f}x"
+        text += f", {errors} errors" if errors else ""
+        verdict = compare(ratio, least, text, at_least=True)
+        return Verdict(verdict.met and not errors, text) if verdict.met is not None else verdict
+
+    return Goal(f"{what}: pages/s at c=8 >= {least:g}x plain imapproxy's, no errors", judge)
+
+
 def backend_waits(evidence: Evidence) -> Verdict:
     """The worst page case's waits per page through imapproxy, against the design's count."""
     found = []
@@ -242,6 +268,8 @@ GOALS = (
     ),
     tls_over_direct(1),
     tls_over_direct(8),
+    option_share(("ipx-map", "ipx-sql"), ROUTED_SHARE, "routed (route map, SQLite)"),
+    option_share(("ipx-pp",), PROXY_METRICS_SHARE, "PROXY protocol v2 and metrics on"),
 )
 
 

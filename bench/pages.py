@@ -16,9 +16,12 @@ Scripts:
 - ``counted``: one webmail page per entry of the thread's users, in order (a fixed number of
   pages, for ``bench.syscalls``);
 - ``cycle``: LOGIN and LOGOUT once per user (leaves a cached session in a proxy);
+- ``pair``: two connections logged in as the same user at once, then both LOGOUT, once per
+  user (leaves two cached sessions in a proxy: one for when two clients ask at once);
 - ``hold``: LOGIN once per user and keep the connection open (``release`` closes them all).
 
-A job with ``tls_ca_file`` speaks implicit TLS to its target, verified with that CA.
+A job with ``tls_ca_file`` speaks implicit TLS to its target, verified with that CA; one with
+``proxy_source`` begins every connection with a PROXY v2 header naming that client address.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Job:
     thread_numbers: tuple[int, ...] = ()  # of ``threads`` in the whole job (set per worker)
     size_range: tuple[int, int] = (0, 1 << 40)  # bulk: message sizes to fetch
     tls_ca_file: str = ""  # implicit TLS to the target, its certificate from this CA
+    proxy_source: str = ""  # a PROXY v2 header first, naming this client address
 
 
 @dataclass
@@ -134,7 +138,12 @@ class Script:
         job = self.job
         tls = self.state.tls_context(job.tls_ca_file) if job.tls_ca_file else None
         connection = Connection.open(
-            job.host, job.port, quickack=job.quickack, timeout_s=job.timeout_s, tls=tls
+            job.host,
+            job.port,
+            quickack=job.quickack,
+            timeout_s=job.timeout_s,
+            tls=tls,
+            proxy_source=job.proxy_source,
         )
         try:
             reply = connection.login(user, job.password)
@@ -279,6 +288,21 @@ class Cycle(FiniteScript):
             connection.close()
 
 
+class Pair(FiniteScript):
+    def step(self) -> None:
+        user = self.take_user()
+        first = self.logged_in(user)
+        try:
+            second = self.logged_in(user)  # while the first holds its session
+            try:
+                second.logout()
+            finally:
+                second.close()
+            first.logout()
+        finally:
+            first.close()
+
+
 class Hold(FiniteScript):
     def step(self) -> None:
         connection = self.logged_in(self.take_user())
@@ -294,5 +318,6 @@ SCRIPTS: dict[str, type[Script]] = {
     "noop": Noop,
     "bulk": BulkFetch,
     "cycle": Cycle,
+    "pair": Pair,
     "hold": Hold,
 }

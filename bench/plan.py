@@ -2,9 +2,10 @@
 
 Every duration is a window per round and target; a round of a workload measures every target
 once (those of ``ONLY_IN`` only in their workloads; a workload of ``OWN_TARGETS`` only its
-own), in the order of ``TARGET_ORDER``, so that machine noise hits all alike. Before the
-rounds of a case, each target gets one unmeasured warm-up window (not in a quick run). A page
-stuck in up-imapproxy's listen queue (backlog 5) holds its round up to ``timeout_s`` more.
+own, with ``EXTRA_TARGETS`` for those that add a reference), in the order of
+``TARGET_ORDER``, so that machine noise hits all alike. Before the rounds of a case, each
+target gets one unmeasured warm-up window (not in a quick run). A page stuck in
+up-imapproxy's listen queue (backlog 5) holds its round up to ``timeout_s`` more.
 """
 
 from __future__ import annotations
@@ -22,14 +23,30 @@ TARGET_ORDER = (
     "dovecot-tls",
     "up-tls",
     "ipx-tls",
+    "ipx-map",
+    "ipx-sql",
+    "ipx-pp",
+    "ipx-proxy",
+    "ipx-metrics",
 )
 # Targets in some workloads only: the limit is a page without login and logout; the floor
 # relay (bench.floor_relay) is correct only for one command at a time on one session; the
 # server over TLS (direct over implicit TLS, and each proxy speaking TLS to Dovecot) is its
 # own workload.
 TLS_TARGETS = ("dovecot-tls", "up-tls", "ipx-tls")
-ONLY_IN = {"limit": ("page",), "floor": ("bulk", "noop"), **{key: ("tls",) for key in TLS_TARGETS}}
-OWN_TARGETS = ("tls",)  # workloads that measure only the targets ``ONLY_IN`` gives them
+# imapproxy's options (issues 11 and 12), each against imapproxy SELECT cache on (``ipx-on``) in
+# its own workload: routed by a route map and by SQLite, with PROXY protocol and metrics on,
+# and with each of those two alone.
+OPTION_TARGETS = ("ipx-map", "ipx-sql", "ipx-pp", "ipx-proxy", "ipx-metrics")
+ONLY_IN = {
+    "limit": ("page",),
+    "floor": ("bulk", "noop"),
+    **{key: ("tls",) for key in TLS_TARGETS},
+    **{key: ("options",) for key in OPTION_TARGETS},
+}
+OWN_TARGETS = ("tls", "options")  # workloads that measure only the targets ``ONLY_IN`` gives them
+EXTRA_TARGETS = {"options": ("ipx-on",)}  # ... and these, their reference
+PROXY_CLIENT_ADDRESS = "192.0.2.10"  # RFC 5737 TEST-NET-1: the client the PROXY header names
 WEBMAIL_USERS = 200
 MEMORY_SESSIONS = (1_000, 10_000)
 
@@ -46,6 +63,7 @@ class Plan:
     memory_sessions: tuple[int, ...]  # cached-session points; the largest also held open
     tls_window_s: float  # the server over TLS: page windows, quickack client
     tls_concurrencies: tuple[int, ...] = (1, 8)
+    options_concurrency: int = 8  # the options: page windows, quickack client
     workers: int = 2  # load-generator processes (the machine has 2 cores)
     timeout_s: float = 5.0  # per I/O: connect, each reply
     users: int = WEBMAIL_USERS
@@ -56,7 +74,8 @@ class Plan:
             + (f"(warm-up {self.warmup_window_s:g} s)" if self.warmup_window_s else "(no warm-up)")
             + f", server over TLS {self.tls_window_s:g} s at c="
             + ", ".join(str(c) for c in self.tls_concurrencies)
-            + f", bulk {self.bulk_window_s:g} s, "
+            + f", routing and PROXY + metrics {self.page_window_s:g} s at "
+            f"c={self.options_concurrency}" + f", bulk {self.bulk_window_s:g} s, "
             f"NOOP {self.noop_window_s:g} s, memory at "
             + ", ".join(f"{n:,}" for n in self.memory_sessions)
             + f" sessions; {self.workers} load-generator processes; I/O time-out "

@@ -186,6 +186,51 @@ TLS_TEXT = (
 )
 
 
+# -- imapproxy's options -----------------------------------------------------------------------
+
+OPTION_NAMES = {
+    "ipx-on": "imapproxy, plain (the reference)",
+    "ipx-map": "imapproxy, routed by `route_map`",
+    "ipx-sql": "imapproxy, routed by SQLite",
+    "ipx-pp": "imapproxy, PROXY v2 header + `metrics_listen`",
+    "ipx-proxy": "imapproxy, PROXY v2 header only",
+    "ipx-metrics": "imapproxy, `metrics_listen` only",
+}
+
+
+def options_table(summaries: Summaries) -> str:
+    """One row per target of the options case: pages/s and its ratio to the plain target."""
+    case = next((c for c in summaries if c.workload == "options"), None)
+    if case is None:
+        return "Not measured.\n"
+    by_target = summaries[case]
+    plain = by_target.get("ipx-on")
+    rows = []
+    for key, name in OPTION_NAMES.items():
+        s = by_target.get(key)
+        if s is None:
+            continue
+        rows.append(
+            [name, fmt(s.rate), ratio(s.rate, plain.rate if plain else None)]
+            + [fmt(s.p50_s * 1e3, 2), cpu_ms(s.proxy_cpu_s_per_unit), errors_text(s)]
+        )
+    header = [f"target ({case.label})", "pages/s", "÷ plain", "p50 ms", "proxy CPU ms/page"]
+    return table(header + ["errors"], rows)
+
+
+OPTIONS_TEXT = (
+    "imapproxy with the SELECT cache on, alone (the reference) and with each option of issues 11 "
+    "and 12: every bench user routed to the same Dovecot by its full login name, from a "
+    "`route_map` file and from a SQLite table (`route_sql_url`, `route_cache_ttl` at its "
+    "default, 60 s), with no default server; and `proxy_protocol_trusted_networks 127.0.0.1` "
+    "with `metrics_listen` on, each client connection starting with a PROXY v2 header (client "
+    "192.0.2.10, the real ports), and each of those two alone. Quickack client; every target "
+    "is measured once per round, each round starting one target later. The case takes less "
+    "than the 60 s `route_cache_ttl`, so SQLite's answers come mostly from the proxy's route "
+    "cache, as with steady traffic."
+)
+
+
 # -- backend waits ------------------------------------------------------------------------------
 
 
@@ -342,6 +387,9 @@ def summary(results: Results, plan: Plan, date: str, elapsed_s: float, command: 
         "#### Server over TLS (SELECT cache on in both proxies)\n",
         TLS_TEXT + "\n",
         tls_table(summaries),
+        "#### Routing, PROXY protocol and metrics (SELECT cache on)\n",
+        OPTIONS_TEXT + "\n",
+        options_table(summaries),
         "#### Backend waits per page\n",
         WAITS_TEXT + "\n",
         waits_table(summaries),
@@ -416,6 +464,20 @@ METHOD = """\
   `tls_verify_server yes` and the SELECT cache on; clients speak cleartext to the proxies.
   The page and the quickack client as above, at c=1 and c=8, each target once per round in
   that order.
+- Routing, PROXY protocol and metrics: imapproxy with the SELECT cache on (`ipx-on`) against
+  three more instances of it, also SELECT cache on: `ipx-map` (`route_map`, a line
+  `user000 127.0.0.1:PORT` per bench user), `ipx-sql` (`route_sql_url sqlite:///…/routes.db`,
+  `route_sql_query SELECT host, port FROM routes WHERE login = :user`, `route_cache_ttl` at its
+  default), both without `server_hostname` so that every login must be routed, and `ipx-pp`
+  (`proxy_protocol_trusted_networks 127.0.0.1`, `metrics_listen 127.0.0.1:PORT`), to which the
+  load generator sends a 28-byte PROXY v2 header (TCP4, client 192.0.2.10 with its real port,
+  the real server address and port) right after connect, before reading the greeting. Its
+  `/metrics` is scraped once after the rounds; `ipx-proxy` and `ipx-metrics` have one of
+  the two each, to tell their costs apart. The page and the quickack client at c=8, in
+  page windows, the six targets once per round, each round starting one target later; before
+  the rounds each target gets two cached sessions per user (two logins of the user at once,
+  then both LOGOUT) and an unmeasured 1 s window at c=32, also in a quick run, so that each
+  holds the spare cached sessions `ipx-on` brings from the page cases.
 - Backend waits: imapproxy's `BackendWaits` counter (its statistics file, read before and after
   each round) over the round's pages; not counted for the other targets, whose waits are
   fixed by their design (see the summary).

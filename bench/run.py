@@ -2,7 +2,8 @@
 
 Seeds and starts a private Dovecot (with a trustme certificate for its TLS listener),
 up-imapproxy and imapproxy (each SELECT cache off and on, and each once more speaking TLS to
-Dovecot) and the floor relay in front of it, the load generator, runs every workload against its
+Dovecot), imapproxy with its options (routed by a map and by SQLite, PROXY protocol and
+metrics on) and the floor relay in front of it, the load generator, runs every workload against its
 targets, prints the summary and writes the report to ``bench/results/<date>.md``
 (``<date>-quick.md`` for a quick run). A default run also puts the summary into BENCHMARKS.md
 (not with ``--no-publish``; a quick run never does). Everything started is stopped at the end,
@@ -27,7 +28,7 @@ from types import FrameType
 
 from bench import report
 from bench.loadgen import LoadGenerator
-from bench.mailstore import BenchDovecot, seed_all, write_pki
+from bench.mailstore import BenchDovecot, seed_all, webmail_users, write_pki
 from bench.plan import DEFAULT, QUICK, TARGET_ORDER, Plan
 from bench.targets import (
     IMAPPROXYD,
@@ -37,10 +38,21 @@ from bench.targets import (
     direct_tls_target,
     start_dovecot,
     start_floor_relay,
+    start_option_proxies,
     start_proxy,
     start_tls_proxies,
 )
-from bench.workloads import Bench, Results, bulk, memory, noop, pages, tls_pages, warm_up
+from bench.workloads import (
+    Bench,
+    Results,
+    bulk,
+    memory,
+    noop,
+    options,
+    pages,
+    tls_pages,
+    warm_up,
+)
 from tests.support.dovecot import DOVECOT
 
 RESULTS_DIR = REPO / "bench" / "results"
@@ -111,6 +123,10 @@ def run_all(plan: Plan, root: Path, stack: contextlib.ExitStack, progress: Progr
     progress("starting both proxies with TLS to Dovecot")
     for started in start_tls_proxies(stack, dovecot, pki, root / "proxies"):
         add(targets, proxies, started)
+    progress("starting imapproxy routed (map, SQLite) and with PROXY protocol and metrics")
+    users = webmail_users(plan.users)
+    for started in start_option_proxies(stack, dovecot, root / "proxies", users):
+        add(targets, proxies, started)
     progress("starting the floor relay")
     add(targets, proxies, start_floor_relay(stack, dovecot, root / "proxies"))
     targets.sort(key=lambda t: TARGET_ORDER.index(t.key))
@@ -125,6 +141,7 @@ def run_all(plan: Plan, root: Path, stack: contextlib.ExitStack, progress: Progr
         )
     pages(bench, results)
     tls_pages(bench, results)
+    options(bench, results)
     bulk(bench, results)
     noop(bench, results)
     memory(bench, stack, results)

@@ -14,6 +14,14 @@ verifying Dovecot's certificate against the bench CA (``tls_verify_server yes``;
 checks the name) and both with the SELECT cache on; the clients speak cleartext to the
 proxies, as webmail on the same host does.
 
+imapproxy's options (``start_option_proxies``, issues 11 and 12), each with the SELECT cache on
+like ``ipx-on``, its reference: ``ipx-map`` routes every bench user by a ``route_map`` file and
+``ipx-sql`` by SQLite (``route_sql_url``, ``route_cache_ttl`` at its default), each user by
+its full login name to the bench Dovecot and no default server (``server_hostname`` unset),
+so that a login the route source did not answer fails; ``ipx-pp`` has ``metrics_listen`` on and
+trusts 127.0.0.1 for the PROXY protocol, so the load generator sends a v2 header first;
+``ipx-proxy`` and ``ipx-metrics`` have one of the two each.
+
 Both start as root and drop to ``nobody``. up-imapproxy (``/usr/sbin/imapproxyd``) sets its
 own descriptor limit to ``2 * cache_size + 10`` and listens with a backlog of 5.
 imapproxy runs as ``python -m imapproxy`` from the repository, its soft descriptor limit raised
@@ -27,13 +35,15 @@ import contextlib
 import os
 import resource
 import shutil
+import sqlite3
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench.mailstore import BenchDovecot, BenchPki
+from bench.plan import PROXY_CLIENT_ADDRESS
 from tests.support.dovecot import free_port, wait_for_port
 from tests.support.proxy import write_config
 
@@ -66,6 +76,8 @@ class Target:
     select_cache: bool | None = None
     stat_path: Path | None = None  # imapproxy's statistics file (its BackendWaits)
     tls_ca_file: str = ""  # the client speaks implicit TLS to it, verified with this CA
+    proxy_source: str = ""  # the client sends a PROXY v2 header naming this address first
+    metrics_url: str = ""  # its Prometheus endpoint
 
 
 def start_dovecot(stack: contextlib.ExitStack, dovecot: BenchDovecot) -> BenchDovecot:
@@ -113,6 +125,84 @@ def start_tls_proxies(
             start_proxy(stack, product, dovecot, workdir, select_cache=True, key=key, **settings)
         )
     return started
+
+
+ROUTE_QUERY = "SELECT host, port FROM routes WHERE login = :user"
+NO_DEFAULT_SERVER = {"server_hostname": None, "server_port": None}  # every login routed
+
+
+def write_routes(directory: Path, dovecot: BenchDovecot, users: list[str]) -> tuple[Path, Path]:
+    """A route map and a SQLite table, each sending every user to ``dovecot`` by name.
+
+    World-readable in a traversable directory: the proxy reads them as nobody.
+    """
+    directory.mkdir(parents=True)
+    os.chmod(directory, 0o755)
+    route_map = directory / "routes"
+    server = f"{dovecot.host}:{dovecot.port}"
+    route_map.write_text("".join(f"{user} {server}\n" for user in users), encoding="ascii")
+    database = directory / "routes.db"
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute("CREATE TABLE routes (login TEXT PRIMARY KEY, host TEXT, port INTEGER)")
+        rows = [(user, dovecot.host, dovecot.port) for user in users]
+        db.executemany("INSERT INTO routes VALUES (?, ?, ?)", rows)
+    for path in (route_map, database):
+        os.chmod(path, 0o644)
+    return route_map, database
+
+
+def start_option_proxies(
+    stack: contextlib.ExitStack, dovecot: BenchDovecot, workdir: Path, users: list[str]
+) -> list[tuple[Target, subprocess.Popen[bytes]]]:
+    """imapproxy, SELECT cache on, routed by a map, by SQLite, with PROXY + metrics, and with
+    each of those two alone (``ipx-proxy``, ``ipx-metrics``: which of them costs what)."""
+    route_map, database = write_routes(workdir / "routes", dovecot, users)
+    sql = {"route_sql_url": f"sqlite:///{database}", "route_sql_query": ROUTE_QUERY}
+    started = [
+        start_proxy(stack, "imapproxy", dovecot, workdir, select_cache=True, key=key, **settings)
+        for key, settings in (
+            ("ipx-map", {"route_map": route_map, **NO_DEFAULT_SERVER}),
+            ("ipx-sql", {**sql, **NO_DEFAULT_SERVER}),
+        )
+    ]
+    for key, proxy_protocol, metrics in (
+        ("ipx-pp", True, True),
+        ("ipx-proxy", True, False),
+        ("ipx-metrics", False, True),
+    ):
+        started.append(start_edge_proxy(stack, dovecot, workdir, key, proxy_protocol, metrics))
+    return started
+
+
+def start_edge_proxy(
+    stack: contextlib.ExitStack,
+    dovecot: BenchDovecot,
+    workdir: Path,
+    key: str,
+    proxy_protocol: bool,
+    metrics: bool,
+) -> tuple[Target, subprocess.Popen[bytes]]:
+    """imapproxy, SELECT cache on, trusting 127.0.0.1 for the PROXY protocol and/or with
+    ``metrics_listen`` on (waited for too)."""
+    metrics_port = free_port() if metrics else 0
+    target, process = start_proxy(
+        stack,
+        "imapproxy",
+        dovecot,
+        workdir,
+        select_cache=True,
+        key=key,
+        proxy_protocol_trusted_networks="127.0.0.1" if proxy_protocol else None,
+        metrics_listen=f"127.0.0.1:{metrics_port}" if metrics else None,
+    )
+    if metrics:
+        try:
+            wait_for_port("127.0.0.1", metrics_port, timeout=START_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(f"{key}: metrics_listen {metrics_port} did not listen") from None
+    url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics else ""
+    source = PROXY_CLIENT_ADDRESS if proxy_protocol else ""
+    return replace(target, proxy_source=source, metrics_url=url), process
 
 
 def nofile_hard_limit() -> int:

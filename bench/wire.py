@@ -7,7 +7,9 @@ by ``n`` bytes of literal, which are skipped without being looked at, so a 10 MB
 costs a few ``recv_into`` calls and no copies.
 
 A connection may speak implicit TLS (RFC 8314 §3.2: the handshake right after connect, before
-the greeting), as webmail does to port 993; the context comes from the caller.
+the greeting), as webmail does to port 993; the context comes from the caller. It may also
+begin with a PROXY protocol v2 header (haproxy ``doc/proxy-protocol.txt`` §2.2), as a load
+balancer with ``send-proxy-v2`` does: the client address the caller names, the real ports.
 
 Every failure becomes a ``WireError`` whose ``kind`` is the error class the report counts:
 ``connect`` (refused, timed out), ``tls`` (the handshake failed), ``timeout`` (no reply in
@@ -66,8 +68,10 @@ class Connection:
         quickack: bool,
         timeout_s: float,
         tls: ssl.SSLContext | None = None,
+        proxy_source: str = "",
     ) -> Connection:
-        """Connect (with ``tls``: then the TLS handshake) and read the greeting, ``* OK``.
+        """Connect (with ``proxy_source``: then a PROXY v2 header naming that IPv4 address as
+        the client's; with ``tls``: then the TLS handshake) and read the greeting, ``* OK``.
 
         The socket stays in blocking mode, its time-outs set with ``SO_RCVTIMEO`` and
         ``SO_SNDTIMEO`` (which also bounds ``connect`` on Linux): Python's own time-outs would
@@ -82,6 +86,8 @@ class Connection:
         except OSError as error:
             sock.close()
             raise WireError("connect", str(error)) from None
+        if proxy_source:
+            send_proxy_header(sock, proxy_source)
         if tls is not None:
             sock = handshake(sock, tls, host)
         connection = cls(sock, quickack=quickack)
@@ -181,6 +187,36 @@ class Connection:
 
     def logout(self) -> None:
         self.command(b"LOGOUT", "LOGOUT")
+
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_TCP4 = struct.Struct("!12sBBH4s4sHH")  # signature, ver/cmd, family, length, addresses
+
+
+def proxy_v2_header(client: tuple[str, int], server: tuple[str, int]) -> bytes:
+    """A v2 ``PROXY`` header for TCP over IPv4 (§2.2): version 2 command PROXY (0x21),
+    AF_INET + STREAM (0x11), 12 bytes of addresses and ports, no TLVs."""
+    return PROXY_V2_TCP4.pack(
+        PROXY_V2_SIGNATURE,
+        0x21,
+        0x11,
+        12,
+        socket.inet_aton(client[0]),
+        socket.inet_aton(server[0]),
+        client[1],
+        server[1],
+    )
+
+
+def send_proxy_header(sock: socket.socket, client_address: str) -> None:
+    """The header on a connected socket: ``client_address`` with the socket's own port."""
+    try:
+        _, client_port = sock.getsockname()
+        header = proxy_v2_header((client_address, client_port), sock.getpeername())
+        sock.sendall(header)
+    except OSError as error:
+        sock.close()
+        raise failure(error) from None
 
 
 def handshake(sock: socket.socket, context: ssl.SSLContext, host: str) -> ssl.SSLSocket:

@@ -6,6 +6,12 @@
 - ``tls``: the server over TLS: the same page with the quickack client at c=1 and c=8,
   against Dovecot direct over implicit TLS and each proxy (SELECT cache on) speaking TLS to
   Dovecot while its clients speak cleartext (``targets.start_tls_proxies``);
+- ``options``: imapproxy's options against imapproxy SELECT cache on (``ipx-on``), the page
+  with the quickack client at c=8 in page windows: routed by a route map and by SQLite, and
+  with the PROXY protocol and metrics on, and with each of those alone
+  (``targets.start_option_proxies``), each target first given two sessions per user; each
+  metrics endpoint is scraped once afterwards, to show
+  it was serving;
 - ``bulk``: FETCH of whole 10 MiB (and 1 MiB) messages on one session, MiB/s;
 - ``noop``: sequential NOOPs on one logged-in session, latency; bulk and NOOP also measure the
   floor relay (``bench.floor_relay``), the least any gevent relay adds;
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +38,7 @@ from bench.figures import Cost, MemoryFigures, MemoryPoint, Round
 from bench.loadgen import LoadGenerator
 from bench.mailstore import PASSWORD, BenchDovecot, big_users, memory_users, webmail_users
 from bench.pages import Job
-from bench.plan import ONLY_IN, OWN_TARGETS, Plan
+from bench.plan import EXTRA_TARGETS, ONLY_IN, OWN_TARGETS, Plan
 from bench.targets import (
     Target,
     dovecot_pid,
@@ -48,13 +55,16 @@ MEMORY_SETTLE_S = 0.5
 BULK_SIZES = {"10 MiB": (5 << 20, 20 << 20), "1 MiB": (512 << 10, 5 << 20)}
 LOGIN_MARK = b"Login: user=<"
 LOG_DELAY_S = 0.02  # Dovecot's log process writes a login line a moment after the login
+SCRAPE_TIMEOUT_S = 10.0
+OPTIONS_WARMUP_S = 1.0  # per target, before the options' rounds (see ``options``)
+SCRAPED_LOGINS = b"imapproxy_client_logins_total "
 
 
 @dataclass(frozen=True)
 class Case:
     """A workload variant: the rows of the report."""
 
-    workload: str  # "page", "tls", "bulk", "noop"
+    workload: str  # "page", "tls", "options", "bulk", "noop"
     client: str = "plain"  # "plain" or "quickack"
     concurrency: int = 1
     size: str = ""
@@ -65,6 +75,8 @@ class Case:
             return f"page, {self.client} client, c={self.concurrency}"
         if self.workload == "tls":
             return f"page, server over TLS, {self.client} client, c={self.concurrency}"
+        if self.workload == "options":
+            return f"page, routing and PROXY + metrics, {self.client} client, c={self.concurrency}"
         if self.workload == "bulk":
             return f"bulk FETCH {self.size}"
         return "NOOP round trip"
@@ -101,7 +113,8 @@ class Bench:
     def targets_of(self, workload: str) -> list[Target]:
         """The targets ``workload`` measures (see ``plan.ONLY_IN``), in their order."""
         if workload in OWN_TARGETS:
-            return [t for t in self.targets if workload in ONLY_IN.get(t.key, ())]
+            extra = EXTRA_TARGETS.get(workload, ())
+            return [t for t in self.targets if workload in ONLY_IN.get(t.key, ()) or t.key in extra]
         return [t for t in self.targets if workload in ONLY_IN.get(t.key, (workload,))]
 
     def job(
@@ -128,6 +141,7 @@ class Bench:
             expected=self.expected,
             size_range=size_range,
             tls_ca_file=target.tls_ca_file,
+            proxy_source=target.proxy_source,
         )
 
     def max_wait_s(self, job: Job, units: int = 1) -> float:
@@ -211,7 +225,8 @@ def warm_up(bench: Bench) -> None:
         )
         check_warm(outcome.tally.errors, direct)
     bench.expected = tuple(sorted(outcome.tally.observed.items()))
-    for target in bench.targets_of("page") + bench.targets_of("tls"):
+    warmed = bench.targets_of("page") + bench.targets_of("tls") + bench.targets_of("options")
+    for target in dict.fromkeys(warmed):  # ipx-on is in two of them: warmed once
         if target.pid is not None:
             outcome = bench.loadgen.run(
                 bench.job("warm", target, split(bench.users, 8), quickack=True), JOB_MARGIN_S * 5
@@ -279,6 +294,56 @@ def page_case(
         for target in targets:
             job = page_job(bench, target, case.client, case.concurrency, window_s)
             results.add(case, target, bench.measure(target, job))
+
+
+def options(bench: Bench, results: Results) -> None:
+    """imapproxy's options against ``ipx-on``: the page as in ``pages``, quickack client.
+
+    Each target first gets two sessions per user (``pair``) and an unmeasured window at the
+    page cases' largest concurrency, also in a quick run: ``ipx-on`` comes out of the page
+    cases with a spare cached session for each user that two clients asked for at once, and a
+    target without them would pay Dovecot logins that are no cost of its option. Then the
+    rounds, each starting one target later than the last, so that no target always follows the
+    same one.
+    """
+    plan = bench.plan
+    case = Case("options", "quickack", plan.options_concurrency)
+    measured = bench.targets_of("options")
+    bench.progress(case.label)
+    for target in measured:
+        pairs = bench.job("pair", target, split(bench.users, 8), quickack=True)
+        check_warm(bench.loadgen.run(pairs, JOB_MARGIN_S * 5).tally.errors, target)
+        job = page_job(bench, target, case.client, max(plan.concurrencies), OPTIONS_WARMUP_S)
+        bench.loadgen.run(job, OPTIONS_WARMUP_S + JOB_MARGIN_S * 2)
+    for number in range(plan.rounds):
+        shift = number % len(measured)
+        for target in measured[shift:] + measured[:shift]:
+            job = page_job(bench, target, case.client, case.concurrency, plan.page_window_s)
+            results.add(case, target, bench.measure(target, job))
+    for target in measured:
+        if target.metrics_url:
+            results.notes.append(scraped(target))
+
+
+def scraped(target: Target) -> str:
+    """One scrape of ``target``'s metrics endpoint, said as a note of the report."""
+    try:
+        with urllib.request.urlopen(target.metrics_url, timeout=SCRAPE_TIMEOUT_S) as response:
+            body = response.read()
+    except OSError as error:
+        return f"{target.key}: its metrics endpoint did not answer after the rounds ({error})."
+    logins = next(
+        (
+            line[len(SCRAPED_LOGINS) :].decode()
+            for line in body.splitlines()
+            if line.startswith(SCRAPED_LOGINS)
+        ),
+        "?",
+    )
+    return (
+        f"{target.key}: one scrape of `/metrics` after the rounds answered {len(body):,} bytes, "
+        f"`imapproxy_client_logins_total` {logins}."
+    )
 
 
 # -- bulk and NOOP ------------------------------------------------------------------------------
