@@ -275,9 +275,11 @@ class BackendSession:
         check, tags = self.check, self.check_tags
         assert check is not None
         self.check, self.check_tags = None, []
-        waited = not self.reader.has_buffered() and not self._receive_arrived()
+        loop = gevent.get_hub().loop
+        started = loop.now()  # the loop's time moves only when this greenlet had to wait
         with _Deadline(REUSE_CHECK_TIMEOUT_S, "no reply to the liveness check"):
             untagged, done = self._read_tagged(set(tags))
+        waited = loop.now() != started
         untagged, self.news = self.news + untagged, []
         verdict = check.verdict(untagged, [done[tag] for tag in tags])
         if verdict.drop_entry:
