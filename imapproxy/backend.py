@@ -276,10 +276,12 @@ class BackendSession:
         assert check is not None
         self.check, self.check_tags = None, []
         loop = gevent.get_hub().loop
-        started = loop.now()  # the loop's time moves only when this greenlet had to wait
         with _Deadline(REUSE_CHECK_TIMEOUT_S, "no reply to the liveness check"):
+            # the loop's clock moves only if this greenlet waits (starting the deadline's
+            # timer moves it too: hence read after it)
+            started = loop.now()
             untagged, done = self._read_tagged(set(tags))
-        waited = loop.now() != started
+            waited = loop.now() != started
         untagged, self.news = self.news + untagged, []
         verdict = check.verdict(untagged, [done[tag] for tag in tags])
         if verdict.drop_entry:
