@@ -108,6 +108,7 @@ class BackendSession:
         "check_tags",
         "news",
         "check_sent_at",
+        "check_sent_monotonic",
         "origin_ip",
         "server",
     )
@@ -129,6 +130,7 @@ class BackendSession:
         self.check_tags: list[bytes] = []
         self.news: list[Response] = []  # untagged replies that came while cached
         self.check_sent_at = 0.0  # time.perf_counter() when the reuse check left
+        self.check_sent_monotonic = 0.0
         self.origin_ip: str | None = None  # the client address the server was told at login
         self.server = ""  # "host:port" of the server (XPROXY_DUMPICC, the trace)
 
@@ -264,13 +266,16 @@ class BackendSession:
         self.check = check = ReuseCheck(entry, client_id_args, esearch=esearch)
         self.check_tags = self._send_tagged(check.lines)
         self.check_sent_at = time.perf_counter()
+        self.check_sent_monotonic = time.monotonic()  # the clock of select_checked_at
 
-    def finish_check(self, now: float) -> bool:
+    def finish_check(self) -> bool:
         """Read the check's replies; ``BackendFailure`` if the session is dead or out of sync.
         True if they had not come in yet (the client waited for them after all).
 
         With a SELECT cache entry that still holds, the page's SELECT, coming next, is
-        answered at once (``select_checked_at``); an entry that no longer holds is dropped.
+        answered at once (``select_checked_at``, stamped with the time the check was sent:
+        what the replies say is as old as that); an entry that no longer holds is dropped, and
+        so is the stamp when anything follows the check's completions (news after the check).
         """
         check, tags = self.check, self.check_tags
         assert check is not None
@@ -288,8 +293,8 @@ class BackendSession:
             self.select_entry = None
         if not verdict.alive:
             raise BackendFailure(FailureKind.PROTOCOL, verdict.reason)
-        if verdict.entry_holds:
-            self.select_checked_at = now
+        if verdict.entry_holds and not self.reader.has_buffered():
+            self.select_checked_at = self.check_sent_monotonic
         return waited
 
     def _entry_check(self, entry: SelectEntry) -> list[bytes]:

@@ -88,6 +88,7 @@ class SessionBroker(admin.AdminView, Protocol):
         origin: ClientOrigin | None = None,
         *,
         merged: bool = False,
+        replace: bool = True,
     ) -> Slot[BackendSession]: ...
 
     def checkin(self, slot: Slot[BackendSession], outcome: Outcome) -> None: ...
@@ -138,6 +139,7 @@ class ClientConnection:
         self._origin: ClientOrigin | None = None
         self.implicit_tls = implicit_tls
         self.sent_early: Line | None = None  # a first command sent behind the reuse check
+        self._login_done: LoggedIn | None = None  # the login until _logged_in takes it
         self.tls = False
         self.session = PreLoginSession(
             PreLoginPolicy(
@@ -185,7 +187,7 @@ class ClientConnection:
         deadline = gevent.Timeout(self.proxy.config.client_login_timeout)
         deadline.start()
         try:
-            login = self._before_login()
+            self._login_done = self._before_login()
         except gevent.Timeout as timeout:
             if timeout is not deadline:
                 raise
@@ -193,8 +195,8 @@ class ClientConnection:
             return
         finally:
             deadline.close()
-        if login is not None:
-            self._logged_in(*login)
+        if self._login_done is not None:  # held by the connection, not by this frame:
+            self._logged_in()  # _logged_in lets the credentials go once the reuse is sure
 
     def _before_login(self) -> LoggedIn | None:
         """The PROXY header if from HAProxy, TLS first on the implicit-TLS port, the greeting,
@@ -309,7 +311,13 @@ class ClientConnection:
             self.proxy.metrics.logged_in(reused, time.perf_counter() - started)
         return slot, reused, request
 
-    def _logged_in(self, slot: Slot[BackendSession], reused: bool, request: LoginRequested) -> None:
+    def _logged_in(self) -> None:
+        """Answer the login, confirm a reuse, relay, check the session back in. The
+        credentials (``LoginRequested``) are dropped as soon as the reuse is confirmed: the
+        relay never holds them."""
+        assert self._login_done is not None
+        slot, reused, request = self._login_done
+        self._login_done = None
         session = slot.session
         assert session is not None
         login = session.login
@@ -317,18 +325,22 @@ class ClientConnection:
         sent = self._send(REUSE_NOTICE + reply if reused else reply)
         if reused:
             confirmed = self._confirm(slot, request, sent)
+            del request  # the check is read: nothing here needs the password any more
             if confirmed is None:
                 return
             # the slot may be the same one, freed and taken again: the session tells
             reused, slot = confirmed.session is session, confirmed
             session = slot.session
             assert session is not None
+        else:
+            del request
         if not sent:
             self.proxy.checkin(slot, Outcome.RESYNCED)  # gone before its first command: idle
             return
-        relay = self._relay(session, reused)
+        relay = None
         outcome = Outcome.CLOSED
         try:
+            relay = self._relay(session, reused)
             outcome = relay.run()
         finally:
             self.proxy.checkin(slot, outcome)
@@ -355,6 +367,7 @@ class ClientConnection:
                 self.where,
                 self.origin(),
                 merged=early is not None,
+                replace=sent,  # a client already gone needs no new session
             )
         except BackendFailure as error:
             LOGGER.info(

@@ -49,7 +49,7 @@ from imapproxy.protocol.framing import (
     LiteralData,
 )
 from imapproxy.protocol.framing import Event as FramerEvent
-from imapproxy.protocol.grammar import Arguments, CommandStart
+from imapproxy.protocol.grammar import Arguments, CommandStart, split_command_line
 from imapproxy.relay_state import Kind, RelayState
 from imapproxy.select_cache import (
     SelectEntry,
@@ -277,7 +277,7 @@ class Relay:
         self.client.settimeout(self.settings.idle_timeout)
         self.session.sock.settimeout(self.settings.idle_timeout)  # None again once done
         if self.sent_early is not None:  # sent behind the reuse check: one wait for both
-            self._line(self.sent_early, [])  # outstanding before its reply is copied
+            self._started_early(self.sent_early)  # outstanding before its reply is copied
             self.counters.BackendWaits += 1
             self._copy(self.state.replies_done)
         else:
@@ -294,6 +294,15 @@ class Relay:
                 return self._close()
             if data is not None:
                 self.framer.receive_data(data)
+
+    def _started_early(self, line: Line) -> None:
+        """The first command, already sent with the reuse check: outstanding, as it was
+        decided then (a SIGHUP since may have turned the SELECT cache on: it must not be
+        answered, or sent, again)."""
+        start = split_command_line(line.data)  # goes_with_the_check parsed it already
+        if self.trace is not None:
+            self.trace.client_command(line.data, start.tag, start.name)
+        self.state.command_started(start)
 
     def _receive_client(self) -> bytes | None:
         """The client's next bytes (b"" at EOF); None when the backend spoke meanwhile.

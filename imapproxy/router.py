@@ -293,6 +293,16 @@ class Router:
             return self.default_target
         return Target(route, self._backend(route))
 
+    def target_of(self, route: object) -> Target:
+        """The target of a route already looked up (a session's ``Slot.server``)."""
+        if not isinstance(route, Route) or route == self.default_route:
+            if self.default_target is None:
+                raise BackendFailure(
+                    FailureKind.AUTH_REJECTED, "no route and no default server", NO_ROUTE_REPLY
+                )
+            return self.default_target
+        return Target(route, self._backend(route))
+
     def _route(self, credentials: Credentials, digest: bytes, where: str) -> Route | None:
         name = lookup_name(credentials.username)
         if name is None:

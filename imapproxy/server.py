@@ -201,25 +201,32 @@ class Proxy:
         origin: ClientOrigin | None = None,
         *,
         merged: bool = False,
+        replace: bool = True,
     ) -> Slot[BackendSession]:
         """Read a reused session's check: its slot if it passed, else a new session's (with the
-        credentials the connection still holds); ``BackendFailure`` if none can be had.
+        credentials the connection still holds, on the server the login was routed to);
+        ``BackendFailure`` if none can be had, or if ``replace`` is off (the client is gone).
 
         ``merged``: the client's first command went behind the check, and the wait for the
         check is the wait for that command's reply (the relay counts it).
         """
         session = slot.session
         assert session is not None
-        sent_at = session.check_sent_at
+        sent_at, route = session.check_sent_at, slot.server
         try:
-            if session.finish_check(self.clock()) and not merged:
+            if session.finish_check() and not merged:
                 self.counters.BackendWaits += 1  # the overlap did not hide the check this time
         except (BackendFailure, OSError) as error:
             self.counters.TotalServerConnectionsReused -= 1
             self._dead(slot, credentials, where, error)
+            if not replace:
+                raise BackendFailure(FailureKind.LOST, "the client left; no new session") from None
             digest = self.hasher.digest(credentials)
-            target = self.router.target(credentials, digest, where)  # the route, cached
+            target = self.router.target_of(route)  # no new look-up: the route of the login
             return self._new_session(credentials, client_id, digest, where, target, origin)
+        except BaseException:
+            self.discard(slot)  # never left ACTIVE by an error of ours
+            raise
         if self.metrics is not None:  # sent with the login answer, read at the next command
             self.metrics.round_trip(time.perf_counter() - sent_at)
         return slot

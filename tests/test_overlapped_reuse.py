@@ -198,3 +198,26 @@ def test_unselect_reply_still_in_flight_is_read_before_the_next_client(
     assert_in_sync(second, user.name)
     first.close()
     second.close()
+
+
+def test_a_check_made_at_login_does_not_vouch_for_a_late_select(
+    start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
+) -> None:
+    """The validation sent with the login answer says how the mailbox was then: a SELECT that
+    comes later than ``SELECT_CHECK_FRESH_S`` after it, with mail delivered meanwhile, is
+    checked again, never answered with the old figures."""
+    proxy = start_proxy(enable_select_cache=True)
+    for page in range(2):  # the second SELECT, over a selected mailbox, shows its [CLOSED]
+        client, _ = logged_in(proxy.host, proxy.port, user.name, user.password)
+        client.command(b"s", b"SELECT INBOX")
+        client.command(b"z", b"LOGOUT")
+        client.close()
+        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd", count=page + 1)
+    client, replies = logged_in(proxy.host, proxy.port, user.name, user.password)
+    assert replies[0].startswith(REUSED)
+    time.sleep(0.3)  # the check is back, and says 5 messages
+    dovecot.deliver(user.name, make_message(f"{user.name} message 6"))
+    time.sleep(1.2)  # past SELECT_CHECK_FRESH_S since the check left
+    reply = client.command(b"s", b"SELECT INBOX")
+    assert b"* 6 EXISTS\r\n" in reply and b"* 5 EXISTS\r\n" not in reply, reply
+    client.close()
