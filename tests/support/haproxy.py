@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.support.dovecot import free_port, wait_for_port
 from tests.support.polling import wait_until
-from tests.support.processes import reap
+from tests.support.processes import terminate
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
@@ -107,8 +107,7 @@ class HAProxyInstance:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        reap(self.process)
+        terminate(self.process)
         self.process = None
 
     def admin(self, command: str) -> str:

@@ -15,3 +15,9 @@ def reap(process: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
         process.wait()
     if process.stderr is not None:
         process.stderr.close()
+
+
+def terminate(process: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
+    """SIGTERM, then ``reap``."""
+    process.terminate()
+    reap(process, timeout_s)

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from tests.support.dovecot import free_port, wait_for_port
-from tests.support.processes import reap
+from tests.support.processes import terminate
 
 SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
 LDAPADD = shutil.which("ldapadd") or "/usr/bin/ldapadd"
@@ -110,8 +110,7 @@ class Slapd:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        reap(self.process)
+        terminate(self.process)
         self.process = None
 
     def add(self, ldif: str) -> None:
