@@ -14,9 +14,10 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # tests; systemd: systemd-analyze for the unit; devscripts: checkbashisms for the init script;
 # haproxy: the load balancer in front of the proxy in the PROXY protocol tests; prometheus:
 # promtool, which checks the /metrics output; strace: the system calls per page
-# (python -m bench.syscalls).
+# (python -m bench.syscalls); slapd, ldap-utils (ldapadd), postgresql: the directory and the
+# database the routing tests route from (their own config and data in temp dirs).
 APT_PACKAGES := dovecot-imapd dovecot-core imapproxy tmux systemd devscripts haproxy prometheus \
-	strace
+	strace slapd ldap-utils postgresql
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 SBINDIR     ?= $(PREFIX)/sbin
