@@ -227,9 +227,8 @@ class BackendSession:
         except BackendProtocolError as error:
             raise BackendFailure(FailureKind.PROTOCOL, str(error)) from None
 
-    def _receive_arrived(self) -> bool:
-        """Take into the reader what has arrived, without waiting; whether anything had."""
-        got = False
+    def _receive_arrived(self) -> None:
+        """Take into the reader what has arrived, without waiting."""
         self.sock.settimeout(0.0)
         try:
             while True:
@@ -237,11 +236,10 @@ class BackendSession:
                 if not data:
                     raise BackendFailure(FailureKind.LOST, "connection closed by server")
                 self.reader.receive_data(data)
-                got = True
                 if len(data) < RECV_BYTES:  # all there was: no read to find nothing
-                    return got
+                    return
         except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
-            return got
+            return
         finally:
             self.sock.settimeout(None)
 

@@ -425,6 +425,13 @@ class ClientConnection:
                 f"LOGIN on {how} sd [{session.sd}] on server {session.server}"
                 f" for client {self.where}"
             )
-        relay = Relay(self.sock, session, self.session.framer, settings, self.proxy.counters, trace)
-        relay.sent_early, self.sent_early = self.sent_early, None
-        return relay
+        sent_early, self.sent_early = self.sent_early, None
+        return Relay(
+            self.sock,
+            session,
+            self.session.framer,
+            settings,
+            self.proxy.counters,
+            trace,
+            sent_early,
+        )

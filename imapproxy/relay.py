@@ -117,6 +117,7 @@ class Relay:
         settings: RelaySettings,
         counters: Counters,
         trace: SessionTrace | None = None,
+        sent_early: Line | None = None,
     ) -> None:
         self.client = client
         self.session = session
@@ -133,7 +134,7 @@ class Relay:
         self.copier.trace = trace
         self.backend_gone: str | None = None
         self.farewell = b""  # what the client gets after the session is dealt with (LOGOUT)
-        self.sent_early: Line | None = None  # the client's first command, sent with the check
+        self.sent_early = sent_early  # the client's first command, sent with the reuse check
         self._pump: gevent.Greenlet | None = None
         self._pump_parked = False  # the pump waits in recv: everything read has been sent
         self._client_writing = False
