@@ -29,7 +29,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import gevent
 from gevent import socket
@@ -327,14 +326,14 @@ class Relay:
         return self._recv_client()
 
     def _wait_either(self) -> str:
-        """Wait until the client or the backend is readable, the client's idle time at most."""
-        return self._wait_for((self._client_watch, _CLIENT), (self._backend_watch, _BACKEND))
-
-    def _wait_for(self, *watched: tuple[Any, str]) -> str:
-        """Wait for the first of ``watched`` (watcher, name) to fire; TimeoutError after the
-        client's idle time. The watchers are the relay's own, made once per session."""
+        """Wait until the client or the backend is readable, the client's idle time at most
+        (``TimeoutError``). The watchers are the relay's own, made once per session."""
         waiter: Waiter[str] = Waiter()
-        started = (*watched, (self._idle_timer, _TIMEOUT))
+        started = (
+            (self._client_watch, _CLIENT),
+            (self._backend_watch, _BACKEND),
+            (self._idle_timer, _TIMEOUT),
+        )
         for watcher, which in started:
             watcher.start(waiter.switch, which)
         try:
