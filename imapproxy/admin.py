@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 from imapproxy import __version__
 from imapproxy.config import Config, in_networks
 from imapproxy.router import is_down
+from imapproxy.worker_message import AdminCall
 
 if TYPE_CHECKING:
     from imapproxy.backend import Backend, BackendSession
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from imapproxy.session import AdminRequested
     from imapproxy.stats import Counters
     from imapproxy.trace import Tracer
+    from imapproxy.worker_channel import WorkerChannel
 
 
 class AdminView(Protocol):
@@ -34,6 +36,7 @@ class AdminView(Protocol):
     counters: Counters
     backend: Backend
     router: Router
+    workers: WorkerChannel | None
 
 
 def allowed(config: Config, address: tuple[object, ...]) -> bool:
@@ -41,8 +44,29 @@ def allowed(config: Config, address: tuple[object, ...]) -> bool:
 
 
 def execute(proxy: AdminView, request: AdminRequested) -> bytes:
-    handler = _HANDLERS[request.name]
-    return handler(proxy, request.tag, request.argument)
+    """The reply to an admin command; with ``workers N`` the commands that concern every
+    worker's cache, counters or trace (``WHOLE_PROXY``) are run in all of them, and their
+    untagged lines come before this worker's tagged one."""
+    reply = _HANDLERS[request.name](proxy, request.tag, request.argument)
+    if proxy.workers is None or request.name not in WHOLE_PROXY:
+        return reply
+    untagged, tagged = _split(reply)
+    others = proxy.workers.call_others(AdminCall(request.name, request.argument))
+    return untagged + others + tagged
+
+
+def part(proxy: AdminView, name: bytes, argument: bytes | None) -> bytes:
+    """This worker's share of a whole-proxy command taken by another worker: its effect here,
+    and its untagged lines (the other worker gives the tagged status)."""
+    if name not in WHOLE_PROXY:
+        return b""
+    return _split(_HANDLERS[name](proxy, b"x", argument))[0]
+
+
+def _split(reply: bytes) -> tuple[bytes, bytes]:
+    """(untagged lines, the tagged line) of a reply."""
+    end = reply.rfind(b"\r\n", 0, len(reply) - 2)
+    return (b"", reply) if end < 0 else (reply[: end + 2], reply[end + 2 :])
 
 
 def _dumpicc(proxy: AdminView, tag: bytes, argument: bytes | None) -> bytes:
@@ -131,3 +155,7 @@ _HANDLERS = {
     b"XPROXY_STATUS": _status,
     b"XPROXY_SERVERS": _servers,
 }
+# the commands whose answer is about every worker; the others read what is the same in all
+WHOLE_PROXY = frozenset(
+    (b"XPROXY_DUMPICC", b"XPROXY_TRACE", b"XPROXY_NEWLOG", b"XPROXY_RESETCOUNTERS")
+)

@@ -23,18 +23,20 @@ import gevent
 from gevent import socket, ssl
 from gevent.event import Event
 
-from imapproxy import __version__, backend_check, daemon, keeper, log, tls
+from imapproxy import __version__, backend_check, daemon, keeper, log, supervisor, tls
 from imapproxy import config as config_module
 from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
 from imapproxy.config import Config
+from imapproxy.credentials import CredentialHasher
 from imapproxy.errors import BackendFailure, ConfigError, FailureKind
 from imapproxy.health import servers_path
 from imapproxy.route import RouteSource
 from imapproxy.router import Router, ServersFile, build_source
 from imapproxy.server import Proxy
-from imapproxy.stats import Counters, create_file, summary
+from imapproxy.stats import Counters, Totals, create_file, summary
 from imapproxy.trace import Tracer
+from imapproxy.worker_channel import Inboxes, WorkerChannel
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -226,11 +228,13 @@ def _listen(
     return sock
 
 
-def open_counters(config: Config, identity: daemon.Identity | None) -> Counters:
+def open_counters(config: Config, identity: daemon.Identity | None, workers: int = 1) -> Counters:
+    """The statistics file (with a block per worker when there are several); without
+    ``stat_filename``, memory (shared with the workers: the admin commands read the totals)."""
     if not config.stat_filename:
-        return Counters.in_memory()
+        return Counters.in_memory(workers)
     with _os_errors(f"cannot create stat_filename {config.stat_filename}"):
-        counters = create_file(config.stat_filename)
+        counters = create_file(config.stat_filename, workers)
         daemon.hand_over(config.stat_filename, identity)
     return counters
 
@@ -271,10 +275,11 @@ def run(config: Config, startup: Startup) -> int:
         "enabled" if config.enable_select_cache else "disabled",
         "enabled" if config.enable_admin_commands else "disabled",
     )
+    workers = supervisor.worker_count(config.workers)
     with _daemon_errors():
         identity = daemon.lookup_identity(config.proc_username, config.proc_groupname)
         daemon.raise_file_limit(config.cache_size)
-    counters = open_counters(config, identity)
+    counters = open_counters(config, identity, workers)
     tracer = open_tracer(config, identity)
     servers_file = open_servers_file(config, identity)
     backend_tls, client_tls = tls_contexts(config, tls.read_files)
@@ -292,25 +297,115 @@ def run(config: Config, startup: Startup) -> int:
         daemon.detach()
     if startup.pidfile_path:
         write_pidfile(startup.pidfile_path)
-    read_tls_files = tls_file_reader(config, startup, identity)
+    readers = [tls_file_reader(config, startup, identity) for _ in range(workers)]
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
-    router = Router(config, backend, time.monotonic, source)
-    router.health.file = servers_file
+    shared = Shared(backend, counters, source, tracer, servers_file, client_tls, first_contact)
+    listening = Listening(listeners, tls_listeners, metrics_listeners)
+    if workers > 1:
+        return run_workers(config, startup, workers, shared, listening, readers)
+    proxy = build_proxy(config, shared)
+    return serve(proxy, listeners, tls_listeners, startup, readers[0], metrics_listeners)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What start-up made, as root, for the proxy (or each worker) to build on."""
+
+    backend: Backend
+    counters: Counters
+    source: RouteSource | None
+    tracer: Tracer | None
+    servers_file: ServersFile | None
+    client_tls: ssl.SSLContext | None
+    first_contact: LoginResult | None
+
+
+@dataclass(frozen=True)
+class Listening:
+    listeners: list[socket.socket]
+    tls_listeners: list[socket.socket]
+    metrics_listeners: list[socket.socket]
+
+
+def build_proxy(
+    config: Config,
+    shared: Shared,
+    workers: WorkerChannel | None = None,
+    hasher: CredentialHasher | None = None,
+) -> Proxy:
+    counters = shared.counters
+    if workers is not None:  # its own block; the start-up's TLS finding to begin with
+        counters = shared.counters.worker(workers.index)
+        counters.set_backend_tls(*shared.counters.backend_tls())
+        backend_check.watch(shared.backend, counters)
+    router = Router(config, shared.backend, time.monotonic, shared.source)
+    if workers is None or workers.index == 0:  # one writer of the servers' health file
+        router.health.file = shared.servers_file
     proxy = Proxy(
         config,
-        backend,
+        shared.backend,
         counters,
         router=router,
-        tracer=tracer,
-        client_tls=client_tls,
-        first_contact=first_contact,
+        tracer=shared.tracer,
+        client_tls=shared.client_tls,
+        first_contact=shared.first_contact,
+        workers=workers,
+        hasher=hasher,
     )
-    if metrics_listeners:
+    if config.metrics_listen is not None:
         from imapproxy import metrics  # imported before: bind_metrics_listeners
 
         proxy.metrics = metrics.Metrics(proxy)
-    return serve(proxy, listeners, tls_listeners, startup, read_tls_files, metrics_listeners)
+    return proxy
+
+
+def run_workers(
+    config: Config,
+    startup: Startup,
+    count: int,
+    shared: Shared,
+    listening: Listening,
+    readers: list[TLSFileReader],
+) -> int:
+    """``workers N``: the supervisor (``supervisor``) and its workers, each a whole proxy on
+    the shared listeners with its share of the cache and one key for the credentials' hashes
+    (the same in every worker: a session moved on restart keeps its key)."""
+    inboxes = Inboxes.create(count)
+    hasher = CredentialHasher()
+
+    def worker_main(index: int) -> int:
+        channel = WorkerChannel(index, inboxes)
+        proxy = build_proxy(config, shared, channel, hasher)
+        return serve(
+            proxy,
+            listening.listeners,
+            listening.tls_listeners,
+            startup,
+            readers[index],
+            listening.metrics_listeners,
+            supervised=True,
+        )
+
+    totals = Totals(shared.counters)
+    totals.start(int(time.time()))
+
+    def restarted() -> None:
+        shared.counters.WorkerRestarts += 1
+
+    boss = supervisor.Supervisor(
+        count,
+        worker_main,
+        config.shutdown_timeout,
+        sample=totals.update,
+        counted_restart=restarted,
+        summary=lambda: summary(shared.counters),
+    )
+    status = boss.run()
+    if startup.pidfile_path:
+        _remove(startup.pidfile_path)
+    LOGGER.info("stopped")
+    return status
 
 
 TLSFileReader = Callable[[Config], dict[str, bytes]]
@@ -352,8 +447,12 @@ def serve(
     startup: Startup,
     read_tls_files: TLSFileReader = tls.read_files,
     metrics_listeners: Sequence[socket.socket] = (),
+    *,
+    supervised: bool = False,
 ) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters.
+
+    ``supervised``: a worker of ``workers N``; the supervisor owns the pid file."""
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
@@ -377,6 +476,8 @@ def serve(
     daemon.notify("STOPPING=1")
     LOGGER.info("shutting down: logging out cached sessions")
     proxy.stop(proxy.config.shutdown_timeout)
+    if supervised:
+        return 0
     if startup.pidfile_path:
         _remove(startup.pidfile_path)
     LOGGER.info("stopped")

@@ -173,6 +173,20 @@ def in_networks(host: str, networks: tuple[Any, ...]) -> bool:
     return any(address in network for network in networks)
 
 
+def worker_count(value: str) -> int:
+    """``workers``: a number from 1, or ``auto``, 0 in the frozen config (one per core, as
+    nginx's ``worker_processes auto``; ``supervisor.worker_count`` resolves it)."""
+    if value.lower() == "auto":
+        return 0
+    number = positive_int(value)
+    if number > MAX_WORKERS:
+        raise ValueError(f"expected at most {MAX_WORKERS} workers, got {number}")
+    return number
+
+
+MAX_WORKERS = 256  # far beyond any core count a proxy host has; bounds the stats file
+
+
 def ldap_filter(value: str) -> str:
     return check_filter(value.strip())
 
@@ -313,6 +327,9 @@ class Config:
     admin_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may use XPROXY_* commands")
     max_client_connections: int = setting(
         0, non_negative_int, "clients served at once; 0: as the open-file limit allows"
+    )
+    workers: int = setting(
+        1, worker_count, "worker processes (auto: one per core); 0 here means auto", restart=True
     )
 
     proxy_protocol_trusted_networks: tuple[Any, ...] = setting(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import gevent
 from gevent import socket, ssl
 
-from imapproxy import admin, proxy_protocol
+from imapproxy import admin, proxy_protocol, worker_channel
 from imapproxy.backend import BackendSession
 from imapproxy.cache import Slot
 from imapproxy.config import in_networks
@@ -43,11 +43,13 @@ from imapproxy.session import (
     Reply,
     StartTLSRequested,
 )
+from imapproxy.worker_message import HandedClient
 
 if TYPE_CHECKING:
     from imapproxy.credentials import Credentials
     from imapproxy.metrics import Metrics
     from imapproxy.throttle import LoginThrottle
+    from imapproxy.worker_channel import WorkerChannel
 
 
 class Greeter(Protocol):
@@ -70,6 +72,7 @@ class SessionBroker(admin.AdminView, Protocol):
     stopping: bool
     throttle: LoginThrottle
     metrics: Metrics | None
+    workers: WorkerChannel | None
 
     def checkout(
         self,
@@ -140,6 +143,8 @@ class ClientConnection:
         self.implicit_tls = implicit_tls
         self.sent_early: Line | None = None  # a first command sent behind the reuse check
         self._login_done: LoggedIn | None = None  # the login until _logged_in takes it
+        self._handed_login: LoginRequested | None = None  # a login another worker took
+        self._tls_relay: socket.socket | None = None  # a TLS client's way to its owner worker
         self.tls = False
         self.session = PreLoginSession(
             PreLoginPolicy(
@@ -149,6 +154,22 @@ class ClientConnection:
                 login_allowed=lambda: self.tls or not proxy.config.client_tls_required,
             )
         )
+
+    @classmethod
+    def handed(
+        cls, proxy: SessionBroker, sock: socket.socket, handed: HandedClient
+    ) -> ClientConnection:
+        """A client that another worker accepted, for a user of this one: its login goes on
+        here as if it had arrived here (greeting, ``ID`` and bytes read after the login
+        command as the other worker had them)."""
+        connection = cls(proxy, sock, handed.address)
+        connection.connected_to = handed.connected_to
+        connection.session_id = handed.session_id
+        connection.tls = handed.tls
+        connection.session.client_id = handed.client_id
+        connection.session.framer.receive_data(handed.unread)
+        connection._handed_login = LoginRequested(handed.tag, handed.credentials)
+        return connection
 
     def _starttls_offered(self) -> bool:
         return (
@@ -161,7 +182,12 @@ class ClientConnection:
 
     def run(self) -> None:
         counters = self.proxy.counters
-        counters.client_connected()
+        if self._handed_login is None:
+            counters.client_connected()
+        else:  # accepted (and counted as accepted) by another worker
+            counters.CurrentClientConnections += 1
+            if counters.CurrentClientConnections > counters.PeakClientConnections:
+                counters.PeakClientConnections = counters.CurrentClientConnections
         try:
             self._serve()
         except ClientProtocolError as error:
@@ -180,7 +206,8 @@ class ClientConnection:
         return send_quietly(self.sock, data)
 
     def _serve(self) -> None:
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._handed_login is None:  # a handed one: set where accepted (or a local socket)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.proxy.stopping:
             self._send(SHUTDOWN_BYE)
             return
@@ -197,10 +224,15 @@ class ClientConnection:
             deadline.close()
         if self._login_done is not None:  # held by the connection, not by this frame:
             self._logged_in()  # _logged_in lets the credentials go once the reuse is sure
+        elif self._tls_relay is not None:  # handed to the owner worker: carry its bytes
+            worker_channel.relay_tls_client(self.sock, self._tls_relay)
 
     def _before_login(self) -> LoggedIn | None:
         """The PROXY header if from HAProxy, TLS first on the implicit-TLS port, the greeting,
-        then the pre-login dialogue."""
+        then the pre-login dialogue; for a client handed by another worker, its login."""
+        if self._handed_login is not None:
+            request, self._handed_login = self._handed_login, None
+            return self._login(request) or self._prelogin()
         if not self._proxy_header():
             return None
         if self.implicit_tls and not self._handshake():
@@ -262,6 +294,8 @@ class ClientConnection:
                 if not self._send(action.data) or action.close:
                     return None
             elif isinstance(action, LoginRequested):
+                if self._handed_to_owner(action):
+                    return None
                 result = self._login(action)
                 if result is not None:
                     return result
@@ -281,6 +315,46 @@ class ClientConnection:
             return self.sock.recv(PRELOGIN_RECV_BYTES)
         except OSError:
             return b""
+
+    def _handed_to_owner(self, request: LoginRequested) -> bool:
+        """With ``workers N``: the login of a user another worker owns goes there, with this
+        connection (``worker_channel``); False: it is served here (ours, or it could not go)."""
+        workers = self.proxy.workers
+        if workers is None:
+            return False
+        owner = workers.owner(request.credentials.username)
+        if owner == workers.index:
+            return False
+        local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()
+        message = HandedClient(
+            tag=request.tag,
+            credentials=request.credentials,
+            client_id=self.session.client_id,
+            unread=self.session.framer.buffered(),
+            address=(str(self.address[0]), int(self.address[1])),
+            connected_to=(str(local[0]), int(local[1])),
+            session_id=self.session_id or new_session_id(),
+            tls=self.tls,
+        )
+        if not self.tls:
+            handed = workers.hand_over(owner, message, self.raw_sock)
+        else:
+            ours, theirs = socket.socketpair()
+            with theirs:
+                handed = workers.hand_over(owner, message, theirs)
+            if handed:
+                self._tls_relay = ours  # relayed by this worker: TLS cannot change process
+            else:
+                ours.close()
+        if handed:
+            LOGGER.info(
+                "LOGIN: '%s' (%s) handed to worker %d%s",
+                request.credentials.username_text,
+                self.where,
+                owner,
+                " (TLS, relayed)" if self.tls else "",
+            )
+        return handed
 
     def _login(self, request: LoginRequested) -> LoggedIn | None:
         self.proxy.counters.TotalClientLogins += 1

@@ -21,7 +21,7 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from imapproxy import daemon, forwarding
+from imapproxy import admin, affinity, daemon, forwarding
 from imapproxy.backend import Backend, BackendSession
 from imapproxy.backend_login import LoginResult, check_shared_secret
 from imapproxy.cache import ConnectionCache, Slot
@@ -38,9 +38,11 @@ from imapproxy.session import id_command_args
 from imapproxy.stats import Counters
 from imapproxy.throttle import LoginThrottle
 from imapproxy.trace import Tracer
+from imapproxy.worker_message import AdminCall, HandedClient
 
 if TYPE_CHECKING:
     from imapproxy.metrics import Metrics
+    from imapproxy.worker_channel import WorkerChannel
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -98,14 +100,19 @@ class Proxy:
         tracer: Tracer | None = None,
         client_tls: ssl.SSLContext | None = None,
         first_contact: LoginResult | None = None,
+        workers: WorkerChannel | None = None,
+        hasher: CredentialHasher | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self.router = router or Router(config, backend, clock)
         self.counters = counters
         self.clock = clock
-        self.cache: ConnectionCache[BackendSession] = ConnectionCache(config.cache_size)
-        self.hasher = CredentialHasher()
+        self.workers = workers  # with ``workers N``: this worker's way to the others
+        self.cache: ConnectionCache[BackendSession] = ConnectionCache(
+            self._share(config.cache_size)
+        )
+        self.hasher = hasher or CredentialHasher()
         self.throttle = LoginThrottle(config.auth_failure_delay, clock)
         self.snapshot = Snapshot()
         if first_contact is not None:  # the start-up probe's greeting and capabilities
@@ -119,9 +126,20 @@ class Proxy:
         self._expiry_wakeup = Event()
         self._expiry: gevent.Greenlet | None = None
         self.stopping = False
-        self.client_limit = daemon.client_limit(config.max_client_connections, config.cache_size)
+        self.client_limit = self._client_limit(config)
+        self._inbox: gevent.Greenlet | None = None
         self._refused = 0  # client connections refused since the last log line about it
         self._refused_logged_at = float("-inf")
+
+    def _share(self, total: int) -> int:
+        """This process's part of a limit that the configuration gives for the whole proxy."""
+        if self.workers is None:
+            return total
+        return affinity.share(total, self.workers.count, self.workers.index)
+
+    def _client_limit(self, config: Config) -> int:
+        configured = self._share(config.max_client_connections) if config.max_client_connections else 0
+        return daemon.client_limit(configured, self.cache.size)
 
     # -- capabilities ---------------------------------------------------------------------------
 
@@ -349,7 +367,7 @@ class Proxy:
         self.config = config
         self.client_tls = client_tls
         self.throttle.base_delay = config.auth_failure_delay
-        self.client_limit = daemon.client_limit(config.max_client_connections, config.cache_size)
+        self.client_limit = self._client_limit(config)
         self.backend.reconfigure(config, backend_tls)
         self.router.reconfigure(config, backend_tls)
         self._expiry_wakeup.set()
@@ -361,6 +379,8 @@ class Proxy:
         self.counters.start(int(time.time()))
         self._expiry = gevent.spawn(self._expire_loop)
         self.router.start()
+        if self.workers is not None:
+            self._inbox = gevent.spawn(self.workers.serve, self._handed, self._admin_part)
         for group, implicit_tls in ((listeners, False), (tls_listeners, True)):
             handle = functools.partial(self._handle, implicit_tls=implicit_tls)
             for listener in group:
@@ -375,6 +395,17 @@ class Proxy:
             self._refuse(client, address, implicit_tls)
             return
         ClientConnection(self, client, address, implicit_tls).run()
+
+    def _handed(self, handed: HandedClient, client: socket.socket) -> None:
+        """A client that another worker accepted for a user of ours."""
+        self.clients.spawn(self._serve_handed, handed, client)
+
+    def _serve_handed(self, handed: HandedClient, client: socket.socket) -> None:
+        with client:
+            ClientConnection.handed(self, client, handed).run()
+
+    def _admin_part(self, call: AdminCall) -> bytes:
+        return admin.part(self, call.name, call.argument)
 
     def _refuse(self, client: socket.socket, address: tuple[object, ...], tls: bool) -> None:
         """Over ``max_client_connections``: a BYE in place of the greeting (RFC 9051 §7.1.5).
@@ -406,4 +437,6 @@ class Proxy:
         self._logouts.join(timeout=max(1.0, timeout))
         if self._expiry is not None:
             self._expiry.kill()
+        if self._inbox is not None:
+            self._inbox.kill()
         self.router.stop()

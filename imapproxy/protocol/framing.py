@@ -135,6 +135,11 @@ class CommandFramer:
         end = self._buffer.find(b"\n", 0, self.max_line_bytes)
         return bytes(self._buffer[: end + 1]) if end >= 0 else None
 
+    def buffered(self) -> bytes:
+        """The bytes received and not yet taken as events: what a connection passed on to
+        another process carries with it."""
+        return bytes(self._buffer)
+
     @property
     def has_input(self) -> bool:
         """True when bytes (or the end of the stream) are waiting to be framed."""

@@ -1,0 +1,197 @@
+"""``workers N``: the supervisor process and its worker processes.
+
+The supervisor does what start-up did (listeners bound, files created, privileges dropped),
+then forks the workers and stays small: it runs no gevent loop and serves no client. Each
+worker is a whole proxy on the shared listening sockets with its share of the cache
+(``affinity``), its block of the statistics file, and the inboxes to the other workers
+(``worker_channel``).
+
+The supervisor waits for signals with ``sigtimedwait`` (all of them blocked, none delivered
+to a handler) and, between them, sums the workers' counters into the totals of the statistics
+file that up-imapproxy's ``pimpstat`` reads (``stats.Totals``):
+
+* a worker that dies is logged, counted (``WorkerRestarts``) and started again with the same
+  index (so it serves the same users); one that dies within a second of its start waits
+  ``RESTART_DELAY_S`` first, so that a crash at start-up does not become a fork loop;
+* SIGHUP and SIGUSR1 go to every worker (each reloads, or logs its counters; the supervisor
+  logs the totals);
+* SIGTERM or SIGINT: every worker stops as a single proxy does (cached sessions logged out,
+  active clients given ``shutdown_timeout``); one still there ``STOP_MARGIN_S`` later is
+  killed.
+
+A worker that outlives its supervisor (killed with SIGKILL) is told by the kernel
+(``PR_SET_PDEATHSIG``) and stops as on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gevent.os
+
+from imapproxy import daemon
+
+LOGGER = logging.getLogger("imapproxy")
+
+SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+SAMPLE_INTERVAL_S = 0.25  # how often the totals of the statistics file are summed
+RESTART_DELAY_S = 1.0  # before restarting a worker that died this soon after its start
+STOP_MARGIN_S = 5.0  # beyond shutdown_timeout, before a worker is killed
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+WorkerMain = Callable[[int], int]  # runs worker ``index`` in the child; its exit status
+
+
+def worker_count(configured: int) -> int:
+    """``workers``: 0 (``auto``) is the number of cores this process may run on."""
+    if configured:
+        return configured
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except OSError:
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int = 0
+    started: float = 0.0
+    restart_at: float | None = None  # a pending restart
+
+
+@dataclass
+class Supervisor:
+    """Runs ``count`` workers with ``main`` until told to stop."""
+
+    count: int
+    main: WorkerMain
+    shutdown_timeout: float
+    sample: Callable[[], None] = lambda: None  # sums the counters (``stats.Totals.update``)
+    counted_restart: Callable[[], None] = lambda: None
+    summary: Callable[[], str] = lambda: ""
+    workers: list[_Worker] = field(default_factory=list)
+    stopping: bool = False
+
+    def run(self) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        self.workers = [_Worker(index) for index in range(self.count)]
+        for worker in self.workers:
+            self._start(worker)
+        LOGGER.info("supervisor: %d workers running", self.count)
+        daemon.notify("READY=1")
+        while not self.stopping:
+            self._wait_and_handle(SAMPLE_INTERVAL_S)
+        daemon.notify("STOPPING=1")
+        self._stop_all()
+        return 0
+
+    def _wait_and_handle(self, timeout: float) -> None:
+        info = signal.sigtimedwait(SIGNALS, timeout)
+        self.sample()
+        self._due_restarts()
+        if info is None:
+            return
+        signum = info.si_signo
+        if signum == signal.SIGCHLD:
+            self._reap()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        elif signum == signal.SIGHUP:
+            LOGGER.info("supervisor: reload: telling every worker")
+            self._tell_all(signal.SIGHUP)
+        elif signum == signal.SIGUSR1:
+            LOGGER.info("counters of all workers: %s", self.summary())
+            self._tell_all(signal.SIGUSR1)
+
+    def _start(self, worker: _Worker) -> None:
+        pid = gevent.os.fork_gevent()
+        if pid == 0:
+            os._exit(_child(worker.index, self.main))
+        worker.pid, worker.started, worker.restart_at = pid, time.monotonic(), None
+        LOGGER.info("supervisor: worker %d started, pid %d", worker.index, pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = next((w for w in self.workers if w.pid == pid), None)
+            if worker is not None:
+                self._died(worker, status)
+
+    def _died(self, worker: _Worker, status: int) -> None:
+        pid, worker.pid = worker.pid, 0
+        if self.stopping:
+            return
+        LOGGER.error(
+            "supervisor: worker %d (pid %d) %s; starting it again",
+            worker.index,
+            pid,
+            _how_it_ended(status),
+        )
+        self.counted_restart()
+        soon = time.monotonic() - worker.started < RESTART_DELAY_S
+        worker.restart_at = time.monotonic() + (RESTART_DELAY_S if soon else 0.0)
+        self._due_restarts()
+
+    def _due_restarts(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.restart_at is not None and worker.restart_at <= now and not self.stopping:
+                self._start(worker)
+
+    def _tell_all(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.pid:
+                try:
+                    os.kill(worker.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _stop_all(self) -> None:
+        LOGGER.info("supervisor: stopping the workers")
+        self._tell_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_timeout + STOP_MARGIN_S
+        while any(w.pid for w in self.workers) and time.monotonic() < deadline:
+            signal.sigtimedwait(SIGNALS, SAMPLE_INTERVAL_S)
+            self.sample()
+            self._reap()
+        for worker in self.workers:
+            if worker.pid:
+                LOGGER.error("supervisor: worker %d did not stop: killed", worker.index)
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+                worker.pid = 0
+        self.sample()
+
+
+def _child(index: int, main: WorkerMain) -> int:
+    """In the forked worker: the signals back to normal, then the proxy."""
+    try:
+        os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears the supervisor only
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        return main(index)
+    except BaseException:
+        LOGGER.exception("worker %d failed", index)
+        return 70  # EX_SOFTWARE
+
+
+def _how_it_ended(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"

@@ -1,0 +1,183 @@
+"""The worker processes' channel to each other (``workers N``): an inbox per worker.
+
+Each worker's inbox is a ``SOCK_SEQPACKET`` socket pair made by the supervisor before the
+workers start: every worker holds the sending end of every inbox, and worker ``i`` alone reads
+inbox ``i``. One packet is one message (``worker_message``), its descriptors beside it
+(``SCM_RIGHTS``); the kernel keeps packets whole when several processes write to one end, and
+a worker that is being restarted finds what was sent meanwhile waiting in its inbox.
+
+* A client whose login names a user of another worker is sent there (``hand_over``): its socket,
+  or, for a TLS client, one end of a local socket pair that this worker relays to
+  (``relay_tls_client``), since TLS keys cannot change process.
+* An ``XPROXY_*`` command that answers for the whole proxy is sent to every other worker with
+  the end of a fresh socket pair on which each writes its part (``call_others``).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+from gevent import socket
+
+from imapproxy import affinity, worker_message
+from imapproxy.worker_message import AdminCall, HandedClient, MessageError
+
+LOGGER = logging.getLogger("imapproxy")
+
+SEND_TIMEOUT_S = 5.0  # an owner that does not take a client for this long: serve it here
+ADMIN_REPLY_TIMEOUT_S = 5.0  # a worker's part of an XPROXY_* answer
+INBOX_BUFFER_BYTES = 1 << 20
+RELAY_CHUNK_BYTES = 65536
+_FD_SIZE = array.array("i").itemsize
+
+
+@dataclass
+class Inboxes:
+    """Every worker's inbox as a socket pair: ``[i][0]`` is written to, ``[i][1]`` read."""
+
+    pairs: list[tuple[socket.socket, socket.socket]]
+
+    @classmethod
+    def create(cls, count: int) -> Inboxes:
+        pairs = []
+        for _ in range(count):
+            writer, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for end in (writer, reader):
+                with contextlib.suppress(OSError):  # capped by net.core.[rw]mem_max
+                    end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, INBOX_BUFFER_BYTES)
+                    end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, INBOX_BUFFER_BYTES)
+            pairs.append((writer, reader))
+        return cls(pairs)
+
+
+class WorkerChannel:
+    """Worker ``index`` of ``count``: its inbox, and the way to the others'."""
+
+    def __init__(self, index: int, inboxes: Inboxes) -> None:
+        self.index = index
+        self.count = len(inboxes.pairs)
+        self._writers = [writer for writer, _ in inboxes.pairs]
+        self._inbox = inboxes.pairs[index][1]
+
+    def owner(self, username: bytes) -> int:
+        return affinity.owner(username, self.count)
+
+    def hand_over(self, owner: int, message: HandedClient, sock: socket.socket) -> bool:
+        """Send a client to its owner; False if it could not go (then it is served here)."""
+        try:
+            data = worker_message.encode(message)
+        except MessageError as error:
+            LOGGER.warning("client not handed to worker %d: %s", owner, error)
+            return False
+        return self._send(owner, data, sock.fileno())
+
+    def _send(self, worker: int, data: bytes, fd: int) -> bool:
+        writer = self._writers[worker]
+        try:
+            with gevent.Timeout(SEND_TIMEOUT_S, TimeoutError):
+                socket.send_fds(writer, [data], [fd])
+        except OSError as error:  # TimeoutError is one
+            LOGGER.warning("worker %d does not take messages (%s)", worker, error)
+            return False
+        return True
+
+    def call_others(self, call: AdminCall) -> bytes:
+        """Every other worker's untagged lines for ``call``, in worker order."""
+        parts = []
+        data = worker_message.encode(call)
+        for worker in range(self.count):
+            if worker != self.index:
+                parts.append(self._call(worker, data))
+        return b"".join(parts)
+
+    def _call(self, worker: int, data: bytes) -> bytes:
+        ours, theirs = socket.socketpair()
+        with ours:
+            try:
+                sent = self._send(worker, data, theirs.fileno())
+            finally:
+                theirs.close()
+            if not sent:
+                return b""
+            return _read_to_end(ours, worker)
+
+    def serve(
+        self,
+        on_client: Callable[[HandedClient, socket.socket], None],
+        on_admin: Callable[[AdminCall], bytes],
+    ) -> None:
+        """Read the inbox until the process ends: each message and its descriptor to its
+        handler (in a greenlet of its own for a client)."""
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self._inbox, worker_message.MAX_MESSAGE_BYTES, 4)
+            except OSError as error:
+                LOGGER.error("worker %d inbox: %s", self.index, error)
+                return
+            self._dispatch(data, fds, on_client, on_admin)
+
+    def _dispatch(
+        self,
+        data: bytes,
+        fds: list[int],
+        on_client: Callable[[HandedClient, socket.socket], None],
+        on_admin: Callable[[AdminCall], bytes],
+    ) -> None:
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            message = worker_message.decode(data)
+            if len(socks) != 1:
+                raise MessageError(f"{len(socks)} descriptors with a message, expected 1")
+        except MessageError as error:
+            LOGGER.error("worker %d inbox: message refused: %s", self.index, error)
+            for sock in socks:
+                sock.close()
+            return
+        if isinstance(message, HandedClient):
+            on_client(message, socks[0])
+        else:
+            gevent.spawn(_answer, socks[0], on_admin, message)
+
+
+def _answer(sock: socket.socket, on_admin: Callable[[AdminCall], bytes], call: AdminCall) -> None:
+    with sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(on_admin(call))
+
+
+def _read_to_end(sock: socket.socket, worker: int) -> bytes:
+    chunks = []
+    try:
+        with gevent.Timeout(ADMIN_REPLY_TIMEOUT_S, TimeoutError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError as error:
+        LOGGER.warning("worker %d did not answer an admin command (%s)", worker, error)
+    return b"".join(chunks)
+
+
+def relay_tls_client(client: socket.socket, local: socket.socket) -> None:
+    """Carry a TLS client's bytes to and from its owner worker's end of ``local`` until either
+    side ends: the owner applies every timeout and closes its end to end the relay."""
+    upward = gevent.spawn(_copy, client, local)
+    try:
+        _copy(local, client)
+    finally:
+        upward.kill(block=True, timeout=1)
+        with contextlib.suppress(OSError):
+            local.close()
+
+
+def _copy(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(RELAY_CHUNK_BYTES):
+            sink.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)

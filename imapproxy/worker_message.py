@@ -1,0 +1,159 @@
+"""The messages worker processes send each other (``workers N``), as bytes: sans-I/O.
+
+Two kinds travel on a worker's inbox (a ``SOCK_SEQPACKET`` socket: one message per packet, the
+descriptors beside it, ``worker_channel``):
+
+* ``HandedClient``: a client connection whose login names a user another worker owns. The
+  client's socket travels as a descriptor; the message carries what the accepting worker had
+  read and decided, so that the login goes on in the owner as if it had arrived there: the
+  LOGIN's tag and credentials, the client's ``ID``, the bytes read after the login command,
+  the client's address (from a PROXY header, maybe), the proxy's session id, and whether the
+  client spoke TLS (then the descriptor is a local socket that the accepting worker relays to,
+  since TLS keys cannot change process).
+* ``AdminCall``: an ``XPROXY_*`` command that answers for the whole proxy; the descriptor is
+  where to write the untagged lines of this worker's part.
+
+Format: a magic and version byte, then JSON with bytes in base64. The password crosses a
+socket pair between processes of this proxy only, like the rest of the login; it is never in
+a ``repr`` or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from imapproxy.credentials import Credentials
+
+MAGIC = b"IPXM"
+VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20  # a login line and one read of pipelined commands fit many times
+
+
+class MessageError(Exception):
+    """Bytes that are not a message of this version (never holds their content)."""
+
+
+@dataclass(frozen=True)
+class HandedClient:
+    tag: bytes
+    credentials: Credentials = field(repr=False)
+    client_id: tuple[bytes | None, ...] | None
+    unread: bytes = field(repr=False)  # what the client sent after the login command
+    address: tuple[str, int]  # the client's (the PROXY header's, when there was one)
+    connected_to: tuple[str, int] | None  # the PROXY header's, or the relayed TLS socket's
+    session_id: str
+    tls: bool  # the descriptor is the accepting worker's relay of a TLS connection
+
+
+@dataclass(frozen=True)
+class AdminCall:
+    name: bytes
+    argument: bytes | None
+
+
+Message = HandedClient | AdminCall
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _b64_or_none(data: bytes | None) -> str | None:
+    return None if data is None else _b64(data)
+
+
+def encode(message: Message) -> bytes:
+    body: dict[str, Any]
+    if isinstance(message, HandedClient):
+        body = {
+            "kind": "client",
+            "tag": _b64(message.tag),
+            "username": _b64(message.credentials.username),
+            "password": _b64(message.credentials.password),
+            "mechanism": message.credentials.mechanism,
+            "client_id": None
+            if message.client_id is None
+            else [_b64_or_none(item) for item in message.client_id],
+            "unread": _b64(message.unread),
+            "address": list(message.address),
+            "connected_to": None if message.connected_to is None else list(message.connected_to),
+            "session_id": message.session_id,
+            "tls": message.tls,
+        }
+    else:
+        body = {"kind": "admin", "name": _b64(message.name), "argument": _b64_or_none(message.argument)}
+    data = MAGIC + bytes([VERSION]) + json.dumps(body, separators=(",", ":")).encode("ascii")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(data)} bytes, over {MAX_MESSAGE_BYTES}")
+    return data
+
+
+def decode(data: bytes) -> Message:
+    if data[:4] != MAGIC or len(data) < 5:
+        raise MessageError("not a worker message")
+    if data[4] != VERSION:
+        raise MessageError(f"worker message version {data[4]}, expected {VERSION}")
+    try:
+        body = json.loads(data[5:])
+        if not isinstance(body, dict):
+            raise MessageError("not a worker message")
+        if body.get("kind") == "client":
+            return _client(body)
+        if body.get("kind") == "admin":
+            return AdminCall(_bytes(body["name"]), _bytes_or_none(body["argument"]))
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
+        raise MessageError("malformed worker message") from None
+    raise MessageError("unknown worker message")
+
+
+def _client(body: dict[str, Any]) -> HandedClient:
+    client_id = body["client_id"]
+    return HandedClient(
+        tag=_bytes(body["tag"]),
+        credentials=Credentials(
+            _bytes(body["username"]), _bytes(body["password"]), _text(body["mechanism"])
+        ),
+        client_id=None if client_id is None else tuple(_bytes_or_none(i) for i in _list(client_id)),
+        unread=_bytes(body["unread"]),
+        address=_address(body["address"]),
+        connected_to=None if body["connected_to"] is None else _address(body["connected_to"]),
+        session_id=_text(body["session_id"]),
+        tls=_flag(body["tls"]),
+    )
+
+
+def _bytes(value: object) -> bytes:
+    return base64.b64decode(_text(value), validate=True)
+
+
+def _bytes_or_none(value: object) -> bytes | None:
+    return None if value is None else _bytes(value)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected text")
+    return value
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("expected true or false")
+    return value
+
+
+def _list(value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise TypeError("expected a list")
+    return value
+
+
+def _address(value: object) -> tuple[str, int]:
+    items = _list(value)
+    if len(items) != 2 or not isinstance(items[1], int) or isinstance(items[1], bool):
+        raise TypeError("expected [host, port]")
+    return _text(items[0]), items[1]

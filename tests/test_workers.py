@@ -1,0 +1,189 @@
+"""``workers N`` against Dovecot: user affinity, the totals, a dead worker, TLS clients, admin."""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import signal
+import ssl
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from imapproxy import affinity
+from tests.support.client import RawClient, imaplib_reused
+from tests.support.dovecot import User, free_port, wait_for_port
+from tests.support.pki import write_pki
+from tests.support.polling import wait_until
+from tests.support.proxy import ProxyProcess
+
+WORKERS = 2
+
+
+def page(
+    host: str, port: int, user: User, *, tls: ssl.SSLContext | None = None
+) -> bool:
+    """Log in, select, fetch the user's own first message, log out; True if reused."""
+    if tls is None:
+        imap = imaplib.IMAP4(host, port, timeout=10)
+    else:
+        imap = imaplib.IMAP4_SSL(host, port, ssl_context=tls, timeout=10)
+    imap.login(user.name, user.password)
+    reused = imaplib_reused(imap)
+    assert imap.select()[0] == "OK"
+    status, data = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert status == "OK" and f"{user.name} message 1".encode() in data[0][1]  # type: ignore[index]
+    imap.logout()
+    return reused
+
+
+@pytest.fixture
+def users(make_user: Callable[..., User]) -> list[User]:
+    """Users of both workers: whichever worker accepts a login, some are handed over."""
+    found: list[User] = []
+    owners: set[int] = set()
+    for _ in range(40):
+        user = make_user(messages=1)
+        if len(found) < 6 or affinity.owner(user.name.encode(), WORKERS) not in owners:
+            found.append(user)
+            owners.add(affinity.owner(user.name.encode(), WORKERS))
+        if len(found) >= 6 and owners == set(range(WORKERS)):
+            return found
+    raise AssertionError("no users for both workers")
+
+
+def worker_pids(proxy: ProxyProcess) -> dict[int, int]:
+    """Worker index -> pid, as the supervisor's log said last."""
+    pids: dict[int, int] = {}
+    for line in proxy.log_text().splitlines():
+        if "supervisor: worker " in line and " started, pid " in line:
+            words = line.split("supervisor: worker ", 1)[1].split()
+            pids[int(words[0])] = int(words[3])
+    return pids
+
+
+def start_workers(start_proxy: Callable[..., ProxyProcess], **settings: object) -> ProxyProcess:
+    proxy = start_proxy(workers=WORKERS, **settings)
+    proxy.wait_for_log("normal server startup", timeout=20, count=WORKERS)
+    return proxy
+
+
+def test_a_users_second_page_is_a_reuse_whichever_worker_accepted_it(
+    start_proxy: Callable[..., ProxyProcess], users: list[User]
+) -> None:
+    proxy = start_workers(start_proxy)
+    assert len(worker_pids(proxy)) == WORKERS
+    for round_number in range(3):
+        for user in users:
+            assert page(proxy.host, proxy.port, user) == (round_number > 0), user.name
+    log = proxy.log_text()
+    assert "handed to worker" in log  # some logins crossed: one owner was not the acceptor
+    logins = 3 * len(users)
+
+    def totals() -> tuple[int, ...]:
+        c = proxy.counters()
+        return (c.TotalClientLogins, c.TotalServerConnectionsCreated,
+                c.TotalServerConnectionsReused, c.TotalClientConnectionsAccepted,
+                c.CurrentClientConnections, c.RetainedServerConnections)
+
+    expected = (logins, len(users), logins - len(users), logins, 0, len(users))
+    assert wait_until(lambda: totals() == expected, timeout=5), totals()
+    # Debian's pimpstat reads the totals (the file's first 72 bytes) as it reads up-imapproxy's
+    shown = subprocess.run(
+        ["/usr/sbin/pimpstat", "-c", "-f", str(proxy.config_path)],
+        capture_output=True, text=True, timeout=10, check=True,
+    ).stdout
+    reused = logins - len(users)
+    assert f" {logins} Total Client Logins\n {reused} Total Reused Connections\n" in shown
+    per_worker = [proxy.counters().worker(i).TotalClientLogins for i in range(WORKERS)]
+    assert sum(per_worker) == logins
+
+
+def test_a_killed_worker_is_replaced_and_its_users_get_new_sessions(
+    start_proxy: Callable[..., ProxyProcess], users: list[User]
+) -> None:
+    proxy = start_workers(start_proxy)
+    for user in users:
+        assert not page(proxy.host, proxy.port, user)
+    victim = 1
+    old = worker_pids(proxy)
+    os.kill(old[victim], signal.SIGKILL)
+    proxy.wait_for_log(f"worker {victim} (pid {old[victim]}) was killed by signal 9", timeout=10)
+    assert wait_until(lambda: worker_pids(proxy)[victim] != old[victim], timeout=10)
+    proxy.wait_for_log("normal server startup", timeout=20, count=WORKERS + 1)
+    for user in users:
+        owned_by_victim = affinity.owner(user.name.encode(), WORKERS) == victim
+        assert page(proxy.host, proxy.port, user) == (not owned_by_victim), user.name
+    assert wait_until(lambda: proxy.counters().WorkerRestarts == 1, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("pki")
+    directory.chmod(0o755)
+    return write_pki(directory)
+
+
+def test_tls_clients_are_relayed_to_their_owner(
+    start_proxy: Callable[..., ProxyProcess], users: list[User], pki: dict[str, Path]
+) -> None:
+    tls_port = free_port()
+    proxy = start_workers(
+        start_proxy,
+        client_tls_cert_file=pki["server"],
+        client_tls_key_file=pki["key"],
+        client_tls_port=tls_port,
+        client_starttls=True,
+    )
+    wait_for_port(proxy.host, tls_port)
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    for round_number in range(2):
+        for user in users:
+            assert page("localhost", tls_port, user, tls=context) == (round_number > 0)
+    # STARTTLS on the clear port, then a login owned by either worker
+    for user in users:
+        imap = imaplib.IMAP4(proxy.host, proxy.port, timeout=10)
+        imap.starttls(ssl_context=context)
+        imap.login(user.name, user.password)
+        assert imaplib_reused(imap)
+        assert imap.select()[0] == "OK"
+        imap.logout()
+    assert "handed to worker" in proxy.log_text()
+
+
+def test_admin_commands_answer_for_every_worker(
+    start_proxy: Callable[..., ProxyProcess], users: list[User]
+) -> None:
+    proxy = start_workers(start_proxy, enable_admin_commands=True)
+    for user in users:
+        page(proxy.host, proxy.port, user)
+    with RawClient(proxy.host, proxy.port) as admin:
+        replies = admin.command(b"a", b"XPROXY_DUMPICC")
+    assert replies[-1] == b"a OK Completed\r\n"
+    listed = {line.split()[3].decode() for line in replies[:-1]}
+    assert listed == {user.name for user in users}
+    with RawClient(proxy.host, proxy.port) as admin:
+        assert admin.command(b"b", b"XPROXY_RESETCOUNTERS") == [b"b OK Counters reset\r\n"]
+    assert wait_until(
+        lambda: all(proxy.counters().worker(i).TotalClientLogins == 0 for i in range(WORKERS)),
+        timeout=5,
+    )
+
+
+def test_sighup_reloads_and_sigterm_stops_every_worker(
+    start_proxy: Callable[..., ProxyProcess], users: list[User]
+) -> None:
+    proxy = start_workers(start_proxy)
+    pids = worker_pids(proxy)
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGHUP)
+    proxy.wait_for_log("reload: nothing changed", timeout=10, count=WORKERS)
+    assert page(proxy.host, proxy.port, users[0]) is False
+    assert proxy.stop() == 0
+    log = proxy.log_text()
+    assert log.count("shutting down: logging out cached sessions") == WORKERS
+    for pid in pids.values():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
