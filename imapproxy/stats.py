@@ -38,8 +38,33 @@ version 2 adds a sixth (``BackendWaits``) and what is known of TLS with the IMAP
 
 A version-1 file reads as "not tried".
 
+With ``workers N`` (N > 1) the file goes on after byte 392: the 392 bytes above are then the
+TOTALS of every worker (what Debian's ``pimpstat -c`` reads), written by the supervisor's
+``Totals.update()``, and a worker table follows, found by its magic (the meaning of no
+existing byte changes, so the extension version stays 2)::
+
+   392      char[4]   b"IPXW"
+   396      uint32    worker count N
+   400      uint64    WorkerRestarts: workers the supervisor restarted after they died
+   408      uint64    (reserved, 0)
+   416      392 bytes RETIRED: a block laid out as a whole version-2 file, the sum of the
+                      counters of worker processes that have exited (gauges 0), so that the
+                      totals do not fall when a worker is replaced
+   808      N × 408-byte worker slots; slot i at 808 + 408 i:
+              +0    uint64    pid of the worker process in the slot (0: none)
+              +8    uint64    restarts of this slot
+              +16   392 bytes the worker's block, laid out as a whole version-2 file: its own
+                              counters (StartTime: when this process started), written by it
+
+A worker writes only its own block (``Counters.worker(i)``, a view of the shared map); the
+totals are sums of the retired block and the worker blocks, except the peaks: the totals keep
+the peak of the sum as sampled (a peak of sums is not a sum of peaks), restarted from the
+current sums by a reset. A reader sums the blocks itself (``Counters.summed()``), so it shows
+current figures, not the supervisor's last sample.
+
 The writer updates fields in place (no locks, as up-imapproxy; single-threaded under gevent, so
-our counters do not drift). The reader maps the file read-only.
+our counters do not drift; with workers, one writer per block). The reader maps the file
+read-only.
 """
 
 from __future__ import annotations
@@ -61,7 +86,36 @@ _STATUS_TEXT_OFFSET: Final = _STATUS_OFFSET + 16
 STATUS_TEXT_BYTES: Final = 248
 FILE_SIZE: Final = _STATUS_TEXT_OFFSET + STATUS_TEXT_BYTES  # 392
 
+WORKER_TABLE_MAGIC: Final = b"IPXW"
+_WORKER_TABLE_HEADER: Final = struct.Struct("=4sIQQ")  # magic, count, restarts, reserved
+_RESTARTS_OFFSET: Final = FILE_SIZE + 8  # 400
+RETIRED_OFFSET: Final = FILE_SIZE + _WORKER_TABLE_HEADER.size  # 416
+_WORKER_SLOT_HEADER: Final = struct.Struct("=QQ")  # pid, restarts of the slot
+WORKER_SLOT_SIZE: Final = _WORKER_SLOT_HEADER.size + FILE_SIZE  # 408
+FIRST_SLOT_OFFSET: Final = RETIRED_OFFSET + FILE_SIZE  # 808
+MAX_WORKERS: Final = 1024  # a sanity bound for a reader of a damaged file
+
+_COUNTS: Final = struct.Struct("=13I")  # bytes 16-67
+_EXTENSION: Final = struct.Struct(f"={EXTENSION_COUNT}Q")
+_COUNT_MASK: Final = (1 << 32) - 1  # C's unsigned wraps
+_EXTENSION_MASK: Final = (1 << 64) - 1
+
+Buffer = mmap.mmap | bytearray | memoryview
+
 assert UP_IMAPPROXY_SIZE == 72
+assert RETIRED_OFFSET == 416 and FIRST_SLOT_OFFSET == 808 and WORKER_SLOT_SIZE == 408
+
+
+def file_size(workers: int) -> int:
+    """The size of a file for ``workers`` processes: 392 bytes for one, as before workers."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers must be 1 to {MAX_WORKERS}, not {workers}")
+    return FILE_SIZE if workers == 1 else FIRST_SLOT_OFFSET + workers * WORKER_SLOT_SIZE
+
+
+def worker_block_offset(index: int) -> int:
+    """Where worker ``index``'s block (a whole version-2 layout) starts in the file."""
+    return FIRST_SLOT_OFFSET + index * WORKER_SLOT_SIZE + _WORKER_SLOT_HEADER.size
 
 
 class _Field:
@@ -108,7 +162,7 @@ class Counters:
     # reply had not come in by the client's next command (``bench`` divides it by pages)
     BackendWaits = _Field("_extension", 5)
 
-    def __init__(self, buffer: mmap.mmap | bytearray) -> None:
+    def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer
         view = memoryview(buffer)
         self._times = view[0:16].cast("q")
@@ -117,8 +171,11 @@ class Counters:
         self._status = view[_STATUS_OFFSET:_STATUS_TEXT_OFFSET].cast("Q")
 
     def release(self) -> None:
+        """Let go of the views, so that the map can be closed (a block's too: ``worker``)."""
         for view in (self._times, self._counts, self._extension, self._status):
             view.release()
+        if isinstance(self.buffer, memoryview):
+            self.buffer.release()
 
     def set_backend_tls(self, code: int, since: int, text: str) -> None:
         """What is known of TLS with the IMAP server (``tls_status``), for pimpstat."""
@@ -135,9 +192,15 @@ class Counters:
         return int(self._status[0]), int(self._status[1]), text.decode("utf-8", "replace")
 
     @classmethod
-    def in_memory(cls) -> Counters:
-        counters = cls(bytearray(FILE_SIZE))
-        counters.mark_extension()
+    def in_memory(cls, workers: int = 1) -> Counters:
+        """Counters without a file (no ``stat_filename``); for workers, an anonymous shared
+        map, which processes forked after share (not across ``exec``)."""
+        if workers == 1:
+            counters = cls(bytearray(FILE_SIZE))
+            counters.mark_extension()
+            return counters
+        counters = cls(mmap.mmap(-1, file_size(workers)))  # MAP_SHARED | MAP_ANONYMOUS
+        counters.mark_worker_table(workers)
         return counters
 
     def mark_extension(self) -> None:
@@ -154,6 +217,110 @@ class Counters:
     def snapshot(self) -> dict[str, int]:
         names = TIME_FIELDS + COUNTER_FIELDS + (EXTENSION_FIELDS if self.has_extension() else ())
         return {name: getattr(self, name) for name in names}
+
+    # -- the worker table (``workers N``) ------------------------------------------------------
+
+    def mark_worker_table(self, workers: int) -> None:
+        """Write the table's header and mark every block (a new file of ``file_size(workers)``)."""
+        _WORKER_TABLE_HEADER.pack_into(self.buffer, FILE_SIZE, WORKER_TABLE_MAGIC, workers, 0, 0)
+        self.mark_extension()
+        for offset in [RETIRED_OFFSET, *map(worker_block_offset, range(workers))]:
+            _EXTENSION_HEADER.pack_into(
+                self.buffer, offset + UP_IMAPPROXY_SIZE, EXTENSION_MAGIC, EXTENSION_VERSION
+            )
+
+    def worker_count(self) -> int:
+        """The workers in the table; 0 without one (one process, or up-imapproxy's file).
+        A count the file is too short for is cut to the slots it holds."""
+        if len(self.buffer) < FIRST_SLOT_OFFSET or not self.has_extension():
+            return 0
+        magic, count, _, _ = _WORKER_TABLE_HEADER.unpack_from(self.buffer, FILE_SIZE)
+        if magic != WORKER_TABLE_MAGIC:
+            return 0
+        room = (len(self.buffer) - FIRST_SLOT_OFFSET) // WORKER_SLOT_SIZE
+        return int(min(count, room, MAX_WORKERS))
+
+    def worker(self, index: int) -> Counters:
+        """Worker ``index``'s own counters: a view of its block in the same buffer (for a
+        map, the shared one), used with every method of ``Counters``. ``release()`` it."""
+        return Counters(self._block(self._slot(index) + _WORKER_SLOT_HEADER.size))
+
+    def retired(self) -> Counters:
+        """The counters of the worker processes that have exited (``Totals.worker_exited``)."""
+        if not self.worker_count():
+            raise ValueError("no worker table in this statistics file")
+        return Counters(self._block(RETIRED_OFFSET))
+
+    def _block(self, offset: int) -> memoryview:
+        return memoryview(self.buffer)[offset : offset + FILE_SIZE]
+
+    def _slot(self, index: int) -> int:
+        """The offset of slot ``index``'s header, checked against the table."""
+        if not 0 <= index < self.worker_count():
+            raise IndexError(f"no worker {index} in a table of {self.worker_count()}")
+        return FIRST_SLOT_OFFSET + index * WORKER_SLOT_SIZE
+
+    @property
+    def WorkerRestarts(self) -> int:
+        """Workers restarted by the supervisor after they died; 0 without a worker table."""
+        if not self.worker_count():
+            return 0
+        return int(struct.unpack_from("=Q", self.buffer, _RESTARTS_OFFSET)[0])
+
+    @WorkerRestarts.setter
+    def WorkerRestarts(self, value: int) -> None:
+        if not self.worker_count():
+            raise ValueError("no worker table in this statistics file")
+        struct.pack_into("=Q", self.buffer, _RESTARTS_OFFSET, value)
+
+    def worker_pid(self, index: int) -> int:
+        """The pid of the process in slot ``index`` (0: none), as the supervisor set it."""
+        return int(_WORKER_SLOT_HEADER.unpack_from(self.buffer, self._slot(index))[0])
+
+    def set_worker_pid(self, index: int, pid: int) -> None:
+        offset = self._slot(index)
+        struct.pack_into("=Q", self.buffer, offset, pid)
+
+    def worker_restarts(self, index: int) -> int:
+        """How many times the supervisor restarted the worker of slot ``index``."""
+        return int(_WORKER_SLOT_HEADER.unpack_from(self.buffer, self._slot(index))[1])
+
+    def count_worker_restart(self, index: int) -> None:
+        """A worker died and is being replaced: counted for its slot and in WorkerRestarts."""
+        offset = self._slot(index) + 8
+        struct.pack_into("=Q", self.buffer, offset, self.worker_restarts(index) + 1)
+        self.WorkerRestarts += 1
+
+    def worker_snapshots(self) -> list[dict[str, int]]:
+        """Each worker's ``snapshot()``, with its ``WorkerPid`` and ``WorkerRestarts``."""
+        rows = []
+        for index in range(self.worker_count()):
+            block = self.worker(index)
+            row = block.snapshot()
+            block.release()
+            row["WorkerPid"] = self.worker_pid(index)
+            row["WorkerRestarts"] = self.worker_restarts(index)
+            rows.append(row)
+        return rows
+
+    def summed(self) -> dict[str, int]:
+        """The totals of the whole proxy: ``snapshot()`` for one process; with a worker table,
+        the exact sums of the retired and worker blocks (this reading, not the supervisor's
+        last sample), the peaks no lower than the current sums, and ``WorkerCount`` and
+        ``WorkerRestarts``."""
+        totals = self.snapshot()
+        count = self.worker_count()
+        if not count:
+            return totals
+        columns = _Columns(self)
+        counts, extension = columns.sums()
+        columns.release()
+        totals.update(zip(COUNTER_FIELDS, counts, strict=True))
+        totals.update(zip(EXTENSION_FIELDS, extension, strict=True))
+        for current, peak in _GAUGE_PAIRS:
+            totals[peak] = max(getattr(self, peak), totals[current])
+        totals["WorkerCount"], totals["WorkerRestarts"] = count, self.WorkerRestarts
+        return totals
 
     # -- changes that keep the peaks ------------------------------------------------------------
 
@@ -183,7 +350,17 @@ class Counters:
         self.StartTime = self.CountTime = now
 
     def reset(self, now: int) -> None:
-        """XPROXY_RESETCOUNTERS, as up-imapproxy: peaks and totals, not gauges or SELECT counts."""
+        """XPROXY_RESETCOUNTERS, as up-imapproxy: peaks and totals, not gauges or SELECT counts.
+        On a file with a worker table, every block: the totals, the retired block and each
+        worker's (a worker counting at that instant may keep one count it made)."""
+        count = self.worker_count()
+        blocks = [self.retired(), *map(self.worker, range(count))] if count else []
+        for block in blocks:
+            block.reset(now)
+            block.release()
+        self._reset_block(now)
+
+    def _reset_block(self, now: int) -> None:
         self.CountTime = now
         self.PeakClientConnections = self.CurrentClientConnections
         self.PeakInUseServerConnections = self.InUseServerConnections
@@ -204,6 +381,48 @@ _GAUGE_FIELDS = (
     "PeakRetainedServerConnections",
 )
 assert [vars(Counters)[name].index for name in _GAUGE_FIELDS] == [2, 3, 4, 5]
+
+
+_GAUGE_PAIRS: Final = (  # (current, peak)
+    ("CurrentClientConnections", "PeakClientConnections"),
+    ("InUseServerConnections", "PeakInUseServerConnections"),
+    ("RetainedServerConnections", "PeakRetainedServerConnections"),
+)
+_PEAK_INDEXES: Final = ((0, 1), (2, 3), (4, 5))  # the same, as indexes of ``_counts``
+
+
+class _Columns:
+    """Each field across the retired block and every worker block, as strided views of the
+    buffer (the blocks lie ``WORKER_SLOT_SIZE`` apart from ``RETIRED_OFFSET``): a sum is one
+    ``sum()`` per field, a few microseconds for the whole table."""
+
+    def __init__(self, counters: Counters) -> None:
+        count = counters.worker_count()
+        if not count:
+            raise ValueError("no worker table in this statistics file")
+        end = FIRST_SLOT_OFFSET + count * WORKER_SLOT_SIZE
+        region = memoryview(counters.buffer)[RETIRED_OFFSET:end]
+        as_u32, as_u64, as_i64 = region.cast("I"), region.cast("Q"), region.cast("q")
+        u32, u64 = WORKER_SLOT_SIZE // 4, WORKER_SLOT_SIZE // 8  # the stride in each unit
+        self.counts = [as_u32[4 + k :: u32] for k in range(13)]  # bytes 16-67 of each block
+        extension = _EXTENSION_OFFSET // 8
+        self.extension = [as_u64[extension + k :: u64] for k in range(EXTENSION_COUNT)]
+        self.start_times, self.count_times = as_i64[0::u64], as_i64[1::u64]
+        self.tls_since = as_u64[_STATUS_OFFSET // 8 + 1 :: u64]
+        self._views = [region, as_u32, as_u64, as_i64]
+
+    def sums(self) -> tuple[list[int], list[int]]:
+        """The 13 up-imapproxy counters and the extension counters summed, wrapped as the
+        file's unsigned fields wrap (the peaks are summed too: callers replace them)."""
+        return (
+            [sum(column) & _COUNT_MASK for column in self.counts],
+            [sum(column) & _EXTENSION_MASK for column in self.extension],
+        )
+
+    def release(self) -> None:
+        columns = [*self.counts, *self.extension, self.start_times, self.count_times]
+        for view in [*columns, self.tls_since, *reversed(self._views)]:
+            view.release()
 
 
 def _names(area: str) -> tuple[str, ...]:
@@ -234,15 +453,122 @@ def summary(counters: Counters) -> str:
     )
 
 
-def create_file(path: str) -> Counters:
-    """Create (or truncate) the statistics file, mode 0600, and map it for writing."""
+BlockTimes = tuple[list[int], list[int]]  # the StartTime and the CountTime of each block
+
+
+def _latest_reset(before: BlockTimes, after: BlockTimes) -> int:
+    """The latest CountTime that moved in a block whose StartTime did not (a reset, not a new
+    process in the slot); 0 if none."""
+    moved = zip(*before, *after, strict=True)
+    resets = [now for was, then, is_, now in moved if was == is_ and now > then]
+    return max(resets, default=0)
+
+
+class Totals:
+    """The supervisor's summer: writes into the totals block (bytes 0-391, what up-imapproxy's
+    ``pimpstat -c`` reads) the sums of the retired and the worker blocks.
+
+    Counters and gauges are summed; each peak is the peak of the sum as sampled by ``update``,
+    restarted from the current sums when the counters were reset (a reset is a newer CountTime
+    in a block whose StartTime did not change: a worker's own start is no reset, and the
+    retired block keeps the totals from falling). StartTime is the supervisor's (``start``),
+    CountTime the last reset; the TLS status is that of the block whose status changed last.
+    """
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self._columns = _Columns(counters)
+        self.retired = counters.retired()
+        self.workers = [counters.worker(index) for index in range(counters.worker_count())]
+        self._seen = self._times()
+
+    def start(self, now: int) -> None:
+        """The supervisor starts: totals and retired counters zeroed, stamped ``now``; no
+        restarts yet. The TLS status stays (``Counters.start``)."""
+        for block in (self.counters, self.retired):
+            block.start(now)
+        self.counters.WorkerRestarts = 0
+        self._seen = self._times()
+
+    def update(self) -> None:
+        """Sum the blocks into the totals block (cheap: the supervisor calls it often)."""
+        counts, extension = self._columns.sums()
+        reset_at = self._reset_time()
+        total = self.counters
+        for current, peak in _PEAK_INDEXES:
+            before = 0 if reset_at else total._counts[peak]
+            counts[peak] = max(before, counts[current])
+        _COUNTS.pack_into(total.buffer, 16, *counts)
+        _EXTENSION.pack_into(total.buffer, _EXTENSION_OFFSET, *extension)
+        if reset_at > total.CountTime:
+            total.CountTime = reset_at
+        self._copy_latest_tls()
+
+    def _times(self) -> BlockTimes:
+        """(StartTime, CountTime) of the retired block and each worker block, in that order."""
+        return self._columns.start_times.tolist(), self._columns.count_times.tolist()
+
+    def _reset_time(self) -> int:
+        """The latest reset in the worker blocks since the last update (0 if none); the retired
+        block is reset with them (it is not a process: nobody else resets it)."""
+        times = self._times()
+        if times == self._seen:
+            return 0
+        reset_at, self._seen = _latest_reset(self._seen, times), times
+        if reset_at > self.retired.CountTime:
+            self.retired.reset(reset_at)
+            self._seen = self._times()
+        return reset_at
+
+    def _copy_latest_tls(self) -> None:
+        since = self._columns.tls_since.tolist()[1:]  # the retired block has no TLS status
+        latest = max(range(len(since)), key=since.__getitem__)
+        total = self.counters
+        if since[latest] > total._status[1]:
+            status = self.workers[latest].buffer[_STATUS_OFFSET:FILE_SIZE]
+            total.buffer[_STATUS_OFFSET:FILE_SIZE] = status
+
+    def worker_exited(self, index: int) -> None:
+        """Worker ``index`` died (or stopped): its counters move into the retired block and its
+        block is zeroed, pid 0, before a successor starts in the slot. Call it after the
+        process is reaped, so that nothing writes the block any more."""
+        block, retired = self.workers[index], self.retired
+        counts = [
+            (a + b) & _COUNT_MASK for a, b in zip(retired._counts, block._counts, strict=True)
+        ]
+        extension = [
+            (a + b) & _EXTENSION_MASK
+            for a, b in zip(retired._extension, block._extension, strict=True)
+        ]
+        for current, peak in _PEAK_INDEXES:  # a process that is gone holds nothing
+            counts[current] = counts[peak] = 0
+        block.buffer[:_STATUS_OFFSET] = bytes(_STATUS_OFFSET)  # first: never counted twice
+        block.mark_extension()
+        _COUNTS.pack_into(retired.buffer, 16, *counts)
+        _EXTENSION.pack_into(retired.buffer, _EXTENSION_OFFSET, *extension)
+        self.counters.set_worker_pid(index, 0)
+        self.update()
+
+    def release(self) -> None:
+        for block in [self.retired, *self.workers]:
+            block.release()
+        self._columns.release()
+
+
+def create_file(path: str, workers: int = 1) -> Counters:
+    """Create (or truncate) the statistics file, mode 0600, and map it for writing; for
+    ``workers`` > 1 with its worker table (a map shared with the processes forked after)."""
+    size = file_size(workers)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.ftruncate(fd, FILE_SIZE)
-        buffer = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.ftruncate(fd, size)
+        buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    return Counters(buffer)
+    counters = Counters(buffer)
+    if workers > 1:
+        counters.mark_worker_table(workers)
+    return counters
 
 
 def read_file(path: str) -> Counters | None:
@@ -256,7 +582,8 @@ def read_file_or_reason(path: str) -> Counters | str:
     unreadable, short). Readers take a fresh snapshot per refresh: a live map of a file that
     shrinks under it would fault (SIGBUS).
 
-    A file of at least 72 bytes is readable; the extension counters read as 0 without it.
+    A file of at least 72 bytes is readable; the extension counters read as 0 without it. The
+    whole file is read, its worker table too (up to ``MAX_WORKERS`` slots).
     """
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -269,7 +596,8 @@ def read_file_or_reason(path: str) -> Counters | str:
         mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
     finally:
         os.close(fd)
-    buffer = bytearray(FILE_SIZE)
-    buffer[: min(size, FILE_SIZE)] = mapped[: min(size, FILE_SIZE)]
+    length = min(size, file_size(MAX_WORKERS))
+    buffer = bytearray(max(length, FILE_SIZE))
+    buffer[:length] = mapped[:length]
     mapped.close()
     return Counters(buffer)
