@@ -387,19 +387,23 @@ def run_workers(
             supervised=True,
         )
 
-    totals = Totals(shared.counters)
+    counters = shared.counters
+    totals = Totals(counters)
     totals.start(int(time.time()))
 
-    def restarted() -> None:
-        shared.counters.WorkerRestarts += 1
+    def exited(index: int, restarting: bool) -> None:
+        totals.worker_exited(index)  # its counters kept in the totals, its block cleared
+        if restarting:
+            counters.count_worker_restart(index)
 
     boss = supervisor.Supervisor(
         count,
         worker_main,
         config.shutdown_timeout,
         sample=totals.update,
-        counted_restart=restarted,
-        summary=lambda: summary(shared.counters),
+        started=counters.set_worker_pid,
+        exited=exited,
+        summary=lambda: summary(counters),
     )
     status = boss.run()
     if startup.pidfile_path:

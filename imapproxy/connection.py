@@ -167,7 +167,8 @@ class ClientConnection:
         connection.session_id = handed.session_id
         connection.tls = handed.tls
         connection.session.client_id = handed.client_id
-        connection.session.framer.receive_data(handed.unread)
+        if handed.unread:  # b"" would be the end of the stream
+            connection.session.framer.receive_data(handed.unread)
         connection._handed_login = LoginRequested(handed.tag, handed.credentials)
         return connection
 
@@ -326,12 +327,13 @@ class ClientConnection:
         if owner == workers.index:
             return False
         local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()
+        client: tuple[Any, ...] = self.address
         message = HandedClient(
             tag=request.tag,
             credentials=request.credentials,
             client_id=self.session.client_id,
             unread=self.session.framer.buffered(),
-            address=(str(self.address[0]), int(self.address[1])),
+            address=(str(client[0]), int(client[1])),
             connected_to=(str(local[0]), int(local[1])),
             session_id=self.session_id or new_session_id(),
             tls=self.tls,

@@ -99,16 +99,25 @@ def setup(config: Config, *, foreground: bool, stream: TextIO | None = None) -> 
     handler: logging.Handler
     if foreground:
         handler = logging.StreamHandler(stream or sys.stderr)
-        handler.setFormatter(
-            _Formatter(
-                f"%(asctime)s {SYSLOG_IDENT}[{os.getpid()}]: %(message)s", "%Y-%m-%d %H:%M:%S"
-            )
-        )
+        handler.setFormatter(_stream_formatter())
     else:
         handler = SyslogHandler(config.syslog_facility)
     LOGGER.addHandler(handler)
     LOGGER.propagate = False
     set_mask(config)
+
+
+def _stream_formatter() -> logging.Formatter:
+    return _Formatter(
+        f"%(asctime)s {SYSLOG_IDENT}[{os.getpid()}]: %(message)s", "%Y-%m-%d %H:%M:%S"
+    )
+
+
+def forked() -> None:
+    """In a worker process (``workers N``): its own pid in the lines (syslog adds it itself)."""
+    for handler in LOGGER.handlers:
+        if isinstance(handler.formatter, _Formatter):
+            handler.setFormatter(_stream_formatter())
 
 
 def host_port(host: object, port: object) -> str:

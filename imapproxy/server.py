@@ -138,7 +138,9 @@ class Proxy:
         return affinity.share(total, self.workers.count, self.workers.index)
 
     def _client_limit(self, config: Config) -> int:
-        configured = self._share(config.max_client_connections) if config.max_client_connections else 0
+        configured = (
+            self._share(config.max_client_connections) if config.max_client_connections else 0
+        )
         return daemon.client_limit(configured, self.cache.size)
 
     # -- capabilities ---------------------------------------------------------------------------

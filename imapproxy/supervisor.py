@@ -25,6 +25,7 @@ A worker that outlives its supervisor (killed with SIGKILL) is told by the kerne
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 
 import gevent.os
 
-from imapproxy import daemon
+from imapproxy import daemon, log
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -75,7 +76,8 @@ class Supervisor:
     main: WorkerMain
     shutdown_timeout: float
     sample: Callable[[], None] = lambda: None  # sums the counters (``stats.Totals.update``)
-    counted_restart: Callable[[], None] = lambda: None
+    started: Callable[[int, int], None] = lambda index, pid: None  # worker index, its pid
+    exited: Callable[[int, bool], None] = lambda index, restarting: None  # after it is reaped
     summary: Callable[[], str] = lambda: ""
     workers: list[_Worker] = field(default_factory=list)
     stopping: bool = False
@@ -116,6 +118,7 @@ class Supervisor:
         if pid == 0:
             os._exit(_child(worker.index, self.main))
         worker.pid, worker.started, worker.restart_at = pid, time.monotonic(), None
+        self.started(worker.index, pid)
         LOGGER.info("supervisor: worker %d started, pid %d", worker.index, pid)
 
     def _reap(self) -> None:
@@ -132,6 +135,7 @@ class Supervisor:
 
     def _died(self, worker: _Worker, status: int) -> None:
         pid, worker.pid = worker.pid, 0
+        self.exited(worker.index, not self.stopping)
         if self.stopping:
             return
         LOGGER.error(
@@ -140,7 +144,6 @@ class Supervisor:
             pid,
             _how_it_ended(status),
         )
-        self.counted_restart()
         soon = time.monotonic() - worker.started < RESTART_DELAY_S
         worker.restart_at = time.monotonic() + (RESTART_DELAY_S if soon else 0.0)
         self._due_restarts()
@@ -154,10 +157,8 @@ class Supervisor:
     def _tell_all(self, signum: int) -> None:
         for worker in self.workers:
             if worker.pid:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(worker.pid, signum)
-                except ProcessLookupError:
-                    pass
 
     def _stop_all(self) -> None:
         LOGGER.info("supervisor: stopping the workers")
@@ -173,6 +174,7 @@ class Supervisor:
                 os.kill(worker.pid, signal.SIGKILL)
                 os.waitpid(worker.pid, 0)
                 worker.pid = 0
+                self.exited(worker.index, False)
         self.sample()
 
 
@@ -180,6 +182,7 @@ def _child(index: int, main: WorkerMain) -> int:
     """In the forked worker: the signals back to normal, then the proxy."""
     try:
         os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears the supervisor only
+        log.forked()
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())

@@ -145,9 +145,8 @@ class WorkerChannel:
 
 
 def _answer(sock: socket.socket, on_admin: Callable[[AdminCall], bytes], call: AdminCall) -> None:
-    with sock:
-        with contextlib.suppress(OSError):
-            sock.sendall(on_admin(call))
+    with sock, contextlib.suppress(OSError):
+        sock.sendall(on_admin(call))
 
 
 def _read_to_end(sock: socket.socket, worker: int) -> bytes:

@@ -85,7 +85,11 @@ def encode(message: Message) -> bytes:
             "tls": message.tls,
         }
     else:
-        body = {"kind": "admin", "name": _b64(message.name), "argument": _b64_or_none(message.argument)}
+        body = {
+            "kind": "admin",
+            "name": _b64(message.name),
+            "argument": _b64_or_none(message.argument),
+        }
     data = MAGIC + bytes([VERSION]) + json.dumps(body, separators=(",", ":")).encode("ascii")
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageError(f"message of {len(data)} bytes, over {MAX_MESSAGE_BYTES}")
