@@ -377,6 +377,7 @@ def run_workers(
     def worker_main(index: int) -> int:
         channel = WorkerChannel(index, inboxes)
         proxy = build_proxy(config, shared, channel, hasher)
+        proxy.totals = shared.counters  # the whole proxy's, summed by the supervisor
         return serve(
             proxy,
             listening.listeners,

@@ -534,6 +534,8 @@ def describe(config: Config) -> str:
     lines = []
     for key, spec in SETTINGS.items():
         value = getattr(config, spec.name)
+        if key == "workers" and value == 0:
+            value = "auto"
         lines.append(f"{key} {_format(value, masked=key in SECRET_KEYS)}".rstrip())
     return "\n".join(lines) + "\n"
 

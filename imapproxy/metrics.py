@@ -11,10 +11,17 @@ label value is one of a few fixed words, or one of the proxy's own IMAP servers.
 
 With routing on (several IMAP servers), each server's addresses up or down and its sessions
 by state; with one server those series are left out.
+
+With ``workers N`` any worker may take a scrape; it answers for the whole proxy: it asks every
+other worker for its own figures (``worker_channel``, ``METRICS_CALL``) and adds them to its
+own (``merged``). Counters, gauges of what a worker holds and histogram buckets are summed;
+the peaks and the start and reset times are the whole proxy's (the totals block of the
+statistics file); an address is up only if every worker has it up.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import struct
@@ -37,6 +44,7 @@ from imapproxy import __version__
 from imapproxy.config import in_networks
 from imapproxy.errors import FailureKind
 from imapproxy.router import is_down
+from imapproxy.worker_message import METRICS_CALL, AdminCall
 
 if TYPE_CHECKING:
     from imapproxy.backend import BackendSession
@@ -44,13 +52,16 @@ if TYPE_CHECKING:
     from imapproxy.config import Config
     from imapproxy.router import Router
     from imapproxy.stats import Counters
+    from imapproxy.worker_channel import WorkerChannel
 
 
 class MetricsSource(Protocol):
     """What the endpoint reads of the proxy (``server.Proxy`` is one)."""
 
     config: Config
-    counters: Counters
+    counters: Counters  # this process's (a worker's block with ``workers N``)
+    totals: Counters  # the whole proxy's (the same as ``counters`` with one process)
+    workers: WorkerChannel | None
     cache: ConnectionCache[BackendSession]
     router: Router
     metrics: Metrics | None
@@ -205,16 +216,16 @@ def _server_metrics(proxy: MetricsSource) -> Iterator[Metric]:
 
 def _stats_metrics(proxy: MetricsSource) -> Iterator[Metric]:
     """Every field of the statistics file (``stats.Counters``), by its Prometheus name."""
-    c = proxy.counters
-    yield _gauge("imapproxy_start_time_seconds", "Start of the proxy (Unix time).", c.StartTime)
+    c, whole = proxy.counters, proxy.totals
+    yield _gauge("imapproxy_start_time_seconds", "Start of the proxy (Unix time).", whole.StartTime)
     yield _gauge(
         "imapproxy_counters_reset_time_seconds",
         "Last reset of the totals (start-up or XPROXY_RESETCOUNTERS).",
-        c.CountTime,
+        whole.CountTime,
     )
     yield _gauge("imapproxy_client_connections", "Clients connected.", c.CurrentClientConnections)
     yield _gauge(
-        "imapproxy_client_connections_peak", "Most clients at once.", c.PeakClientConnections
+        "imapproxy_client_connections_peak", "Most clients at once.", whole.PeakClientConnections
     )
     yield _by_state(
         "imapproxy_server_sessions",
@@ -225,8 +236,8 @@ def _stats_metrics(proxy: MetricsSource) -> Iterator[Metric]:
     yield _by_state(
         "imapproxy_server_sessions_peak",
         "Most backend sessions at once, by state.",
-        c.PeakInUseServerConnections,
-        c.PeakRetainedServerConnections,
+        whole.PeakInUseServerConnections,
+        whole.PeakRetainedServerConnections,
     )
     for name, (field, doc) in STATS_COUNTERS.items():
         yield _counter(f"imapproxy_{name}", doc, getattr(c, field))
@@ -276,6 +287,77 @@ def _byte_metrics(metrics: Metrics) -> Iterator[Metric]:
     )
 
 
+# -- workers: one answer for the whole proxy ---------------------------------------------------
+
+# the whole proxy's already (the totals block), or the same in every worker: taken from one
+WHOLE_PROXY_FAMILIES = frozenset(
+    (
+        "imapproxy_start_time_seconds",
+        "imapproxy_counters_reset_time_seconds",
+        "imapproxy_client_connections_peak",
+        "imapproxy_server_sessions_peak",
+        "imapproxy_build_info",
+    )
+)
+LEAST_FAMILIES = frozenset(("imapproxy_server_up",))  # up only if up in every worker
+
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def own_figures(registry: CollectorRegistry) -> bytes:
+    """This worker's samples, for the worker that took a scrape: JSON of
+    ``{family: [[sample name, labels, value], ...]}``."""
+    figures = {
+        family.name: [[s.name, s.labels, s.value] for s in family.samples]
+        for family in registry.collect()
+        if family.name not in WHOLE_PROXY_FAMILIES
+    }
+    return json.dumps(figures).encode()
+
+
+def merged(families: list[Metric], others: list[bytes]) -> list[Metric]:
+    """``families`` (this worker's) with every other worker's figures added in."""
+    totals: dict[str, dict[SampleKey, float]] = {}
+    for part in others:
+        try:
+            figures = json.loads(part) if part else {}
+        except ValueError:
+            continue  # a worker that did not answer in time: its figures are missing
+        for name, samples in figures.items():
+            into = totals.setdefault(name, {})
+            least = name in LEAST_FAMILIES
+            for sample_name, labels, value in samples:
+                key = (sample_name, tuple(sorted(labels.items())))
+                into[key] = min(into.get(key, value), value) if least else into.get(key, 0) + value
+    return [_add(family, totals.get(family.name, {})) for family in families]
+
+
+def _add(family: Metric, others: dict[SampleKey, float]) -> Metric:
+    if family.name in WHOLE_PROXY_FAMILIES or not others:
+        return family
+    least = family.name in LEAST_FAMILIES
+    result = Metric(family.name, family.documentation, family.type, family.unit)
+    for sample in family.samples:
+        key = (sample.name, tuple(sorted(sample.labels.items())))
+        if key in others:
+            other = others[key]
+            value = min(sample.value, other) if least else sample.value + other
+            sample = sample._replace(value=value)
+        result.samples.append(sample)
+    return result
+
+
+class _MergedRegistry:
+    """The registry a worker's scrape is generated from: its families and the others'."""
+
+    def __init__(self, registry: CollectorRegistry, workers: WorkerChannel) -> None:
+        self.registry, self.workers = registry, workers
+
+    def collect(self) -> Iterator[Metric]:
+        others = self.workers.call_each_other(AdminCall(METRICS_CALL, None))
+        yield from merged(list(self.registry.collect()), others)
+
+
 # -- the endpoint -------------------------------------------------------------------------------
 
 
@@ -312,7 +394,10 @@ def start_server(proxy: MetricsSource, listener: socket.socket) -> WSGIServer:
     def allowed(address: str) -> bool:
         return in_networks(address, proxy.config.metrics_allow)
 
-    app = restricted(make_wsgi_app(metrics.registry), allowed)
+    registry: Any = metrics.registry
+    if proxy.workers is not None:
+        registry = _MergedRegistry(metrics.registry, proxy.workers)
+    app = restricted(make_wsgi_app(registry), allowed)
     server = _MetricsServer(
         listener, app, log=None, error_log=LOGGER, spawn=Pool(MAX_SCRAPES_AT_ONCE)
     )

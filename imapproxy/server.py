@@ -38,7 +38,7 @@ from imapproxy.session import id_command_args
 from imapproxy.stats import Counters
 from imapproxy.throttle import LoginThrottle
 from imapproxy.trace import Tracer
-from imapproxy.worker_message import AdminCall, HandedClient
+from imapproxy.worker_message import METRICS_CALL, AdminCall, HandedClient
 
 if TYPE_CHECKING:
     from imapproxy.metrics import Metrics
@@ -107,6 +107,7 @@ class Proxy:
         self.backend = backend
         self.router = router or Router(config, backend, clock)
         self.counters = counters
+        self.totals = counters  # the whole proxy's: the file's totals block with workers
         self.clock = clock
         self.workers = workers  # with ``workers N``: this worker's way to the others
         self.cache: ConnectionCache[BackendSession] = ConnectionCache(
@@ -407,6 +408,11 @@ class Proxy:
             ClientConnection.handed(self, client, handed).run()
 
     def _admin_part(self, call: AdminCall) -> bytes:
+        """Another worker asks for this one's part of an admin command or of a scrape."""
+        if self.metrics is not None and call.name == METRICS_CALL:
+            from imapproxy.metrics import own_figures  # loaded: there are metrics
+
+            return own_figures(self.metrics.registry)
         return admin.part(self, call.name, call.argument)
 
     def _refuse(self, client: socket.socket, address: tuple[object, ...], tls: bool) -> None:

@@ -88,12 +88,12 @@ class WorkerChannel:
 
     def call_others(self, call: AdminCall) -> bytes:
         """Every other worker's untagged lines for ``call``, in worker order."""
-        parts = []
+        return b"".join(self.call_each_other(call))
+
+    def call_each_other(self, call: AdminCall) -> list[bytes]:
+        """Every other worker's answer to ``call`` (b"" from one that did not answer)."""
         data = worker_message.encode(call)
-        for worker in range(self.count):
-            if worker != self.index:
-                parts.append(self._call(worker, data))
-        return b"".join(parts)
+        return [self._call(worker, data) for worker in range(self.count) if worker != self.index]
 
     def _call(self, worker: int, data: bytes) -> bytes:
         ours, theirs = socket.socketpair()

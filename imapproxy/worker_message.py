@@ -30,6 +30,7 @@ from imapproxy.credentials import Credentials
 
 MAGIC = b"IPXM"
 VERSION = 1
+METRICS_CALL = b"METRICS"  # an ``AdminCall`` for a worker's own /metrics figures
 MAX_MESSAGE_BYTES = 1 << 20  # a login line and one read of pipelined commands fit many times
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,7 @@ def test_every_key_parses_a_value() -> None:
         "client_login_timeout": ("5", 5),
         "client_idle_timeout": ("60", 60),
         "max_client_connections": ("500", 500),
+        "workers": ("4", 4),
         "server_connect_timeout": ("3", 3),
         "server_response_timeout": ("9", 9),
         "shutdown_timeout": ("0", 0),
@@ -200,6 +202,14 @@ def test_every_key_parses_a_value() -> None:
         (
             "server_hostname x\nsyslog_facility LOG_KERN\n",
             "imapproxy.conf:2: syslog_facility: expected a syslog facility",
+        ),
+        (
+            "server_hostname x\nworkers 0\n",
+            'imapproxy.conf:2: workers: expected a positive integer, got "0"',
+        ),
+        (
+            "server_hostname x\nworkers 257\n",
+            "imapproxy.conf:2: workers: expected at most 256 workers, got 257",
         ),
         (
             "server_hostname x\nipversion_only 5\n",
@@ -351,3 +361,13 @@ def test_a_route_source_stands_in_for_server_hostname() -> None:
 def test_the_sql_url_is_a_secret() -> None:
     c = parse("route_sql_url postgresql://u:Hunter4@127.0.0.1/r\nroute_sql_query SELECT 1\n")
     assert "Hunter4" not in repr(c) and "Hunter4" not in config.describe(c)
+
+
+def test_workers_auto_is_one_per_core() -> None:
+    from imapproxy import supervisor
+
+    auto = parse("server_hostname x\nworkers AUTO\n")
+    assert auto.workers == 0
+    assert supervisor.worker_count(auto.workers) == len(os.sched_getaffinity(0))
+    assert supervisor.worker_count(3) == 3
+    assert "workers auto\n" in config.describe(auto)

@@ -197,3 +197,26 @@ def test_sighup_reloads_and_sigterm_stops_every_worker(
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
+
+
+def test_any_worker_answers_a_scrape_for_the_whole_proxy(
+    start_proxy: Callable[..., ProxyProcess], users: list[User]
+) -> None:
+    from tests.test_metrics import promtool, samples, scrape_text, value
+
+    metrics_port = free_port()
+    proxy = start_workers(start_proxy, metrics_listen=f"127.0.0.1:{metrics_port}")
+    wait_for_port(proxy.host, metrics_port)
+    for _ in range(2):
+        for user in users:
+            page(proxy.host, proxy.port, user)
+    logins = 2 * len(users)
+    for _ in range(6):  # whichever worker takes it
+        status, text = scrape_text(metrics_port)
+        assert status == 200
+        found = samples(text)
+        assert value(found, "imapproxy_client_logins_total") == logins
+        assert value(found, "imapproxy_logins_total", outcome="reused") == len(users)
+        assert value(found, "imapproxy_login_duration_seconds_count", session="new") == len(users)
+        assert value(found, "imapproxy_server_sessions", state="cached") == len(users)
+    promtool(text)
