@@ -15,9 +15,10 @@ a worker that is being restarted finds what was sent meanwhile waiting in its in
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
+import os
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +34,6 @@ SEND_TIMEOUT_S = 5.0  # an owner that does not take a client for this long: serv
 ADMIN_REPLY_TIMEOUT_S = 5.0  # a worker's part of an XPROXY_* answer
 INBOX_BUFFER_BYTES = 1 << 20
 RELAY_CHUNK_BYTES = 65536
-_FD_SIZE = array.array("i").itemsize
 
 
 @dataclass
@@ -74,7 +74,10 @@ class WorkerChannel:
         except MessageError as error:
             LOGGER.warning("client not handed to worker %d: %s", owner, error)
             return False
-        return self._send(owner, data, sock.fileno())
+        if not self._send(owner, data, sock.fileno()):
+            return False
+        _forget(sock.fileno())
+        return True
 
     def _send(self, worker: int, data: bytes, fd: int) -> bool:
         writer = self._writers[worker]
@@ -142,6 +145,26 @@ class WorkerChannel:
             on_client(message, socks[0])
         else:
             gevent.spawn(_answer, socks[0], on_admin, message)
+
+
+def _forget(fd: int) -> None:
+    """Take a descriptor given to another process out of this loop's epoll set. libev leaves a
+    stopped watcher's descriptor there until it reports something; the socket lives on in the
+    owner, so it would report here too, after this worker closed its copy, and libev would
+    then rebuild its whole epoll set (one epoll_ctl per descriptor it watches) to be rid of it."""
+    try:
+        backend = gevent.get_hub().loop.fileno()
+    except (AttributeError, ValueError):
+        return
+    if backend is None or backend < 0:  # not an epoll loop: nothing lingers
+        return
+    epoll = select.epoll.fromfd(os.dup(backend))  # the same epoll set, closed on our own
+    try:
+        epoll.unregister(fd)
+    except OSError:
+        pass  # never registered, or already gone
+    finally:
+        epoll.close()
 
 
 def _answer(sock: socket.socket, on_admin: Callable[[AdminCall], bytes], call: AdminCall) -> None:
