@@ -14,7 +14,8 @@ file that up-imapproxy's ``pimpstat`` reads (``stats.Totals``):
   index (so it serves the same users); one that dies within a second of its start waits
   ``RESTART_DELAY_S`` first, so that a crash at start-up does not become a fork loop;
 * SIGHUP and SIGUSR1 go to every worker (each reloads, or logs its counters; the supervisor
-  logs the totals);
+  logs the totals); SIGUSR2 (the hand-over to a successor, ``takeover``) is refused with a
+  log line: it needs ``workers 1``;
 * SIGTERM or SIGINT: every worker stops as a single proxy does (cached sessions logged out,
   active clients given ``shutdown_timeout``); one still there ``STOP_MARGIN_S`` later is
   killed.
@@ -41,7 +42,14 @@ from imapproxy import daemon, log
 
 LOGGER = logging.getLogger("imapproxy")
 
-SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+SIGNALS = (
+    signal.SIGCHLD,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 SAMPLE_INTERVAL_S = 0.25  # how often the totals of the statistics file are summed
 RESTART_DELAY_S = 1.0  # before restarting a worker that died this soon after its start
 STOP_MARGIN_S = 5.0  # beyond shutdown_timeout, before a worker is killed
@@ -112,6 +120,11 @@ class Supervisor:
         elif signum == signal.SIGUSR1:
             LOGGER.info("counters of all workers: %s", self.summary())
             self._tell_all(signal.SIGUSR1)
+        elif signum == signal.SIGUSR2:  # not its default: that would end the proxy
+            LOGGER.error(
+                "SIGUSR2: the hand-over to a successor works with workers 1 only; "
+                "nothing done (restart to change the program)"
+            )
 
     def _start(self, worker: _Worker) -> None:
         pid = gevent.os.fork_gevent()
