@@ -492,8 +492,8 @@ class Totals:
 
     def update(self) -> None:
         """Sum the blocks into the totals block (cheap: the supervisor calls it often)."""
+        reset_at = self._reset_time()  # first: it may reset the retired block
         counts, extension = self._columns.sums()
-        reset_at = self._reset_time()
         total = self.counters
         for current, peak in _PEAK_INDEXES:
             before = 0 if reset_at else total._counts[peak]
