@@ -243,23 +243,30 @@ def test_a_reset_of_every_block_restarts_the_total_peaks_from_the_sums(
     assert all(worker.CountTime == LATER for worker in [totals.retired, *totals.workers])
 
 
-def test_a_reset_of_one_block_is_seen_and_resets_the_retired_block(
-    three: tuple[Counters, Totals],
-) -> None:
+def test_a_reset_of_one_block_is_carried_to_every_block(three: tuple[Counters, Totals]) -> None:
+    """XPROXY_RESETCOUNTERS in a worker that reset only its own block: the supervisor's next
+    update resets the others and the retired block, and restarts the peaks."""
     counters, totals = three
-    first, second, _ = totals.workers
+    first, second, third = totals.workers
     first.client_connected()
     second.client_connected()
     second.TotalClientLogins = 3
+    third.TotalServerConnectionsCreated = 4
     totals.update()
     second.client_disconnected()
     totals.retired.TotalClientLogins = 50  # from a worker that exited
-    for worker in totals.workers:
-        worker.reset(LATER)  # a reset written block by block
+    first.reset(LATER)
     totals.update()
     assert counters.PeakClientConnections == 1  # restarted from the current sum
     assert counters.CountTime == LATER
-    assert counters.TotalClientLogins == 0 and totals.retired.CountTime == LATER
+    assert counters.TotalClientLogins == counters.TotalServerConnectionsCreated == 0
+    assert all(block.CountTime == LATER for block in [totals.retired, *totals.workers])
+    second.client_connected()
+    second.client_connected()
+    totals.update()  # no second reset: the peaks go on
+    second.client_disconnected()
+    totals.update()
+    assert counters.PeakClientConnections == 3 and counters.CurrentClientConnections == 2
 
 
 def test_a_worker_that_exits_keeps_the_totals_and_a_restart_is_no_reset(
@@ -446,3 +453,20 @@ def test_totals_are_the_sums_of_random_blocks(
         assert getattr(counters, name) == summed[name] == expected, name
     totals.release()
     close(counters)
+
+
+def test_the_log_lines_of_the_totals_and_of_each_worker(three: tuple[Counters, Totals]) -> None:
+    counters, totals = three
+    totals.workers[0].client_connected()
+    totals.workers[2].TotalClientLogins = 4
+    counters.set_worker_pid(2, 99)
+    counters.count_worker_restart(2)
+    totals.update()
+    assert stats.summary(counters).startswith("clients 1 (peak 1), active 0 (peak 0)")
+    assert stats.workers_summary(counters) == (
+        "workers restarted 1; "
+        "worker 0 pid 0: clients 1, active 0, cached 0, logins 0, reused 0; "
+        "worker 1 pid 0: clients 0, active 0, cached 0, logins 0, reused 0; "
+        "worker 2 pid 99: clients 0, active 0, cached 0, logins 4, reused 0"
+    )
+    assert stats.workers_summary(Counters.in_memory()) == ""
