@@ -488,7 +488,8 @@ class Totals:
     retired block keeps the totals from falling). StartTime is the supervisor's (``start``),
     CountTime the last reset; the TLS status is that of the block whose status changed last.
 
-    Measured (``timeit``, 2 workers, on a busy 2-core machine): ``update()`` about 5 µs.
+    Measured (``python -m timeit``, 2-core machine): ``update()`` 4.3 µs with 2 workers, 5.6 µs
+    with 8; a reader's ``summed()`` 17 µs.
     """
 
     def __init__(self, counters: Counters) -> None:
