@@ -2,7 +2,9 @@
 
 It reads ``stat_filename`` (and ``enable_select_cache``) from the proxy's configuration file and
 reads the statistics file read-only, a fresh snapshot per refresh (``stats.read_file``); it never
-writes. A file written by up-imapproxy 1.2.8 reads as well (without our extension counters).
+writes. A file written by up-imapproxy 1.2.8 reads as well (without our extension counters). With
+``workers N`` every view shows the totals of all workers, summed from their blocks at each
+reading (``Counters.summed``), and the ``workers`` view each worker's figures.
 
 * ``-c`` prints up-imapproxy's 12 lines once, byte for byte as its ``pimpstat -c``.
 * Otherwise a curses screen, refreshed every second (a ``getch`` timeout, not a busy loop), with
@@ -101,7 +103,8 @@ def print_counters(stat_filename: str) -> int:
     if isinstance(counters, str):
         print(f"pimpstat: cannot read statistics file {stat_filename}: {counters}", file=sys.stderr)
         return EX_NOINPUT
-    sys.stdout.write(view.command_line_text(counters))
+    sys.stdout.write(view.command_line_text(counters.summed()))  # every worker's, exactly
+    counters.release()
     return 0
 
 
@@ -121,6 +124,7 @@ class Monitor:
     elapsed_s: float = 0.0  # between the two
     problem: str = "not read yet"  # why there is no current reading
     backend_tls: tuple[int, int, str] | None = None  # from the current reading
+    workers: list[dict[str, int]] = field(default_factory=list)  # each worker's, if any
     _read_at: float | None = field(default=None, repr=False)
 
     def servers(self) -> list[ServerLine] | None:
@@ -136,9 +140,11 @@ class Monitor:
         counters = stats.read_file_or_reason(self.stat_filename)
         if isinstance(counters, str):
             self.current = self.previous = self._read_at = self.backend_tls = None
+            self.workers = []
             self.problem = counters
             return
-        self.previous, self.current = self.current, counters.snapshot()
+        self.previous, self.current = self.current, counters.summed()
+        self.workers = counters.worker_snapshots()
         self.backend_tls = counters.backend_tls()
         counters.release()
         self.elapsed_s = 0.0 if self._read_at is None else now - self._read_at
@@ -160,6 +166,8 @@ class Monitor:
             )
         if self.current is None:
             return view.waiting_rows(self.stat_filename, self.problem)
+        if self.view == "workers":
+            return view.worker_rows(self.current, self.workers)
         enabled = self.select_cache_enabled
         if self.view == "rates":
             return view.rate_rows(

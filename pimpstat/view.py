@@ -12,6 +12,11 @@ The views:
 * ``rates``: what up-imapproxy lacks: per-second rates of the ``Total*`` counters (and the
   SELECT ones) over the last interval, and the hit ratios.
 * ``about``: the program, its files and its keys.
+* ``servers``: each IMAP server's health (the servers file beside the statistics file).
+* ``workers``: with ``workers N``, one row per worker process (its pid, gauges, logins, reuses,
+  hit ratio and restarts) and the totals; a file without a worker table says so.
+
+With a worker table the snapshot is ``Counters.summed()``: the exact totals of every worker.
 
 ``command_line_text`` is ``pimpstat -c``: up-imapproxy's 12 lines, byte for byte.
 """
@@ -35,12 +40,13 @@ class HasSnapshot(Protocol):
 
 Source = Snapshot | HasSnapshot
 
-VIEWS: Final = ("counters", "rates", "about", "servers")
+VIEWS: Final = ("counters", "rates", "about", "servers", "workers")
 VIEW_TITLES: Final = {
     "counters": "up-imapproxy's figures",
     "rates": "per second, and hit ratios",
     "about": "files, format and keys",
     "servers": "each IMAP server's health",
+    "workers": "each worker process",
 }
 KEYS: Final = (("q", "quit"), ("r", "redraw"), ("m", "menu: choose the view"))
 
@@ -339,9 +345,21 @@ def _ratio_rows(snapshot: Snapshot, select_cache_enabled: bool) -> list[Row]:
 def file_format_text(snapshot: Snapshot | None) -> str:
     if snapshot is None:
         return "not readable yet"
+    if snapshot.get("WorkerCount"):
+        return "imapproxy (up-imapproxy's 72 bytes + extension + worker table)"
     if has_extension(snapshot):
         return "imapproxy (up-imapproxy's 72 bytes + extension)"
     return "up-imapproxy 1.2.8 (72 bytes, no extension)"
+
+
+def workers_text(snapshot: Snapshot | None) -> str:
+    """How many processes count into the file (``Counters.summed()``'s ``WorkerCount``)."""
+    if snapshot is None:
+        return "not readable yet"
+    count = snapshot.get("WorkerCount", 0)
+    if not count:
+        return "1 (one process)"
+    return f"{count} (a supervisor and {count} worker processes)"
 
 
 def about_rows(
@@ -363,6 +381,7 @@ def about_rows(
         Row("configuration file:", config_path, "info"),
         Row("statistics file (read-only):", stat_filename, "info"),
         Row("file format:", file_format_text(snapshot), "info"),
+        Row("workers:", workers_text(snapshot), "info"),
         Row("SELECT cache:", "enabled" if select_cache_enabled else "not enabled", "info"),
         Row("TLS with the IMAP server:", backend_tls_text(backend_tls), "info"),
         Row("refresh:", "every second", "info"),
@@ -404,6 +423,68 @@ def server_rows(lines: Sequence[ServerLine] | None, path: str, localtime: LocalT
         if line.last_error:
             rows.append(Row("  last error:", line.last_error, "info"))
     return rows
+
+
+WORKER_COLUMNS: Final = (  # 77 columns: an 80-column screen inside its border
+    ("worker", 6),
+    ("pid", 7),  # Linux's pid_max is at most 2**22: 7 digits
+    ("clients", 7),
+    ("active", 7),
+    ("cached", 7),
+    ("logins", 10),  # an unsigned counter
+    ("reused", 10),
+    ("hits", 7),
+    ("restarts", 8),
+)
+
+
+def worker_line(cells: Sequence[str]) -> str:
+    """One line of the workers table, each cell right-aligned in its column."""
+    return " ".join(
+        f"{cell:>{width}}" for cell, (_, width) in zip(cells, WORKER_COLUMNS, strict=True)
+    )
+
+
+def _worker_cells(name: str, pid: str, snapshot: Snapshot, restarts: int) -> list[str]:
+    logins = snapshot.get("TotalClientLogins", 0)
+    reused = snapshot.get("TotalServerConnectionsReused", 0)
+    gauges = ("CurrentClientConnections", "InUseServerConnections", "RetainedServerConnections")
+    return [
+        name,
+        pid,
+        *(str(snapshot.get(gauge, 0)) for gauge in gauges),
+        str(logins),
+        str(reused),
+        percent_text(reused, logins),
+        str(restarts),
+    ]
+
+
+def worker_rows(totals: Snapshot, workers: Sequence[Snapshot]) -> list[Row]:
+    """The ``workers`` view: a line per worker process (``Counters.worker_snapshots()``), its
+    pid (``-`` while its slot is empty), and the totals (``Counters.summed()``), which also
+    count the workers that exited; hits are reuses / logins, as in the rates view."""
+    rows = [heading("WORKER PROCESSES"), BLANK]
+    if not workers:
+        return [
+            *rows,
+            Row("One process: this statistics file has no worker table", kind="text"),
+            Row("(workers 1, or a file of up-imapproxy's).", kind="text"),
+        ]
+    header = worker_line([name for name, _ in WORKER_COLUMNS])
+    lines = [
+        _worker_cells(str(index), str(w.get("WorkerPid", 0) or "-"), w, w.get("WorkerRestarts", 0))
+        for index, w in enumerate(workers)
+    ]
+    total = _worker_cells("total", "", totals, totals.get("WorkerRestarts", 0))
+    return [
+        *rows,
+        Row(header, kind="heading"),
+        *(Row(worker_line(cells), kind="text") for cells in lines),
+        Row(worker_line(total), kind="text"),
+        BLANK,
+        Row("workers restarted after dying:", number_text(totals.get("WorkerRestarts", 0))),
+    ]
 
 
 def waiting_rows(stat_filename: str, problem: str) -> list[Row]:

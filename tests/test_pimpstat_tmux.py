@@ -323,3 +323,112 @@ def test_the_screen_waits_for_a_missing_or_short_file(
     session.send("C-c")  # up-imapproxy's way out: the terminal is restored, the session ends
     session.wait_for_end()
     assert session.stderr() == ""
+
+
+# -- a file of several workers (workers N) ---------------------------------------------------------
+
+
+def worker_file(stat_path: Path) -> tuple[stats.Counters, stats.Totals]:
+    """Three workers with figures of their own, summed once by the supervisor's Totals."""
+    counters = stats.create_file(str(stat_path), workers=3)
+    totals = stats.Totals(counters)
+    totals.start(1_700_000_000)
+    for index, worker in enumerate(totals.workers, start=1):
+        worker.start(1_700_000_001)
+        for _ in range(index):
+            worker.client_connected()
+        worker.set_server_connections(index, 2 * index)
+        worker.TotalClientLogins = 10 * index
+        worker.TotalServerConnectionsCreated = index
+        worker.TotalServerConnectionsReused = 10 * index - index
+        worker.SelectCacheHits, worker.SelectCacheMisses = index, 100 + index
+        counters.set_worker_pid(index - 1, 4000 + index)
+    totals.update()
+    return counters, totals
+
+
+def close_worker_file(counters: stats.Counters, totals: stats.Totals) -> None:
+    totals.release()
+    counters.release()
+    assert isinstance(counters.buffer, mmap.mmap)
+    counters.buffer.close()
+
+
+WORKER_TOTALS = (
+    " 6 Current Client Connections\n"
+    " 6 Peak Client Connections\n"
+    " 6 In Use Connections\n"
+    " 6 Peak In Use Connections\n"
+    " 12 Retained Server Connections\n"
+    " 12 Peak Retained Server Connections\n"
+    " 6 Total Client Connections\n"
+    " 60 Total Client Logins\n"
+    " 54 Total Reused Connections\n"
+    " 6 Total Created Connections\n"
+    " 6 Cache Hits\n"
+    " 306 Cache Misses\n"
+)
+
+
+@needs_debian
+def test_debians_dash_c_reads_the_totals_of_a_multi_worker_file(tmp_path: Path) -> None:
+    """Debian's pimpstat reads the first 72 bytes of a longer file: the supervisor's totals,
+    the same 12 lines as ours."""
+    stat_path = tmp_path / "pimpstats"
+    counters, totals = worker_file(stat_path)
+    try:
+        config = pimpstat_config(tmp_path, stat_path)
+        theirs = debian_pimpstat("-c", "-f", str(config))
+        assert theirs.returncode == 0, theirs.stderr
+        assert theirs.stdout.decode() == WORKER_TOTALS
+        assert pimpstat("-c", "-f", str(config)).stdout == theirs.stdout
+    finally:
+        close_worker_file(counters, totals)
+
+
+def test_our_dash_c_sums_the_workers_between_the_supervisors_updates(tmp_path: Path) -> None:
+    stat_path = tmp_path / "pimpstats"
+    counters, totals = worker_file(stat_path)
+    try:
+        totals.workers[2].TotalClientLogins += 5  # not yet summed into the totals block
+        config = pimpstat_config(tmp_path, stat_path)
+        ours = pimpstat("-c", "-f", str(config)).stdout.decode()
+        assert ours == WORKER_TOTALS.replace(" 60 Total Client Logins", " 65 Total Client Logins")
+        if os.access(DEBIAN_PIMPSTAT, os.X_OK):  # Debian's shows the last sample
+            assert debian_pimpstat("-c", "-f", str(config)).stdout.decode() == WORKER_TOTALS
+    finally:
+        close_worker_file(counters, totals)
+
+
+@needs_tmux
+def test_the_workers_view_on_screen(
+    tmp_path: Path, tmux_pimpstat: Callable[[Path], TmuxSession]
+) -> None:
+    stat_path = tmp_path / "pimpstats"
+    counters, totals = worker_file(stat_path)
+    try:
+        session = tmux_pimpstat(pimpstat_config(tmp_path, stat_path))
+        session.wait_for(showing("client logins:", "60"), "the summed logins")
+        screen = choose(session, "5", "workers")
+        assert "WORKER PROCESSES" in screen
+        lines = [line.strip("│ ").split() for line in screen.splitlines()]
+        assert ["worker", "pid", "clients", "active", "cached", "logins", "reused"] in [
+            line[:7] for line in lines
+        ]
+        assert ["0", "4001", "1", "1", "2", "10", "9", "90.0", "%", "0"] in lines
+        assert ["2", "4003", "3", "3", "6", "30", "27", "90.0", "%", "0"] in lines
+        assert ["total", "6", "6", "12", "60", "54", "90.0", "%", "0"] in lines
+        totals.worker_exited(1)  # worker 1 died: an empty slot, its figures kept in the totals
+        counters.count_worker_restart(1)
+        session.wait_for(lambda s: "1       -       0" in s, "an empty slot")
+        screen = session.wait_for(showing("workers restarted after dying:", "1"), "a restart")
+        assert ["total", "4", "4", "8", "60", "54", "90.0", "%", "1"] in [
+            line.strip("│ ").split() for line in screen.splitlines()
+        ]
+        screen = choose(session, "3", "about")
+        assert figure(screen, "workers:") == "3 (a supervisor and 3 worker processes)"
+        session.send("q")
+        session.wait_for_end()
+        assert session.stderr() == ""
+    finally:
+        close_worker_file(counters, totals)

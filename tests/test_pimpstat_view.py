@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 from pathlib import Path
 
@@ -378,3 +379,126 @@ def test_a_version_1_file_reads_as_not_tried() -> None:
     counters.buffer[76:80] = (1).to_bytes(4, "little")
     counters.buffer[136:140] = b"junk"
     assert counters.has_extension() and counters.backend_tls() == (0, 0, "")
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+
+def worker_file(path: str) -> tuple[stats.Counters, stats.Totals]:
+    """Two workers (pids 101 and 102, worker 1 restarted once) and a worker that exited."""
+    counters = stats.create_file(path, workers=2)
+    totals = stats.Totals(counters)
+    totals.start(START)
+    first, second = totals.workers
+    for worker, logins, reused in ((first, 8, 6), (second, 4, 1)):
+        worker.start(START + 1)
+        worker.client_connected()
+        worker.set_server_connections(1, 3)
+        worker.TotalClientLogins, worker.TotalServerConnectionsReused = logins, reused
+    second.client_connected()
+    totals.retired.TotalClientLogins = 20  # the workers that exited logged 20 in
+    counters.set_worker_pid(0, 101)
+    counters.set_worker_pid(1, 102)
+    counters.count_worker_restart(1)
+    return counters, totals
+
+
+def close_worker_file(counters: stats.Counters, totals: stats.Totals) -> None:
+    totals.release()
+    counters.release()
+    assert isinstance(counters.buffer, mmap.mmap)
+    counters.buffer.close()
+
+
+def test_the_workers_view_has_a_line_per_worker_and_the_totals(tmp_path: Path) -> None:
+    path = str(tmp_path / "pimpstats")
+    counters, totals = worker_file(path)
+    monitor = app.Monitor("/etc/imapproxy.conf", path, False, view="workers")
+    monitor.read(0.0)  # before any Totals.update(): the reader sums the blocks itself
+    assert monitor.rows() == [
+        Row("WORKER PROCESSES", kind="heading"),
+        BLANK,
+        Row(
+            "worker     pid clients  active  cached     logins     reused    hits restarts",
+            kind="heading",
+        ),
+        Row(
+            "     0     101       1       1       3          8          6  75.0 %        0",
+            "",
+            "text",
+        ),
+        Row(
+            "     1     102       2       1       3          4          1  25.0 %        1",
+            "",
+            "text",
+        ),
+        Row(
+            " total               3       2       6         32          7  21.9 %        1",
+            "",
+            "text",
+        ),
+        BLANK,
+        Row("workers restarted after dying:", "        1"),
+    ]
+    totals.worker_exited(0)
+    monitor.read(1.0)
+    assert monitor.rows()[3].label.split()[:3] == ["0", "-", "0"]  # an empty slot
+    assert monitor.rows()[5].label.split()[4] == "32"  # its logins stay in the totals
+    close_worker_file(counters, totals)
+
+
+def test_the_counters_and_dash_c_show_every_workers_totals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(tmp_path / "pimpstats")
+    counters, totals = worker_file(path)
+    monitor = app.Monitor("/etc/imapproxy.conf", path, False)
+    monitor.read(0.0)
+    rows = monitor.rows()
+    assert value_of(rows, "client logins:") == "       32"
+    assert value_of(rows, "server connection reuses:") == "        7"
+    assert app.print_counters(path) == 0
+    assert " 32 Total Client Logins\n 7 Total Reused Connections\n" in capsys.readouterr().out
+    close_worker_file(counters, totals)
+
+
+def test_a_file_without_a_worker_table_says_so_in_the_workers_view() -> None:
+    rows = view.worker_rows(snapshot(), [])
+    assert [row.label for row in rows] == [
+        "WORKER PROCESSES",
+        "",
+        "One process: this statistics file has no worker table",
+        "(workers 1, or a file of up-imapproxy's).",
+    ]
+
+
+def test_the_workers_table_fits_an_80_column_screen() -> None:
+    widest = ["1023", "4194304", *["9999999"] * 3, *["4294967295"] * 2, "100.0 %", "99999999"]
+    line = view.worker_line(widest)
+    assert len(line) == 80 - 1 - app.HEADING_COL  # inside the border, every cell in its column
+    assert line.split() == [*widest[:7], "100.0", "%", widest[8]]
+
+
+@pytest.mark.parametrize(
+    ("values", "fmt", "workers"),
+    [
+        (
+            {"WorkerCount": 2},
+            "imapproxy (up-imapproxy's 72 bytes + extension + worker table)",
+            "2 (a supervisor and 2 worker processes)",
+        ),
+        ({}, "imapproxy (up-imapproxy's 72 bytes + extension)", "1 (one process)"),
+    ],
+)
+def test_about_says_how_many_workers_the_file_has(
+    values: dict[str, int], fmt: str, workers: str
+) -> None:
+    rows = view.about_rows(
+        version="9.9",
+        config_path="/etc/imapproxy.conf",
+        stat_filename="/var/run/pimpstats",
+        select_cache_enabled=False,
+        source={**snapshot(), **values},
+    )
+    assert value_of(rows, "file format:") == fmt
+    assert value_of(rows, "workers:") == workers
