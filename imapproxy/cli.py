@@ -34,7 +34,7 @@ from imapproxy.health import servers_path
 from imapproxy.route import RouteSource
 from imapproxy.router import Router, ServersFile, build_source
 from imapproxy.server import Proxy
-from imapproxy.stats import Counters, Totals, create_file, summary
+from imapproxy.stats import Counters, Totals, create_file, summary, workers_summary
 from imapproxy.trace import Tracer
 from imapproxy.worker_channel import Inboxes, WorkerChannel
 
@@ -404,7 +404,7 @@ def run_workers(
         sample=totals.update,
         started=counters.set_worker_pid,
         exited=exited,
-        summary=lambda: summary(counters),
+        summary=lambda: f"{summary(counters)}; {workers_summary(counters)}",
     )
     status = boss.run()
     if startup.pidfile_path:

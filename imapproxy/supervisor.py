@@ -13,8 +13,8 @@ file that up-imapproxy's ``pimpstat`` reads (``stats.Totals``):
 * a worker that dies is logged, counted (``WorkerRestarts``) and started again with the same
   index (so it serves the same users); one that dies within a second of its start waits
   ``RESTART_DELAY_S`` first, so that a crash at start-up does not become a fork loop;
-* SIGHUP and SIGUSR1 go to every worker (each reloads, or logs its counters; the supervisor
-  logs the totals); SIGUSR2 (the hand-over to a successor, ``takeover``) is refused with a
+* SIGHUP goes to every worker (each reloads itself); on SIGUSR1 the supervisor logs the
+  totals and each worker's figures from the statistics file; SIGUSR2 (the hand-over to a successor, ``takeover``) is refused with a
   log line: it needs ``workers 1``;
 * SIGTERM or SIGINT: every worker stops as a single proxy does (cached sessions logged out,
   active clients given ``shutdown_timeout``); one still there ``STOP_MARGIN_S`` later is
@@ -119,7 +119,6 @@ class Supervisor:
             self._tell_all(signal.SIGHUP)
         elif signum == signal.SIGUSR1:
             LOGGER.info("counters of all workers: %s", self.summary())
-            self._tell_all(signal.SIGUSR1)
         elif signum == signal.SIGUSR2:  # not its default: that would end the proxy
             LOGGER.error(
                 "SIGUSR2: the hand-over to a successor works with workers 1 only; "

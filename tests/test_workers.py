@@ -190,6 +190,8 @@ def test_sighup_reloads_sigusr2_is_refused_and_sigterm_stops_every_worker(
     proxy.process.send_signal(signal.SIGHUP)
     proxy.wait_for_log("reload: nothing changed", timeout=10, count=WORKERS)
     assert page(proxy.host, proxy.port, users[0]) is False
+    proxy.process.send_signal(signal.SIGUSR1)
+    proxy.wait_for_log("workers restarted 0; worker 0 pid", timeout=10)
     proxy.process.send_signal(signal.SIGUSR2)  # the hand-over needs workers 1: refused, alive
     proxy.wait_for_log("works with workers 1 only", timeout=10)
     assert page(proxy.host, proxy.port, users[0]) is True
