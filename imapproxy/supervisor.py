@@ -14,8 +14,8 @@ file that up-imapproxy's ``pimpstat`` reads (``stats.Totals``):
   index (so it serves the same users); one that dies within a second of its start waits
   ``RESTART_DELAY_S`` first, so that a crash at start-up does not become a fork loop;
 * SIGHUP goes to every worker (each reloads itself); on SIGUSR1 the supervisor logs the
-  totals and each worker's figures from the statistics file; SIGUSR2 (the hand-over to a successor, ``takeover``) is refused with a
-  log line: it needs ``workers 1``;
+  totals and each worker's figures from the statistics file; SIGUSR2 (the hand-over to a
+  successor, ``takeover``) is refused with a log line: it needs ``workers 1``;
 * SIGTERM or SIGINT: every worker stops as a single proxy does (cached sessions logged out,
   active clients given ``shutdown_timeout``); one still there ``STOP_MARGIN_S`` later is
   killed.
