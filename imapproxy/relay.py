@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from gevent.hub import Waiter
 
 from imapproxy.backend import BackendSession
 from imapproxy.copier import BackendGone, Copier, DrainExceeded
-from imapproxy.errors import BackendFailure, ClientProtocolError, FailureKind, why
+from imapproxy.errors import BackendFailure, FailureKind, why
 from imapproxy.protocol.framing import (
     AWAIT_CONTINUATION,
     NEED_DATA,
@@ -48,14 +47,9 @@ from imapproxy.protocol.framing import (
     LiteralData,
 )
 from imapproxy.protocol.framing import Event as FramerEvent
-from imapproxy.protocol.grammar import Arguments, CommandStart, split_command_line
+from imapproxy.protocol.grammar import CommandStart, split_command_line
 from imapproxy.relay_state import Kind, RelayState
-from imapproxy.select_cache import (
-    SelectEntry,
-    closed_line,
-    entry_from_reply,
-    mailbox_key,
-)
+from imapproxy.select_relay import SelectRelay, SelectTooBig
 from imapproxy.send import send_all, send_quietly
 from imapproxy.stats import Counters
 from imapproxy.trace import SessionTrace
@@ -65,16 +59,12 @@ LOGGER = logging.getLogger("imapproxy")
 # Dovecot's imap_max_line_length default (64 KiB): after login, longer client lines are refused.
 POSTLOGIN_MAX_LINE_BYTES = 65536
 CLIENT_RECV_BYTES = 65536
-# A SELECT's mailbox name sent as a literal is read by the proxy itself (Dovecot limits names
-# to 255 characters per level).
-MAX_MAILBOX_LITERAL_BYTES = 4096
 
 LOGOUT_REPLY = b"* BYE LOGOUT received\r\n%s OK Completed\r\n"  # up-imapproxy's texts
 COMPRESS_REFUSAL = b"%s NO [CANNOT] COMPRESS is not available through imapproxy\r\n"
 IDLE_TIMEOUT_BYE = b"* BYE Autologout; idle for too long\r\n"
 BACKEND_LOST_BYE = b"* BYE IMAP server connection lost\r\n"
 SESSION_FAILED_BYE = b"* BYE IMAP session failed\r\n"
-GO_AHEAD = b"+ go ahead\r\n"
 
 
 class Outcome(enum.Enum):
@@ -147,6 +137,7 @@ class Relay:
         # TLS: bytes decrypted but not yet read, which the descriptor's watcher cannot see
         self._tls_pending: Callable[[], int] | None = getattr(session.sock, "pending", None)
         self._client_pending: Callable[[], int] | None = getattr(client, "pending", None)
+        self._selects = SelectRelay(self, settings.response_timeout)
 
     @property
     def client_alive(self) -> bool:
@@ -373,7 +364,7 @@ class Relay:
                     return self._client_vanished()
         except LineTooLong as error:
             self._send_backend(out)
-            self._send_own(error.response())
+            self.send_own(error.response())
             return self._client_vanished()
         except _ClientGone:
             return self._client_vanished()
@@ -415,7 +406,7 @@ class Relay:
         if kind is Kind.LOGOUT:
             return self._logout(start.tag)
         if kind is Kind.COMPRESS:
-            self._send_own(COMPRESS_REFUSAL % start.tag)
+            self.send_own(COMPRESS_REFUSAL % start.tag)
         elif not self._select(line, start):  # Kind.SELECT that the cache cannot take
             self.state.command_started(start)
             out.append(line.data)
@@ -449,7 +440,13 @@ class Relay:
         else:
             self.framer.reject_literal()
 
-    def _send_own(self, data: bytes) -> None:
+    def _select(self, line: Line, start: CommandStart) -> bool:
+        try:
+            return self._selects.select(line, start, bool(self.state.outstanding))
+        except SelectTooBig as error:
+            raise _Desync(str(error)) from None
+
+    def send_own(self, data: bytes) -> None:
         """Send a response of the proxy's own, between two of the backend's."""
         if not self.client_alive:
             return
@@ -469,49 +466,8 @@ class Relay:
             self._client_writing = False
             self._wakeup.set()
 
-    # -- SELECT on the control plane (enable_select_cache, sequential mode) ---------------------
-
-    def _select(self, line: Line, start: CommandStart) -> bool:
-        """Answer a SELECT from the cache when it still holds, else relay it and keep the reply.
-
-        False when it cannot be done here (other commands in flight, a big literal): the
-        caller relays it as any other command.
-        """
-        self.counters.TotalSelectCommands += 1
-        spec = line.literal
-        if self.state.outstanding or (spec is not None and spec.size > MAX_MAILBOX_LITERAL_BYTES):
-            self.session.select_entry = None
-            return False
-        lines, literals = self._collect_command(line)
-        self._select_now(start.tag, lines, literals)
-        return True
-
-    def _collect_command(self, first: Line) -> tuple[list[bytes], list[bytes]]:
-        """Read the rest of a command whose literals the proxy accepts itself."""
-        lines, literals = [first.data], []
-        spec = first.literal
-        while spec is not None:
-            if spec.size > MAX_MAILBOX_LITERAL_BYTES:
-                raise _Desync("literal too big in SELECT")
-            if spec.synchronizing:
-                self._next_client_event()  # AWAIT_CONTINUATION
-                self._send_own(GO_AHEAD)
-                self.framer.accept_literal()
-            data = bytearray()
-            while isinstance(event := self._next_client_event(), LiteralData):
-                data += event.data
-                if event.last:
-                    break
-            literals.append(bytes(data))
-            line = event if isinstance(event, Line) else self._next_client_event()
-            assert isinstance(line, Line) and not line.first
-            if self.trace is not None:
-                self.trace.client(bytes(data), line.data)
-            lines.append(line.data)
-            spec = line.literal
-        return lines, literals
-
-    def _next_client_event(self) -> FramerEvent:
+    def next_client_event(self) -> FramerEvent:
+        """The client's next framer event, read for a command the proxy takes whole."""
         while (event := self.framer.next_event()) is NEED_DATA:
             try:
                 data = self.client.recv(CLIENT_RECV_BYTES)
@@ -521,46 +477,6 @@ class Relay:
         if isinstance(event, ClientClosed):
             raise _ClientGone
         return event
-
-    def _select_now(self, tag: bytes, lines: list[bytes], literals: list[bytes]) -> None:
-        session = self.session
-        mailbox = _select_mailbox(tag, lines, literals)
-        entry = session.select_entry
-        closed = session.traits.closed_line
-        if (
-            mailbox is not None
-            and entry is not None
-            and closed is not None
-            and session.selected
-            and entry.mailbox == mailbox_key(mailbox)
-            and self._entry_holds(entry)
-        ):
-            self.counters.SelectCacheHits += 1
-            if self.trace is not None:
-                self.trace.proxy("SELECT answered from the SELECT cache")
-            self._send_own(entry.reply(tag, closed))
-            return
-        self.counters.SelectCacheMisses += 1
-        self.counters.BackendWaits += 1
-        session.select_entry = None
-        pieces = [line if line.endswith(b"\n") else line + b"\r\n" for line in lines]
-        untagged, done = session.relay_command(
-            pieces, literals, tag, self.settings.response_timeout
-        )
-        self._send_own(b"".join(r.raw for r in untagged) + done.raw)
-        if session.selected and done.word == b"OK":  # what the server says over a selected box
-            session.traits.closed_line = closed_line(untagged) or b""
-        if done.word in (b"OK", b"NO"):
-            session.selected = done.word == b"OK"
-        if mailbox is not None:
-            session.select_entry = entry_from_reply(mailbox, untagged, done)
-
-    def _entry_holds(self, entry: SelectEntry) -> bool:
-        """Checked by the reuse check at login (no wait), or else asked now (one wait)."""
-        if self.session.select_checked_just_now(time.monotonic()):
-            return True
-        self.counters.BackendWaits += 1
-        return self.session.select_entry_holds(entry, self.settings.response_timeout)
 
     # -- endings --------------------------------------------------------------------------------
 
@@ -612,7 +528,7 @@ class Relay:
 
     def _client_timed_out(self) -> Outcome:
         if self.state.idle_tag is None and not self.state.outstanding:
-            self._send_own(IDLE_TIMEOUT_BYE)
+            self.send_own(IDLE_TIMEOUT_BYE)
         return self._client_vanished()
 
     def _close(self) -> Outcome:
@@ -620,16 +536,3 @@ class Relay:
             self._pump.kill(block=True)
             self._pump = None
         return Outcome.CLOSED
-
-
-def _select_mailbox(tag: bytes, lines: list[bytes], literals: list[bytes]) -> bytes | None:
-    """The mailbox of a plain ``SELECT mailbox``; None with options or bad syntax (relayed
-    as they are, for the backend to judge, and never cached)."""
-    stripped = [line.rstrip(b"\r\n") for line in lines]
-    try:
-        args = Arguments(stripped, literals, tag)
-        args.space()
-        mailbox = args.astring()
-    except ClientProtocolError:
-        return None
-    return mailbox if args.at_end() else None
