@@ -10,10 +10,11 @@ buffer held between commands.
 Duplex mode, for IDLE and NOTIFY, where the server speaks unprompted: a pump greenlet copies
 backend bytes while the connection's greenlet waits for the client (IDLE's ``DONE``); once the
 IDLE is over the pump is stopped (parked in ``recv``, nothing read is lost) and the session is
-sequential again.
+sequential again (``duplex``).
 
-The proxy intercepts ``LOGOUT``, refuses ``COMPRESS`` and, with the SELECT cache on, answers
-``SELECT`` itself (see ``select_cache``). The relay ends ``REUSABLE``/``RESYNCED`` (the backend
+What each line is and what follows from it is decided by ``relay_state`` (sans-I/O); this
+module carries it out. The proxy intercepts ``LOGOUT``, refuses ``COMPRESS`` and, with the
+SELECT cache on, answers ``SELECT`` itself (``select_relay``, ``select_cache``). The relay ends ``REUSABLE``/``RESYNCED`` (the backend
 session is idle at a response boundary, every outstanding command complete, and back in the
 authenticated state unless the SELECT cache is on) or ``CLOSED`` (it cannot be trusted: client
 gone mid-literal, protocol desync, timeout, backend gone). A session is never cached with
@@ -31,11 +32,11 @@ from dataclasses import dataclass
 
 import gevent
 from gevent import socket
-from gevent.event import Event
 from gevent.hub import Waiter
 
 from imapproxy.backend import BackendSession
 from imapproxy.copier import BackendGone, Copier, DrainExceeded
+from imapproxy.duplex import Pump
 from imapproxy.errors import BackendFailure, FailureKind, why
 from imapproxy.protocol.framing import (
     AWAIT_CONTINUATION,
@@ -124,12 +125,7 @@ class Relay:
         self.backend_gone: str | None = None
         self.farewell = b""  # what the client gets after the session is dealt with (LOGOUT)
         self.sent_early = sent_early  # the client's first command, sent with the reuse check
-        self._pump: gevent.Greenlet | None = None
-        self._pump_parked = False  # the pump waits in recv: everything read has been sent
-        self._client_writing = False
-        self._stop_when_idle = False
-        self._wakeup = Event()
-        self._waiting = False
+        self._pump: Pump | None = None  # in duplex mode
         loop = gevent.get_hub().loop
         self._client_watch = loop.io(client.fileno(), 1)  # EV_READ
         self._backend_watch = loop.io(session.sock.fileno(), 1)
@@ -183,68 +179,28 @@ class Relay:
         with contextlib.suppress(OSError):
             self.client.shutdown(socket.SHUT_RDWR)  # in duplex mode, wakes the client side
 
-    # -- duplex mode: the pump greenlet ---------------------------------------------------------
+    # -- duplex mode: the pump greenlet (``duplex``) ---------------------------------------------
 
     def _go_duplex(self) -> None:
-        self._stop_when_idle = False
-        self.copier.on_park = self._parked
-        self.copier.before_send = self._before_pump_send
-        self._pump = gevent.spawn(self._run_pump)
-
-    def _run_pump(self) -> None:
-        try:
-            self.copier.copy_until(lambda: self._stop_when_idle and self.state.idle())
-        except (BackendGone, DrainExceeded) as error:
-            self._backend_lost(str(error))
-        finally:
-            self._notify()
-
-    def _parked(self, parked: bool) -> None:
-        self._pump_parked = parked
-        if parked:
-            self._notify()
-
-    def _before_pump_send(self) -> None:
-        while self._client_writing:  # the client side is writing a reply of its own
-            self._wait(self.settings.response_timeout)
-        self._notify()
-
-    def _notify(self) -> None:
-        if self._waiting:
-            self._wakeup.set()
-
-    def _wait(self, timeout: float) -> bool:
-        """Wait until the pump reports progress; False on timeout."""
-        self._wakeup.clear()
-        self._waiting = True
-        try:
-            return bool(self._wakeup.wait(timeout))
-        finally:
-            self._waiting = False
-
-    def _wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
-        deadline = gevent.get_hub().loop.now() + timeout
-        while not condition():
-            remaining = deadline - gevent.get_hub().loop.now()
-            if remaining <= 0 or self.backend_gone or not self._wait(remaining):
-                return condition()
-        return True
+        self._pump = Pump(
+            self.copier,
+            self.state,
+            self.settings.response_timeout,
+            self._backend_lost,
+            lambda: self.backend_gone,
+        )
+        self._pump.start()
 
     def _stop_pump(self) -> bool:
-        """Stop the pump once the session is idle at a response boundary; False if it never is."""
-        self._stop_when_idle = True
-        settled = self._wait_until(
-            lambda: self.state.idle() and self._pump_parked or self._pump_dead(),
-            self.settings.response_timeout,
-        )
         pump, self._pump = self._pump, None
-        if pump is not None:
-            pump.kill(block=True)  # parked in recv_into: nothing read is lost
-        self.copier.on_park = self.copier.before_send = None
-        return settled and self.state.idle() and not self.backend_gone
+        return pump is not None and pump.stop()
 
     def _pump_dead(self) -> bool:
         return self._pump is None or self._pump.dead
+
+    def _wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        assert self._pump is not None
+        return self._pump.wait_until(condition, timeout)
 
     # -- the client side ------------------------------------------------------------------------
 
@@ -452,19 +408,16 @@ class Relay:
             return
         if self.trace is not None:
             self.trace.server(data)
-        if self._pump_dead():  # sequential: nothing else writes to the client
+        pump = self._pump
+        if pump is None or pump.dead:  # sequential: nothing else writes to the client
             self.client_alive = send_quietly(self.client, data)
             return
-        if not self._wait_until(
-            lambda: self._pump_parked and self.scanner.at_boundary, self.settings.response_timeout
-        ):
-            raise _Desync("backend never reached a response boundary")
-        self._client_writing = True
-        try:
+
+        def send() -> None:
             self.client_alive = send_quietly(self.client, data)
-        finally:
-            self._client_writing = False
-            self._wakeup.set()
+
+        if not pump.send_between(send, lambda: self.scanner.at_boundary):
+            raise _Desync("backend never reached a response boundary")
 
     def next_client_event(self) -> FramerEvent:
         """The client's next framer event, read for a command the proxy takes whole."""
@@ -532,7 +485,7 @@ class Relay:
         return self._client_vanished()
 
     def _close(self) -> Outcome:
-        if self._pump is not None:
-            self._pump.kill(block=True)
-            self._pump = None
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.kill()
         return Outcome.CLOSED

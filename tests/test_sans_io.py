@@ -26,6 +26,8 @@ SANS_IO = [
             "forwarding.py",
             "route.py",
             "health.py",
+            "affinity.py",
+            "worker_message.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",
