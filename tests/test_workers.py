@@ -225,3 +225,25 @@ def test_any_worker_answers_a_scrape_for_the_whole_proxy(
         assert value(found, "imapproxy_login_duration_seconds_count", session="new") == len(users)
         assert value(found, "imapproxy_server_sessions", state="cached") == len(users)
     promtool(text)
+
+
+def test_trace_and_dumpicc_reach_every_worker_without_a_statistics_file(
+    start_proxy: Callable[..., ProxyProcess], users: list[User]
+) -> None:
+    proxy = start_workers(start_proxy, enable_admin_commands=True, stat_filename=None)
+    by_owner = {affinity.owner(user.name.encode(), WORKERS): user for user in users}
+    for user in by_owner.values():
+        with RawClient(proxy.host, proxy.port) as admin:
+            enabled = admin.command(b"t", b"XPROXY_TRACE " + user.name.encode())
+            assert enabled == [b"t OK Tracing enabled for user %s.\r\n" % user.name.encode()]
+        page(proxy.host, proxy.port, user)
+        with RawClient(proxy.host, proxy.port) as admin:
+            assert admin.command(b"u", b"XPROXY_TRACE") == [b"u OK Tracing disabled\r\n"]
+    trace = proxy.trace_path.read_text(errors="replace")
+    for user in by_owner.values():  # each traced by its owner, whichever worker took the command
+        assert f"{user.name} message 1" in trace
+    with RawClient(proxy.host, proxy.port) as admin:
+        replies = admin.command(b"a", b"XPROXY_DUMPICC")
+    assert {line.split()[3].decode() for line in replies[:-1]} == {
+        user.name for user in by_owner.values()
+    }
