@@ -14,9 +14,11 @@ sequential again (``duplex``).
 
 What each line is and what follows from it is decided by ``relay_state`` (sans-I/O); this
 module carries it out. The proxy intercepts ``LOGOUT``, refuses ``COMPRESS`` and, with the
-SELECT cache on, answers ``SELECT`` itself (``select_relay``, ``select_cache``). The relay ends ``REUSABLE``/``RESYNCED`` (the backend
-session is idle at a response boundary, every outstanding command complete, and back in the
-authenticated state unless the SELECT cache is on) or ``CLOSED`` (it cannot be trusted: client
+SELECT cache on, answers ``SELECT`` itself (``select_relay``, ``select_cache``).
+
+The relay ends ``REUSABLE``/``RESYNCED`` (the backend session is idle at a response boundary,
+every outstanding command complete, and back in the authenticated state unless the SELECT
+cache is on) or ``CLOSED`` (it cannot be trusted: client
 gone mid-literal, protocol desync, timeout, backend gone). A session is never cached with
 replies in flight: when a client vanishes mid-command, IDLE gets ``DONE``, AUTHENTICATE ``*``,
 and outstanding replies are drained (within ``DRAIN_MAX_BYTES`` and the response timeout).
