@@ -74,7 +74,7 @@ SANS_IO := imapproxy/protocol imapproxy/cache.py imapproxy/session.py imapproxy/
 	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py imapproxy/select_cache.py \
 	imapproxy/redact.py imapproxy/throttle.py imapproxy/relay_state.py \
 	imapproxy/reuse_check.py imapproxy/tls_status.py imapproxy/forwarding.py imapproxy/route.py \
-	imapproxy/health.py pimpstat/view.py
+	imapproxy/health.py imapproxy/session_transfer.py pimpstat/view.py
 
 typecheck: venv
 	$(VENV)/bin/mypy imapproxy pimpstat

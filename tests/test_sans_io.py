@@ -26,6 +26,7 @@ SANS_IO = [
             "forwarding.py",
             "route.py",
             "health.py",
+            "session_transfer.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",
