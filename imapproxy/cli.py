@@ -23,22 +23,25 @@ import gevent
 from gevent import socket, ssl
 from gevent.event import Event
 
-from imapproxy import __version__, backend_check, daemon, keeper, log, tls
+from imapproxy import __version__, backend_check, daemon, keeper, log, takeover, tls
 from imapproxy import config as config_module
 from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
 from imapproxy.config import Config
+from imapproxy.credentials import CredentialHasher
 from imapproxy.errors import BackendFailure, ConfigError, FailureKind
 from imapproxy.health import servers_path
 from imapproxy.route import RouteSource
 from imapproxy.router import Router, ServersFile, build_source
 from imapproxy.server import Proxy
+from imapproxy.session_transfer import ListenerRole, TransferError
 from imapproxy.stats import Counters, create_file, summary
 from imapproxy.trace import Tracer
 
 LOGGER = logging.getLogger("imapproxy")
 
 DEFAULT_PIDFILE = "/run/imapproxy.pid"  # Debian's (move-pidfile-to-run.patch)
+EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_OSERR = 71
 
@@ -78,6 +81,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --check-config: also connect to the IMAP server and try TLS as logins would "
         "(handshake and verification); 69 if unreachable, 78 if TLS fails",
     )
+    parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the listeners and cached sessions of the running imapproxy (takeover_socket)",
+    )
     parser.add_argument("--version", action="version", version=f"imapproxy {__version__}")
     args = parser.parse_args(argv)
     if args.connect and not args.check_config:
@@ -106,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     foreground = args.foreground or config.foreground_mode
     log.setup(config, foreground=foreground)
     try:
-        return run(config, Startup(args.config, args.pidfile, foreground))
+        return run(
+            config, Startup(args.config, args.pidfile, foreground, args.take_over, os.getcwd())
+        )
     except StartupError as error:
         LOGGER.error("%s", error)
         if not foreground:  # the log is syslog: say it where the admin is looking, too
@@ -121,10 +131,15 @@ class Startup:
     config_path: str
     pidfile: str | None
     foreground: bool
+    take_over: bool = False  # --take-over: a successor (``takeover``)
+    cwd: str = "/"  # where it was started (a successor starts there too)
 
     @property
     def pidfile_path(self) -> str | None:
         return self.pidfile or (None if self.foreground else DEFAULT_PIDFILE)
+
+    def takeover_path(self, config: Config) -> str:
+        return takeover.socket_path(config.takeover_socket, self.pidfile_path, config.stat_filename)
 
 
 def wait_for_backend(backend: Backend, config: Config) -> LoginResult | None:
@@ -166,16 +181,25 @@ def route_source(config: Config) -> RouteSource | None:
         raise StartupError(f"route source: {error}", config_module.EX_CONFIG) from None
 
 
-def bind_listeners(config: Config, port: int) -> list[socket.socket]:
+def bind_listeners(
+    config: Config,
+    port: int,
+    inherited: takeover.Received | None = None,
+    role: ListenerRole = ListenerRole.IMAP,
+) -> list[socket.socket]:
+    """The listeners on ``port``: those a successor inherited (``inherited``), else new ones."""
     hosts: Sequence[str | None] = config.listen_address or (None,)
     listeners = []
     for host in hosts:
         for family, address in _listen_addresses(host, port):
-            listeners.append(_listen(family, address, config, dual_stack=host is None))
+            sock = inherited.take_listener(role, family, address) if inherited else None
+            listeners.append(sock or _listen(family, address, config, dual_stack=host is None))
     return listeners
 
 
-def bind_metrics_listeners(config: Config) -> list[socket.socket]:
+def bind_metrics_listeners(
+    config: Config, inherited: takeover.Received | None = None
+) -> list[socket.socket]:
     """The ``metrics_listen`` sockets (bound as root, like the others), and the metrics module
     loaded (before a chroot hides the interpreter's files)."""
     if config.metrics_listen is None:
@@ -183,10 +207,11 @@ def bind_metrics_listeners(config: Config) -> list[socket.socket]:
     from imapproxy import metrics  # noqa: F401  (prometheus_client only when it is used)
 
     host, port = config.metrics_listen
-    return [
-        _listen(family, address, config, dual_stack=False)
-        for family, address in _listen_addresses(host, port)
-    ]
+    listeners = []
+    for family, address in _listen_addresses(host, port):
+        sock = inherited.take_listener(ListenerRole.METRICS, family, address) if inherited else None
+        listeners.append(sock or _listen(family, address, config, dual_stack=False))
+    return listeners
 
 
 def _listen_addresses(host: str | None, port: int) -> list[tuple[int, tuple[object, ...]]]:
@@ -226,12 +251,20 @@ def _listen(
     return sock
 
 
-def open_counters(config: Config, identity: daemon.Identity | None) -> Counters:
+def open_counters(
+    config: Config, identity: daemon.Identity | None, beside: bool = False
+) -> Counters:
+    """The statistics file; ``beside`` (a successor): a new file moved over the running
+    proxy's, which keeps its own (truncating a file another process maps would kill it)."""
     if not config.stat_filename:
         return Counters.in_memory()
-    with _os_errors(f"cannot create stat_filename {config.stat_filename}"):
-        counters = create_file(config.stat_filename)
-        daemon.hand_over(config.stat_filename, identity)
+    path = config.stat_filename
+    created = f"{path}.{os.getpid()}.new" if beside else path
+    with _os_errors(f"cannot create stat_filename {path}"):
+        counters = create_file(created)
+        daemon.hand_over(created, identity)
+        if beside:
+            os.replace(created, path)
     return counters
 
 
@@ -274,7 +307,7 @@ def run(config: Config, startup: Startup) -> int:
     with _daemon_errors():
         identity = daemon.lookup_identity(config.proc_username, config.proc_groupname)
         daemon.raise_file_limit(config.cache_size)
-    counters = open_counters(config, identity)
+    counters = open_counters(config, identity, beside=startup.take_over)
     tracer = open_tracer(config, identity)
     servers_file = open_servers_file(config, identity)
     backend_tls, client_tls = tls_contexts(config, tls.read_files)
@@ -285,14 +318,31 @@ def run(config: Config, startup: Startup) -> int:
         LOGGER.warning("server_port is 993 but server_tls is no: port 993 usually wants TLS")
     # without a default server, the first server a login reaches gives the greeting
     first_contact = wait_for_backend(backend, config) if config.server_hostname else None
-    listeners = bind_listeners(config, config.listen_port)
-    tls_listeners = bind_listeners(config, config.client_tls_port) if config.client_tls_port else []
-    metrics_listeners = bind_metrics_listeners(config)
+    inherited = receive_handover(startup.takeover_path(config)) if startup.take_over else None
+    listeners = bind_listeners(config, config.listen_port, inherited)
+    tls_listeners = (
+        bind_listeners(config, config.client_tls_port, inherited, ListenerRole.IMAP_TLS)
+        if config.client_tls_port
+        else []
+    )
+    metrics_listeners = bind_metrics_listeners(config, inherited)
+    handover_socket = bind_handover_socket(startup.takeover_path(config), identity, inherited)
+    close_leftovers(inherited)
     if not startup.foreground:
         daemon.detach()
     if startup.pidfile_path:
         write_pidfile(startup.pidfile_path)
-    read_tls_files = tls_file_reader(config, startup, identity)
+    if startup.take_over:  # systemd: this process is the service now (NotifyAccess=all)
+        daemon.notify(f"MAINPID={os.getpid()}")
+    the_keeper = (
+        keeper.start(
+            os.path.abspath(startup.config_path),
+            keeper.Successor(takeover.successor_command(), startup.cwd),
+        )
+        if identity is not None
+        else None
+    )
+    read_tls_files = tls_file_reader(config, the_keeper)
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
     router = Router(config, backend, time.monotonic, source)
@@ -310,7 +360,96 @@ def run(config: Config, startup: Startup) -> int:
         from imapproxy import metrics  # imported before: bind_metrics_listeners
 
         proxy.metrics = metrics.Metrics(proxy)
-    return serve(proxy, listeners, tls_listeners, startup, read_tls_files, metrics_listeners)
+    if inherited is not None:
+        adopt_sessions(proxy, inherited)
+    served = takeover.Served(
+        [(ListenerRole.IMAP, s) for s in listeners]
+        + [(ListenerRole.IMAP_TLS, s) for s in tls_listeners]
+        + [(ListenerRole.METRICS, s) for s in metrics_listeners]
+        + ([(ListenerRole.TAKEOVER, handover_socket)] if handover_socket else [])
+    )
+    handover = (
+        takeover.Handover(proxy, handover_socket, served) if handover_socket is not None else None
+    )
+    return serve(
+        proxy,
+        listeners,
+        tls_listeners,
+        startup,
+        read_tls_files,
+        metrics_listeners,
+        handover=handover,
+        inherited=inherited,
+        start_successor=successor_starter(startup, the_keeper),
+    )
+
+
+def receive_handover(path: str) -> takeover.Received:
+    """A successor: take the running proxy's listeners and cached sessions (before binding)."""
+    if not path:
+        raise StartupError("--take-over: no takeover_socket (and no pid or stat file)", EX_USAGE)
+    try:
+        received = takeover.receive(path)
+    except TransferError as error:
+        raise StartupError(f"--take-over: {error}", EX_UNAVAILABLE) from None
+    LOGGER.info(
+        "hand-over: pid %d sent %d listeners and %d sessions",
+        received.pid,
+        len(received.listeners),
+        len(received.sessions),
+    )
+    return received
+
+
+def bind_handover_socket(
+    path: str, identity: daemon.Identity | None, inherited: takeover.Received | None
+) -> socket.socket | None:
+    """The hand-over socket: the one inherited when it is at ``path``, else a new one."""
+    if not path:
+        return None
+    sock = (
+        inherited.take_listener(ListenerRole.TAKEOVER, socket.AF_UNIX, path) if inherited else None
+    )
+    if sock is not None:
+        return sock
+    with _os_errors(f"cannot create takeover_socket {path}"):
+        return takeover.bind(path, identity)
+
+
+def close_leftovers(inherited: takeover.Received | None) -> None:
+    """Inherited listeners the configuration no longer has (listen_port changed, say)."""
+    if inherited is None:
+        return
+    for listener, sock in inherited.leftover_listeners():
+        LOGGER.warning(
+            "hand-over: %s listener %s port %d is not in the configuration: closed",
+            listener.role.name,
+            listener.host,
+            listener.port,
+        )
+        sock.close()
+
+
+def adopt_sessions(proxy: Proxy, inherited: takeover.Received) -> None:
+    """The running proxy's key and cached sessions, into this one's cache."""
+    proxy.hasher = CredentialHasher(inherited.key)
+    adopted = sum(proxy.adopt(record, sock) for record, sock in inherited.sessions)
+    LOGGER.info("hand-over: %d of %d sessions adopted", adopted, len(inherited.sessions))
+    inherited.sessions = []
+
+
+def successor_starter(
+    startup: Startup, the_keeper: keeper.Keeper | None
+) -> Callable[[], tuple[int, takeover.StatusOf]]:
+    """How SIGUSR2 starts a successor: through the privileged reader (root), else directly."""
+
+    def start() -> tuple[int, takeover.StatusOf]:
+        if the_keeper is not None:
+            pid = the_keeper.start_successor()
+            return pid, lambda: the_keeper.successor_status(pid)
+        return takeover.spawn_directly(takeover.successor_command(), startup.cwd)
+
+    return start
 
 
 TLSFileReader = Callable[[Config], dict[str, bytes]]
@@ -326,12 +465,10 @@ def tls_contexts(
         raise StartupError(str(error), config_module.EX_CONFIG) from None
 
 
-def tls_file_reader(
-    config: Config, startup: Startup, identity: daemon.Identity | None
-) -> TLSFileReader:
+def tls_file_reader(config: Config, the_keeper: keeper.Keeper | None) -> TLSFileReader:
     """How SIGHUP will read certificates and keys: through the privileged reader when the
     proxy is about to drop root (``keeper``), else directly (it never had more rights)."""
-    if identity is None:
+    if the_keeper is None:
         return tls.read_files
     if config.chroot_directory and tls.file_paths(config):
         memory_files = os.path.join(config.chroot_directory, tls.MEMORY_FILES.lstrip("/"))
@@ -342,7 +479,7 @@ def tls_file_reader(
                 config.chroot_directory,
                 tls.MEMORY_FILES,
             )
-    return keeper.start(os.path.abspath(startup.config_path)).read_files
+    return the_keeper.read_files
 
 
 def serve(
@@ -352,11 +489,20 @@ def serve(
     startup: Startup,
     read_tls_files: TLSFileReader = tls.read_files,
     metrics_listeners: Sequence[socket.socket] = (),
+    *,
+    handover: takeover.Handover | None = None,
+    inherited: takeover.Received | None = None,
+    start_successor: Callable[[], tuple[int, takeover.StatusOf]] | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters."""
+    """Run until SIGTERM/SIGINT, or until a successor took over (``takeover``); SIGHUP
+    reloads the configuration, SIGUSR1 logs the counters, SIGUSR2 starts a successor."""
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    if handover is not None and start_successor is not None:
+        watch = takeover.SuccessorWatch(handover, start_successor)
+        gevent.signal_handler(signal.SIGUSR2, watch.start)
+        gevent.spawn(lambda: (handover.done.wait(), stop.set()))
     gevent.signal_handler(
         signal.SIGHUP, lambda: gevent.spawn(reload, proxy, startup, read_tls_files)
     )
@@ -372,15 +518,47 @@ def serve(
         "normal server startup: listening on %s, proxying to %s", names, proxy.router.describe()
     )
     serve_metrics(proxy, metrics_listeners)
+    if inherited is not None:  # accepting now: the running proxy may stop
+        take_late_sessions(proxy, inherited)
+    if handover is not None:
+        handover.start()
     daemon.notify("READY=1")
     stop.wait()
-    daemon.notify("STOPPING=1")
-    LOGGER.info("shutting down: logging out cached sessions")
+    handed_over = handover is not None and handover.done.is_set()
+    if handed_over:  # the service goes on in the successor: nothing is stopping
+        LOGGER.info("handed over: finishing active clients, their sessions go to the successor")
+    else:
+        daemon.notify("STOPPING=1")
+        LOGGER.info("shutting down: logging out cached sessions")
     proxy.stop(proxy.config.shutdown_timeout)
+    if handover is not None:
+        if handed_over:
+            handover.finish()
+        else:
+            handover.close(remove=True)
     if startup.pidfile_path:
-        _remove(startup.pidfile_path)
+        _remove_own_pidfile(startup.pidfile_path)
     LOGGER.info("stopped")
     return 0
+
+
+def take_late_sessions(proxy: Proxy, inherited: takeover.Received) -> None:
+    """Tell the running proxy this one accepts; adopt what it ships until it exits."""
+    try:
+        inherited.ready()
+    except OSError as error:
+        LOGGER.warning("hand-over: READY not delivered (%s)", error)
+        inherited.channel.close()
+        return
+    gevent.spawn(inherited.receive_late, proxy.adopt)
+
+
+def _remove_own_pidfile(path: str) -> None:
+    """Remove the pid file unless a successor wrote its own there."""
+    with contextlib.suppress(OSError, ValueError), open(path, encoding="ascii") as file:
+        if int(file.read().strip()) != os.getpid():
+            return
+    _remove(path)
 
 
 def serve_metrics(proxy: Proxy, listeners: Sequence[socket.socket]) -> None:

@@ -74,6 +74,7 @@ class ListenerRole(enum.IntEnum):
     IMAP = 0
     IMAP_TLS = 1  # implicit TLS (client_tls_port)
     METRICS = 2  # metrics_listen
+    TAKEOVER = 3  # the hand-over socket itself: the successor serves the next one on it
 
 
 @dataclass(frozen=True)

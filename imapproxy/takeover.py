@@ -1,0 +1,670 @@
+"""The hand-over on restart: a successor process takes the listeners and the cached sessions.
+
+The gevent edge of ``session_transfer`` (the wire format and its order). The running proxy
+listens on a Unix ``SOCK_SEQPACKET`` socket (``takeover_socket``, mode 0600, owned by
+``proc_username``; created as root before the privilege drop). A successor (``in.imapproxyd
+--take-over``, or started by the running proxy on SIGUSR2) connects; only the same uid or
+root is served (``SO_PEERCRED``). The running proxy then sends:
+
+* its listening sockets (IMAP, implicit TLS, metrics, and this hand-over socket itself), as
+  descriptors (``SCM_RIGHTS``): the kernel's accept queues stay open all along, so no
+  connection is refused while the processes switch;
+* the ``CredentialHasher`` key, which the cache's digests are keyed with;
+* every cached session that can move, one message each with its backend socket: taken out of
+  the cache first, brought to rest (what the server sent while it was cached is read; an
+  UNSELECT still in flight is waited for behind a NOOP). A session on TLS to the server stays
+  behind: its keys live in this process; it is logged out, and the log says so.
+
+The successor adopts the sessions (``Proxy.adopt``: one call per session, so that a successor
+with several workers can route each to its owner), starts accepting, and says READY; only then
+does the old process close its listeners (its copies), and go on as on SIGTERM: its active
+clients get ``shutdown_timeout``, and the sessions they check in meanwhile are shipped too
+(``Handover.ship``). Then END, and it exits 0.
+
+Until READY nothing is lost: a successor that dies or says nothing gets the old process's
+sessions back into its cache (the sockets were only copied) and the old process serves on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+import gevent
+from gevent import socket, ssl
+from gevent.event import Event
+
+from imapproxy import daemon, session_transfer
+from imapproxy.backend import BackendSession, ServerTraits
+from imapproxy.cache import Slot
+from imapproxy.errors import BackendFailure, BackendProtocolError, why
+from imapproxy.session_transfer import (
+    FORMAT_VERSION,
+    MAX_MESSAGE_BYTES,
+    HasherKey,
+    Hello,
+    Kind,
+    Listener,
+    ListenerRole,
+    Listeners,
+    Marker,
+    Message,
+    Phase,
+    ReceiveOrder,
+    Refused,
+    SessionRecord,
+    TransferError,
+    VersionMismatch,
+)
+
+if TYPE_CHECKING:
+    from imapproxy.server import Proxy
+
+LOGGER = logging.getLogger("imapproxy")
+
+TAKEOVER_SUFFIX = ".takeover"
+HELLO_TIMEOUT_S = 10.0  # a successor that connects says HELLO at once
+# The successor adopts every session and starts accepting between SENT and READY: an in-memory
+# step of milliseconds per thousand sessions.
+READY_TIMEOUT_S = 30.0
+# A successor started on SIGUSR2 first checks its configuration and reaches the IMAP server
+# (connect_retries rounds connect_delay apart) before it connects here.
+SUCCESSOR_START_TIMEOUT_S = 120.0
+STATUS_POLL_S = 0.2
+SETTLE_TIMEOUT_S = 5.0  # the NOOP behind an UNSELECT still in flight
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def socket_path(takeover_socket: str | None, pidfile: str | None, stat_filename: str) -> str:
+    """Where the hand-over socket is: ``takeover_socket``, else beside the pid file, else
+    beside the statistics file; "" when there is no such place (hand-over off)."""
+    if takeover_socket is not None:
+        return "" if takeover_socket.lower() == "none" else takeover_socket
+    base = pidfile or stat_filename
+    return base + TAKEOVER_SUFFIX if base else ""
+
+
+def peer_allowed(peer_uid: int, own_uid: int) -> bool:
+    """A successor runs as this process's user, or as root (started as the proxy was)."""
+    return peer_uid in (own_uid, 0)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return int(_PEERCRED.unpack(data)[1])
+
+
+# -- the channel ------------------------------------------------------------------------------
+
+
+class Channel:
+    """One hand-over connection: whole messages, each with its descriptors."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, message: Message, fds: list[int] | None = None) -> None:
+        self.send_encoded(session_transfer.encode(message), fds)
+
+    def send_encoded(self, data: bytes, fds: list[int] | None = None) -> None:
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.sendall(data)
+
+    def receive(self, timeout: float | None) -> tuple[Message, list[int]]:
+        """The next message and its descriptors (received close-on-exec)."""
+        with gevent.Timeout(timeout, TransferError(f"nothing came within {timeout} s")):
+            data, fds, flags, _ = socket.recv_fds(
+                self.sock, MAX_MESSAGE_BYTES, 16, socket.MSG_CMSG_CLOEXEC
+            )
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            _close_fds(fds)
+            raise TransferError("message or its descriptors cut short")
+        if not data:
+            raise TransferError("the other process closed the connection")
+        try:
+            return session_transfer.decode(data), fds
+        except TransferError:
+            _close_fds(fds)
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _one_fd(fds: list[int], what: str) -> int:
+    if len(fds) != 1:
+        _close_fds(fds)
+        raise TransferError(f"{what} came with {len(fds)} descriptors")
+    return fds[0]
+
+
+# -- the running proxy's side -----------------------------------------------------------------
+
+
+def bind(path: str, identity: daemon.Identity | None) -> socket.socket:
+    """The hand-over socket (as root, before the drop): 0600, owned by the service user.
+
+    A socket file left by a proxy that is gone is replaced; anything else at the path is not.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        old_mask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_mask)
+        daemon.hand_over(path, identity)
+        sock.listen(4)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class Served:
+    """The sockets the running proxy hands over, by role."""
+
+    listeners: list[tuple[ListenerRole, socket.socket]]
+
+    def describe(self) -> tuple[Listeners, list[int]]:
+        items, fds = [], []
+        for role, sock in self.listeners:
+            name = sock.getsockname()
+            host, port = (name, 0) if isinstance(name, str) else (str(name[0]), int(name[1]))
+            items.append(Listener(role, sock.family, host, port))
+            fds.append(sock.fileno())
+        return Listeners(tuple(items)), fds
+
+
+@dataclass
+class _Kept:
+    """A session sent before READY: kept (its socket copied) until the successor is serving."""
+
+    username: bytes
+    digest: bytes
+    route: object
+    cached_at: float
+    session: BackendSession
+
+
+class Handover:
+    """The running proxy's end: serves successors on the hand-over socket, one at a time."""
+
+    def __init__(self, proxy: Proxy, sock: socket.socket, served: Served) -> None:
+        self.proxy, self.sock, self.served = proxy, sock, served
+        self.done = Event()  # set when a successor is serving: stop as on SIGTERM
+        self.successor_pid = 0
+        self._channel: Channel | None = None  # the successor's, after READY
+        self._busy = False
+        self._sent_late = 0
+        self._sent = 0
+        self._accepting: gevent.Greenlet | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A successor is connected and the hand-over under way (or done)."""
+        return self._busy
+
+    def start(self) -> None:
+        self._accepting = gevent.spawn(self._accept_loop)
+
+    def _accept_loop(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError as error:
+                if self.done.is_set() or error.errno == errno.EBADF:
+                    return
+                LOGGER.warning("hand-over socket: %s", error)
+                gevent.sleep(1)
+                continue
+            gevent.spawn(self._serve_one, conn)
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        uid = peer_uid(conn)
+        if not peer_allowed(uid, os.getuid()):
+            LOGGER.warning("hand-over: refused a connection from uid %d (not ours, not root)", uid)
+            conn.close()
+            return
+        if self._busy or self.done.is_set():
+            _refuse(Channel(conn), "another hand-over is under way")
+            return
+        self._busy = True
+        try:
+            self._hand_over(Channel(conn))
+        finally:
+            self._busy = self.done.is_set()
+
+    def _hand_over(self, channel: Channel) -> None:
+        try:
+            message, fds = channel.receive(HELLO_TIMEOUT_S)
+        except VersionMismatch as error:
+            LOGGER.error("hand-over: refused a successor: %s; still serving", error)
+            _refuse(channel, str(error))
+            return
+        except TransferError as error:
+            LOGGER.error("hand-over: no HELLO from the successor (%s); still serving", error)
+            channel.close()
+            return
+        _close_fds(fds)
+        if not isinstance(message, Hello):
+            LOGGER.error("hand-over: the successor began with %s; still serving", message)
+            _refuse(channel, "expected HELLO")
+            return
+        self.successor_pid = message.pid
+        LOGGER.info("hand-over: successor pid %d connected", message.pid)
+        kept: list[_Kept] = []
+        try:
+            self._send_setup(channel)
+            kept = self._ship_cached(channel)
+            channel.send(Marker(Kind.SENT, len(kept)))
+            ready, fds = channel.receive(READY_TIMEOUT_S)
+            _close_fds(fds)
+            if not (isinstance(ready, Marker) and ready.kind is Kind.READY):
+                raise TransferError(f"expected READY, got {type(ready).__name__}")
+        except (TransferError, OSError) as error:
+            self._take_back(kept)
+            LOGGER.error(
+                "hand-over to pid %d failed (%s): %d sessions kept; still serving",
+                message.pid,
+                why(error),
+                len(kept),
+            )
+            channel.close()
+            return
+        self._ready(channel, kept)
+
+    def _send_setup(self, channel: Channel) -> None:
+        channel.send(Hello(FORMAT_VERSION, os.getpid()))
+        listeners, fds = self.served.describe()
+        channel.send(listeners, fds)
+        channel.send(HasherKey(self.proxy.hasher.key))
+
+    def _ship_cached(self, channel: Channel) -> list[_Kept]:
+        """Send every cached session (oldest first); the ones sent, kept until READY."""
+        kept: list[_Kept] = []
+        cache = self.proxy.cache
+        # bounded: under load clients check sessions in meanwhile; what is left goes after READY
+        for _ in range(cache.size):
+            if (slot := cache.take_oldest()) is None:
+                break
+            entry = _Kept(slot.username, slot.digest, slot.server, slot.cached_at, slot.session)  # type: ignore[arg-type]
+            if self._send_session(channel, slot, entry.cached_at):
+                kept.append(entry)
+            cache.release(slot)  # the session object lives on in ``kept``
+            self.proxy.sessions_changed()
+        return kept
+
+    def _send_session(self, channel: Channel, slot: Slot[BackendSession], cached_at: float) -> bool:
+        """Send one session taken out of the cache; False if it cannot move (logged out)."""
+        session = slot.session
+        assert session is not None
+        reason = _unmovable(session)
+        if reason:
+            LOGGER.info(
+                "hand-over: sd [%d] of '%s' %s: logged out, not moved",
+                session.sd,
+                _user(session),
+                reason,
+            )
+            self.proxy.logout_later(session)
+            return False
+        remaining = cached_at + self.proxy.config.cache_expiration_time - self.proxy.clock()
+        try:
+            data = session_transfer.encode(record_of(slot, session, remaining))
+        except ValueError as error:
+            LOGGER.info(
+                "hand-over: sd [%d] of '%s' not moved: %s", session.sd, _user(session), error
+            )
+            self.proxy.logout_later(session)
+            return False
+        channel.send_encoded(data, [session.sock.fileno()])
+        self._sent += 1
+        return True
+
+    def _take_back(self, kept: list[_Kept]) -> None:
+        """The successor failed before READY: the sessions go back in the cache."""
+        for item in kept:
+            if not self.proxy.cache.adopt(
+                item.username, item.digest, item.session, item.route, item.cached_at
+            ):
+                self.proxy.logout_later(item.session)
+        self.proxy.sessions_changed()
+
+    def _ready(self, channel: Channel, kept: list[_Kept]) -> None:
+        for item in kept:  # the successor has its own copies now
+            item.session.close()
+        LOGGER.info(
+            "hand-over: pid %d is serving with %d sessions from here; no longer accepting",
+            self.successor_pid,
+            len(kept),
+        )
+        self._channel = channel
+        self.sock.close()
+        self.proxy.ship = self.ship
+        self.done.set()  # the caller stops as on SIGTERM: Proxy.stop ships what is cached
+
+    def ship(self, slot: Slot[BackendSession]) -> bool:
+        """A session an active client checked in after READY: to the successor, if it can
+        move and the successor is still there (else False: the caller logs it out)."""
+        channel = self._channel
+        session = slot.session
+        if channel is None or session is None:
+            return False
+        try:
+            if not self._send_session(channel, slot, self.proxy.clock()):
+                self.proxy.cache.release(slot)
+                self.proxy.sessions_changed()
+                return True
+        except (TransferError, OSError) as error:
+            LOGGER.warning(
+                "hand-over: the successor is gone (%s): sessions are logged out", why(error)
+            )
+            self._channel = None
+            channel.close()
+            return False
+        self._sent_late += 1
+        self.proxy.cache.release(slot)
+        session.close()
+        self.proxy.sessions_changed()
+        return True
+
+    def finish(self) -> None:
+        """After the active clients: END, and the connection closed."""
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        with contextlib.suppress(OSError, TransferError):
+            channel.send(Marker(Kind.END, self._sent))
+        channel.close()
+        LOGGER.info(
+            "hand-over: done, %d sessions sent (%d checked in late)", self._sent, self._sent_late
+        )
+
+    def close(self, remove: bool = False) -> None:
+        """Stop serving successors; ``remove``: the socket file too (a plain stop)."""
+        if self._accepting is not None:
+            self._accepting.kill(block=False)
+        if remove:
+            with contextlib.suppress(OSError, TypeError):
+                name = self.sock.getsockname()
+                os.unlink(name)
+        self.sock.close()
+
+
+def _refuse(channel: Channel, reason: str) -> None:
+    with contextlib.suppress(OSError, TransferError):
+        channel.send(Refused(reason))
+    channel.close()
+
+
+def _user(session: BackendSession) -> str:
+    return session.username.decode("utf-8", "backslashreplace")
+
+
+def _unmovable(session: BackendSession) -> str:
+    """Why a session taken out of the cache cannot move ("" if it can), after bringing it to
+    rest: what came while it was cached read, an UNSELECT in flight waited for."""
+    if isinstance(session.sock, ssl.SSLSocket):
+        return "is on TLS to the server (its keys live in this process)"
+    if session.check is not None:
+        return "has a liveness check in flight"
+    try:
+        session.read_waiting()
+        if session.pending:  # its completion comes before the NOOP's (RFC 9051 §5.5)
+            untagged, _ = session.command(b"NOOP", SETTLE_TIMEOUT_S)
+            session.news += untagged
+    except (BackendFailure, BackendProtocolError, OSError) as error:
+        return f"is dead ({why(error)})"
+    if session.reader.has_buffered():
+        return "has unread data from the server"
+    if session.news:  # what the reuse check would do with them: the SELECT entry goes
+        session.select_entry, session.news = None, []
+    return ""
+
+
+def record_of(
+    slot: Slot[BackendSession], session: BackendSession, remaining_s: float
+) -> SessionRecord:
+    host, port = str(session.address[0]), int(session.address[1])
+    return SessionRecord(
+        username=slot.username,
+        digest=slot.digest,
+        route=slot.server,  # type: ignore[arg-type]
+        login=session.login,
+        select_entry=session.select_entry,
+        selected=session.selected,
+        closed_line=session.traits.closed_line,
+        remaining_ms=max(0, int(remaining_s * 1000)),
+        origin_ip=session.origin_ip,
+        server=session.server,
+        backend_host=host,
+        backend_port=port,
+    )
+
+
+def session_of(record: SessionRecord, sock: socket.socket, traits: ServerTraits) -> BackendSession:
+    """The ``BackendSession`` of a session handed over (``Proxy.adopt``)."""
+    session = BackendSession(sock, (record.backend_host, record.backend_port), record.login)
+    session.username, session.server = record.username, record.server
+    session.origin_ip = record.origin_ip
+    session.select_entry, session.selected = record.select_entry, record.selected
+    session.traits = traits
+    if traits.closed_line is None:
+        traits.closed_line = record.closed_line
+    return session
+
+
+# -- the successor's side ---------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    """What the successor got before it starts serving."""
+
+    channel: Channel
+    pid: int  # the running proxy's
+    listeners: list[tuple[Listener, socket.socket]]
+    key: bytes
+    sessions: list[tuple[SessionRecord, socket.socket]] = field(default_factory=list)
+    order: ReceiveOrder = field(default_factory=ReceiveOrder)
+
+    def take_listener(
+        self, role: ListenerRole, family: int, address: object
+    ) -> socket.socket | None:
+        """The inherited listener for this role and address, if there is one (taken)."""
+        for index, (listener, sock) in enumerate(self.listeners):
+            if listener.role is role and listener.family == family and _same_address(sock, address):
+                del self.listeners[index]
+                return sock
+        return None
+
+    def leftover_listeners(self) -> Iterator[tuple[Listener, socket.socket]]:
+        """Listeners the successor's configuration no longer wants (the caller closes them)."""
+        leftovers, self.listeners = self.listeners, []
+        return iter(leftovers)
+
+    def ready(self) -> None:
+        """Tell the running proxy this process accepts now."""
+        self.channel.send(Marker(Kind.READY, os.getpid()))
+
+    def receive_late(self, adopt: Callable[[SessionRecord, socket.socket], None]) -> int:
+        """Adopt sessions checked in late at the old process, until END; their count."""
+        count = 0
+        while True:
+            try:
+                message, fds = self.channel.receive(None)
+                phase = self.order.receive(message)
+            except TransferError as error:
+                LOGGER.info("hand-over: the old process's connection ended (%s)", error)
+                break
+            if isinstance(message, SessionRecord):
+                adopt(message, socket.socket(fileno=_one_fd(fds, "a session")))
+                count += 1
+            if phase is Phase.DONE:
+                break
+        self.channel.close()
+        return count
+
+
+def _same_address(sock: socket.socket, address: object) -> bool:
+    name = sock.getsockname()
+    if isinstance(name, str) or not isinstance(address, tuple):
+        return name == address
+    return tuple(name[:2]) == tuple(address[:2])
+
+
+def receive(path: str) -> Received:
+    """Connect to the running proxy at ``path`` and take everything it sends before SENT.
+
+    ``TransferError`` when there is nobody there, or it refuses, or breaks off (then this
+    process takes nothing: the running one keeps serving).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(path)
+    except OSError as error:
+        sock.close()
+        raise TransferError(f"no running imapproxy at {path}: {error.strerror}") from None
+    channel = Channel(sock)
+    received: Received | None = None
+    try:
+        channel.send(Hello(FORMAT_VERSION, os.getpid()))
+        received = _receive_until_sent(channel)
+        return received
+    except BaseException:
+        if received is None:
+            channel.close()
+        raise
+
+
+def _receive_until_sent(channel: Channel) -> Received:
+    order = ReceiveOrder()
+    hello = _expect(channel, order, Hello, HELLO_TIMEOUT_S)[0]
+    listeners_message, fds = _expect(channel, order, Listeners, HELLO_TIMEOUT_S)
+    if len(fds) != len(listeners_message.listeners):
+        _close_fds(fds)
+        raise TransferError(f"{len(listeners_message.listeners)} listeners, {len(fds)} descriptors")
+    listeners = [
+        (listener, socket.socket(fileno=fd))
+        for listener, fd in zip(listeners_message.listeners, fds, strict=True)
+    ]
+    key = _expect(channel, order, HasherKey, HELLO_TIMEOUT_S)[0].key
+    received = Received(channel, hello.pid, listeners, key, order=order)
+    try:
+        while True:
+            message, fds = channel.receive(READY_TIMEOUT_S)
+            phase = order.receive(message)
+            if isinstance(message, SessionRecord):
+                received.sessions.append((message, socket.socket(fileno=_one_fd(fds, "a session"))))
+            else:
+                _close_fds(fds)
+            if phase is Phase.LATE:
+                return received
+    except BaseException:
+        for _, sock in listeners:
+            sock.close()
+        for _, sock in received.sessions:
+            sock.close()
+        raise
+
+
+M = TypeVar("M", Hello, Listeners, HasherKey)
+
+
+def _expect(
+    channel: Channel, order: ReceiveOrder, kind: type[M], timeout: float
+) -> tuple[M, list[int]]:
+    message, fds = channel.receive(timeout)
+    order.receive(message)
+    if not isinstance(message, kind):
+        _close_fds(fds)
+        raise TransferError(f"expected {kind.__name__}, got {type(message).__name__}")
+    return message, fds
+
+
+# -- starting a successor (SIGUSR2) -----------------------------------------------------------
+
+
+def successor_command() -> tuple[str, ...]:
+    """This program's command line, from disk again, with ``--take-over``."""
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    if "--take-over" not in argv:
+        argv.append("--take-over")
+    return tuple(argv)
+
+
+StatusOf = Callable[[], int | None]  # the successor's exit status, None while it runs
+
+
+class SuccessorWatch:
+    """Starts a successor and reports in the log what became of it."""
+
+    def __init__(self, handover: Handover, start: Callable[[], tuple[int, StatusOf]]) -> None:
+        self.handover, self._start = handover, start
+        self._watching: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        if self._watching is not None and not self._watching.dead:
+            LOGGER.warning("SIGUSR2: a successor is already starting; ignored")
+            return
+        if self.handover.done.is_set():
+            LOGGER.warning("SIGUSR2: already handed over; ignored")
+            return
+        self._watching = gevent.spawn(self._watch)
+
+    def _watch(self) -> None:
+        try:
+            pid, status_of = self._start()
+        except Exception as error:  # whatever it is, the proxy serves on
+            LOGGER.error("SIGUSR2: cannot start a successor: %s; still serving", error)
+            return
+        LOGGER.info("SIGUSR2: started successor pid %d", pid)
+        deadline = gevent.get_hub().loop.now() + SUCCESSOR_START_TIMEOUT_S
+        reported = False
+        while not self.handover.done.wait(STATUS_POLL_S):
+            status = None if reported else status_of()
+            if status is not None and status != 0 and self.handover.successor_pid != pid:
+                LOGGER.error(
+                    "successor pid %d exited with status %d before taking over; still serving",
+                    pid,
+                    status,
+                )
+                return
+            reported = reported or status == 0  # it detached: its child carries on
+            if gevent.get_hub().loop.now() > deadline and not self.handover.busy:
+                LOGGER.error(
+                    "successor pid %d did not take over within %d s; still serving",
+                    pid,
+                    SUCCESSOR_START_TIMEOUT_S,
+                )
+                return
+
+
+def spawn_directly(argv: tuple[str, ...], cwd: str) -> tuple[int, StatusOf]:
+    """Start the successor as a child of this process (the proxy was never root)."""
+    from gevent import subprocess
+
+    child = subprocess.Popen(list(argv), cwd=cwd, close_fds=True)
+    return child.pid, child.poll
