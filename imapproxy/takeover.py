@@ -46,6 +46,7 @@ from imapproxy import daemon, session_transfer
 from imapproxy.backend import BackendSession, ServerTraits
 from imapproxy.cache import Slot
 from imapproxy.errors import BackendFailure, BackendProtocolError, why
+from imapproxy.route import Route
 from imapproxy.session_transfer import (
     FORMAT_VERSION,
     MAX_MESSAGE_BYTES,
@@ -207,6 +208,28 @@ class _Kept:
     cached_at: float
     session: BackendSession
 
+    def encoded(self, remaining_s: float) -> bytes:
+        """The SESSION message (``ValueError`` if it does not fit one)."""
+        session = self.session
+        host, port = str(session.address[0]), int(session.address[1])
+        route = self.route if isinstance(self.route, Route) else None
+        return session_transfer.encode(
+            SessionRecord(
+                username=self.username,
+                digest=self.digest,
+                route=route,
+                login=session.login,
+                select_entry=session.select_entry,
+                selected=session.selected,
+                closed_line=session.traits.closed_line,
+                remaining_ms=max(0, int(remaining_s * 1000)),
+                origin_ip=session.origin_ip,
+                server=session.server,
+                backend_host=host,
+                backend_port=port,
+            )
+        )
+
 
 class Handover:
     """The running proxy's end: serves successors on the hand-over socket, one at a time."""
@@ -277,7 +300,7 @@ class Handover:
         kept: list[_Kept] = []
         try:
             self._send_setup(channel)
-            kept = self._ship_cached(channel)
+            self._ship_cached(channel, kept)
             channel.send(Marker(Kind.SENT, len(kept)))
             ready, fds = channel.receive(READY_TIMEOUT_S)
             _close_fds(fds)
@@ -301,47 +324,52 @@ class Handover:
         channel.send(listeners, fds)
         channel.send(HasherKey(self.proxy.hasher.key))
 
-    def _ship_cached(self, channel: Channel) -> list[_Kept]:
-        """Send every cached session (oldest first); the ones sent, kept until READY."""
-        kept: list[_Kept] = []
-        cache = self.proxy.cache
+    def _ship_cached(self, channel: Channel, kept: list[_Kept]) -> None:
+        """Send every cached session (oldest first); the ones sent go to ``kept`` (before
+        they are sent: one whose send failed is kept too), until READY."""
         # bounded: under load clients check sessions in meanwhile; what is left goes after READY
-        for _ in range(cache.size):
-            if (slot := cache.take_oldest()) is None:
+        for _ in range(self.proxy.cache.size):
+            item = self._take(self.proxy.cache.take_oldest())
+            if item is None:
                 break
-            entry = _Kept(slot.username, slot.digest, slot.server, slot.cached_at, slot.session)  # type: ignore[arg-type]
-            if self._send_session(channel, slot, entry.cached_at):
-                kept.append(entry)
-            cache.release(slot)  # the session object lives on in ``kept``
-            self.proxy.sessions_changed()
-        return kept
+            data = self._prepare(item)
+            if data is not None:
+                kept.append(item)
+                self._send(channel, item, data)
 
-    def _send_session(self, channel: Channel, slot: Slot[BackendSession], cached_at: float) -> bool:
-        """Send one session taken out of the cache; False if it cannot move (logged out)."""
-        session = slot.session
-        assert session is not None
-        reason = _unmovable(session)
-        if reason:
-            LOGGER.info(
-                "hand-over: sd [%d] of '%s' %s: logged out, not moved",
-                session.sd,
-                _user(session),
-                reason,
-            )
-            self.proxy.logout_later(session)
-            return False
-        remaining = cached_at + self.proxy.config.cache_expiration_time - self.proxy.clock()
+    def _take(self, slot: Slot[BackendSession] | None) -> _Kept | None:
+        """What the hand-over needs of a slot taken from the cache, the slot freed."""
+        if slot is None or slot.session is None:
+            return None
+        item = _Kept(slot.username, slot.digest, slot.server, slot.cached_at, slot.session)
+        self.proxy.cache.release(slot)
+        self.proxy.sessions_changed()
+        return item
+
+    def _prepare(self, item: _Kept) -> bytes | None:
+        """The session's message, or None if it cannot move: then it is logged out, and the
+        log says why."""
+        remaining = item.cached_at + self.proxy.config.cache_expiration_time - self.proxy.clock()
+        reason = _unmovable(item.session)
         try:
-            data = session_transfer.encode(record_of(slot, session, remaining))
+            data = b"" if reason else item.encoded(remaining)
         except ValueError as error:
-            LOGGER.info(
-                "hand-over: sd [%d] of '%s' not moved: %s", session.sd, _user(session), error
-            )
-            self.proxy.logout_later(session)
-            return False
-        channel.send_encoded(data, [session.sock.fileno()])
+            reason = f"cannot be encoded ({error})"
+        if not reason:
+            return data
+        session = item.session
+        LOGGER.info(
+            "hand-over: sd [%d] of '%s' %s: logged out, not moved",
+            session.sd,
+            _user(session),
+            reason,
+        )
+        self.proxy.logout_later(session)
+        return None
+
+    def _send(self, channel: Channel, item: _Kept, data: bytes) -> None:
+        channel.send_encoded(data, [item.session.sock.fileno()])
         self._sent += 1
-        return True
 
     def _take_back(self, kept: list[_Kept]) -> None:
         """The successor failed before READY: the sessions go back in the cache."""
@@ -366,28 +394,25 @@ class Handover:
         self.done.set()  # the caller stops as on SIGTERM: Proxy.stop ships what is cached
 
     def ship(self, slot: Slot[BackendSession]) -> bool:
-        """A session an active client checked in after READY: to the successor, if it can
-        move and the successor is still there (else False: the caller logs it out)."""
+        """A session checked in after READY (the slot ACTIVE): to the successor if it can
+        move (else logged out); False when the successor is gone (the caller logs it out)."""
         channel = self._channel
-        session = slot.session
-        if channel is None or session is None:
+        if channel is None:
             return False
+        item = self._take(slot)
+        data = self._prepare(item) if item is not None else None
+        if item is None or data is None:
+            return True
         try:
-            if not self._send_session(channel, slot, self.proxy.clock()):
-                self.proxy.cache.release(slot)
-                self.proxy.sessions_changed()
-                return True
+            self._send(channel, item, data)
         except (TransferError, OSError) as error:
-            LOGGER.warning(
-                "hand-over: the successor is gone (%s): sessions are logged out", why(error)
-            )
+            LOGGER.warning("hand-over: the successor is gone (%s): sessions logged out", why(error))
             self._channel = None
             channel.close()
-            return False
+            self.proxy.logout_later(item.session)
+            return True
         self._sent_late += 1
-        self.proxy.cache.release(slot)
-        session.close()
-        self.proxy.sessions_changed()
+        item.session.close()  # the successor's copy lives on
         return True
 
     def finish(self) -> None:
@@ -442,26 +467,6 @@ def _unmovable(session: BackendSession) -> str:
     if session.news:  # what the reuse check would do with them: the SELECT entry goes
         session.select_entry, session.news = None, []
     return ""
-
-
-def record_of(
-    slot: Slot[BackendSession], session: BackendSession, remaining_s: float
-) -> SessionRecord:
-    host, port = str(session.address[0]), int(session.address[1])
-    return SessionRecord(
-        username=slot.username,
-        digest=slot.digest,
-        route=slot.server,  # type: ignore[arg-type]
-        login=session.login,
-        select_entry=session.select_entry,
-        selected=session.selected,
-        closed_line=session.traits.closed_line,
-        remaining_ms=max(0, int(remaining_s * 1000)),
-        origin_ip=session.origin_ip,
-        server=session.server,
-        backend_host=host,
-        backend_port=port,
-    )
 
 
 def session_of(record: SessionRecord, sock: socket.socket, traits: ServerTraits) -> BackendSession:

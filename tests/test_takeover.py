@@ -3,12 +3,36 @@ sessions of the running proxy (``--take-over``, SIGUSR2), and the bad cases leav
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
+import shutil
 import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
+
+from imapproxy.session_transfer import (
+    FORMAT_VERSION,
+    MAGIC,
+    MAX_MESSAGE_BYTES,
+    Hello,
+    Kind,
+    Listeners,
+    Refused,
+    SessionRecord,
+    decode,
+    encode,
+)
 from tests.support.client import REUSED, page
 from tests.support.dovecot import DovecotInstance, User
+from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess
 
 
@@ -37,5 +61,144 @@ def test_take_over_moves_the_cached_session(
         assert logged_out_ids(dovecot, user.name) == []
     finally:
         assert successor.stop(signal.SIGTERM) == 0
-    print(proxy.log_text(), successor.log_text())
     assert session in logged_out_ids(dovecot, user.name)
+
+
+def read_pid(path: Path, other_than: int) -> int:
+    """The pid in the pid file once it is no longer ``other_than``."""
+    assert wait_until(lambda: path.exists() and path.read_text().strip() != str(other_than))
+    return int(path.read_text())
+
+
+def test_sigusr2_starts_a_successor_that_takes_over(
+    start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
+) -> None:
+    """SIGUSR2: the proxy has its successor started (by the privileged reader when it ran as
+    root), which rewrites the pid file and serves the cached session; the old one exits 0."""
+    proxy = ProxyProcess(Path(tempfile.mkdtemp(prefix="ipx-usr2-")), dovecot)
+    pidfile = proxy.root / "imapproxy.pid"
+    proxy.args = ["-p", str(pidfile)]
+    proxy.start()
+    assert proxy.process is not None
+    old_pid = proxy.process.pid
+    successor_pid = 0
+    try:
+        page(proxy.host, proxy.port, user.name, user.password)
+        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
+        (session,) = session_ids(dovecot, user.name)
+        assert proxy.socket_path().exists()
+        proxy.process.send_signal(signal.SIGUSR2)
+        assert proxy.process.wait(timeout=60) == 0
+        successor_pid = read_pid(pidfile, old_pid)
+        assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+        assert session_ids(dovecot, user.name) == [session]
+        log = proxy.log_text()
+        assert f"SIGUSR2: started successor pid {successor_pid}" in log
+        assert f"hand-over: pid {successor_pid} is serving with 1 sessions" in log
+    finally:
+        if successor_pid:
+            os.kill(successor_pid, signal.SIGTERM)
+            assert wait_until(lambda: not Path(f"/proc/{successor_pid}").exists(), timeout=20)
+        proxy.stop()
+        shutil.rmtree(proxy.root, ignore_errors=True)
+    assert session in logged_out_ids(dovecot, user.name)
+    assert not pidfile.exists()  # the successor removed its own
+
+
+def test_a_successor_with_a_bad_configuration_leaves_the_proxy_serving(
+    start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
+) -> None:
+    """The successor exits 78 before it contacts the running proxy, which says so and serves
+    on, its cached session still there."""
+    proxy = start_proxy()
+    page(proxy.host, proxy.port, user.name, user.password)
+    proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
+    good = proxy.config_path.read_text()
+    proxy.config_path.write_text(good + "no_such_key 1\n")
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGUSR2)
+    log = proxy.wait_for_log("before taking over; still serving", timeout=30)
+    assert re.search(r"successor pid [0-9]+ exited with status 78 before taking over", log)
+    assert "no_such_key" in log  # the successor's own reason, on the same stderr
+    assert proxy.process.poll() is None
+    assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+
+
+def fake_successor_hello(path: Path, version: int) -> bytes:
+    """Connect to the hand-over socket as a successor speaking ``version``; the first reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.send(MAGIC + bytes([Kind.HELLO]) + version.to_bytes(2, "big") + b"\x00\x00\x00\x01")
+        return sock.recv(MAX_MESSAGE_BYTES)
+
+
+def test_a_successor_of_another_format_version_is_refused(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    proxy = start_proxy()
+    page(proxy.host, proxy.port, user.name, user.password)
+    proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
+    reply = decode(fake_successor_hello(proxy.socket_path(), 999))
+    assert reply == Refused("hand-over format version 999; this program speaks 1")
+    proxy.wait_for_log(
+        "hand-over: refused a successor: hand-over format version 999; this program speaks 1; "
+        "still serving"
+    )
+    assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+
+
+def test_a_successor_that_dies_mid_transfer_leaves_every_session_in_place(
+    start_proxy: Callable[..., ProxyProcess], make_user: Callable[..., User]
+) -> None:
+    """A successor that took the listeners and some sessions and then vanished before READY:
+    the old process takes its sessions back and serves on; each user's next login reuses."""
+    proxy = start_proxy()
+    users = [make_user() for _ in range(3)]
+    for user in users:
+        page(proxy.host, proxy.port, user.name, user.password)
+        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(proxy.socket_path()))
+        sock.send(encode(Hello(FORMAT_VERSION, 1)))
+        received = []
+        for _ in range(4):  # HELLO, LISTENERS, KEY, the first session: then gone
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, 16)
+            received.append(decode(data))
+            for fd in fds:
+                os.close(fd)
+    assert isinstance(received[1], Listeners) and len(received[1].listeners) == 2
+    assert isinstance(received[3], SessionRecord) and received[3].username == users[0].name.encode()
+    proxy.wait_for_log("hand-over to pid 1 failed")
+    proxy.wait_for_log("3 sessions kept; still serving")  # each kept until READY
+    for user in users:
+        assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+
+
+def test_a_connection_from_another_uid_is_refused(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    """``SO_PEERCRED``: even with the socket file opened to everyone, a process of another
+    uid gets nothing (as root, the test connects with effective uid 1, ``daemon``)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid (test_peer_check covers the check)")
+    proxy = start_proxy()
+    path = proxy.socket_path()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.stat().st_uid == pwd.getpwnam("nobody").pw_uid  # proc_username
+    path.chmod(0o666)
+    connect_as = (
+        "import os, socket, sys\n"
+        "os.setegid(1); os.seteuid(1)\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.settimeout(10)\n"
+        "s.connect(sys.argv[1]); s.send(b'IPXH\\x01\\x00\\x01\\x00\\x00\\x00\\x01')\n"
+        "try:\n    print('closed' if s.recv(100) == b'' else 'answered')\n"
+        "except ConnectionResetError:\n    print('closed')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", connect_as, str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert result.stdout.strip() == "closed", result.stderr  # without a word
+    proxy.wait_for_log("hand-over: refused a connection from uid 1 (not ours, not root)")
+    assert not page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)

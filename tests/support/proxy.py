@@ -124,6 +124,13 @@ class ProxyProcess:
         self.process = None
         return code
 
+    def socket_path(self) -> Path:
+        """The hand-over socket: by default beside the pid file, else the statistics file."""
+        if self.settings.get("takeover_socket"):
+            return Path(self.settings["takeover_socket"])
+        base = self.args[self.args.index("-p") + 1] if "-p" in self.args else self.stat_path
+        return Path(f"{base}.takeover")
+
     def successor(self, log_name: str = "successor.log") -> ProxyProcess:
         """Another process on the same configuration, started with ``--take-over`` (not yet
         started; its log in a file of its own)."""
