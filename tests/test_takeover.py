@@ -3,6 +3,7 @@ sessions of the running proxy (``--take-over``, SIGUSR2), and the bad cases leav
 
 from __future__ import annotations
 
+import imaplib
 import os
 import pwd
 import re
@@ -13,7 +14,10 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,7 +34,7 @@ from imapproxy.session_transfer import (
     decode,
     encode,
 )
-from tests.support.client import REUSED, page
+from tests.support.client import REUSED, imaplib_reused, page
 from tests.support.dovecot import DovecotInstance, User
 from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess
@@ -202,3 +206,82 @@ def test_a_connection_from_another_uid_is_refused(
     assert result.stdout.strip() == "closed", result.stderr  # without a word
     proxy.wait_for_log("hand-over: refused a connection from uid 1 (not ours, not root)")
     assert not page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+
+
+@dataclass
+class PageResult:
+    after: bool  # started once the old process had exited
+    reused: bool
+
+
+def imap_page(host: str, port: int, user: User) -> bool:
+    """A webmail page with imaplib: connect, LOGIN, SELECT, FETCH, LOGOUT; True on reuse."""
+    with imaplib.IMAP4(host, port, timeout=30) as imap:
+        imap.login(user.name, user.password)
+        reused = imaplib_reused(imap)
+        assert imap.select("INBOX")[0] == "OK"
+        typ, data = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK" and f"{user.name} message 1".encode() in data[0][1]  # type: ignore[index]
+        imap.logout()
+    return reused
+
+
+LOAD_THREADS = 8
+PAGES_AFTER = 15  # pages per thread once the old process is gone
+MAX_PAGES = 400  # per thread: the bound of every loop
+
+
+def test_hand_over_under_load_fails_no_page_and_keeps_the_cache(
+    start_proxy: Callable[..., ProxyProcess],
+    make_user: Callable[..., User],
+    dovecot: DovecotInstance,
+    report_figure: Callable[[str], None],
+) -> None:
+    """Pages at c=8 (one user per thread) while the proxy is replaced: none fails, and after
+    the switch every login of a user whose session was cached is a reuse of it: Dovecot sees
+    no new login once the old process is gone."""
+    proxy = start_proxy(cache_size=64)
+    users = [make_user() for _ in range(LOAD_THREADS)]
+    old_gone = threading.Event()
+    results: list[list[PageResult]] = [[] for _ in users]
+    failures: list[str] = []
+
+    def pages(index: int) -> None:
+        mine = results[index]
+        while len(mine) < MAX_PAGES and sum(r.after for r in mine) < PAGES_AFTER:
+            after = old_gone.is_set()
+            try:
+                mine.append(PageResult(after, imap_page(proxy.host, proxy.port, users[index])))
+            except Exception as error:  # every failed page counts, whatever it is
+                failures.append(f"{users[index].name}: {error!r}")
+                return
+
+    threads = [threading.Thread(target=pages, args=(i,)) for i in range(LOAD_THREADS)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: all(len(r) >= 5 for r in results) or bool(failures), timeout=60)
+    started = time.monotonic()
+    successor = proxy.successor().start(wait=False)
+    try:
+        assert proxy.process is not None and proxy.process.wait(timeout=60) == 0
+        switch_s = time.monotonic() - started
+        logins_at_switch = sum(dovecot.logins(u.name) for u in users)
+        old_gone.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in threads)
+        assert failures == []
+        after = [r for mine in results for r in mine if r.after]
+        assert len(after) >= LOAD_THREADS * PAGES_AFTER
+        ratio = sum(r.reused for r in after) / len(after)
+        assert ratio >= 0.99, ratio
+        assert sum(dovecot.logins(u.name) for u in users) <= logins_at_switch + len(after) // 100
+        total = sum(len(mine) for mine in results)
+        report_figure(
+            f"hand-over under load (c={LOAD_THREADS}): {total} pages, 0 failed; successor start "
+            f"to old exit {switch_s:.1f} s; reuse after it {ratio:.1%} of {len(after)} logins"
+        )
+        assert "hand-over: done" in proxy.log_text()
+    finally:
+        old_gone.set()
+        successor.stop()
