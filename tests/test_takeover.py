@@ -20,17 +20,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import gevent
 import pytest
+from gevent import socket as gsocket
 
+from imapproxy import takeover
 from imapproxy.session_transfer import (
     FORMAT_VERSION,
     MAGIC,
     MAX_MESSAGE_BYTES,
+    HasherKey,
     Hello,
     Kind,
     Listeners,
     Refused,
     SessionRecord,
+    TransferError,
     decode,
     encode,
 )
@@ -285,3 +290,74 @@ def test_hand_over_under_load_fails_no_page_and_keeps_the_cache(
     finally:
         old_gone.set()
         successor.stop()
+
+
+# -- the pieces, without a proxy ------------------------------------------------------------------
+
+
+def test_peer_check() -> None:
+    """``SO_PEERCRED`` gives the connecting process's uid; only ours and root's are served."""
+    ours, theirs = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        assert takeover.peer_uid(ours) == os.geteuid()
+    assert takeover.peer_allowed(1000, own_uid=1000)
+    assert takeover.peer_allowed(0, own_uid=1000)  # a successor started as root
+    assert not takeover.peer_allowed(1001, own_uid=1000)
+    assert not takeover.peer_allowed(65534, own_uid=0)
+
+
+@pytest.mark.parametrize(
+    ("takeover_socket", "pidfile", "stat_filename", "path"),
+    [
+        (None, "/run/imapproxy.pid", "/var/run/pimpstats", "/run/imapproxy.pid.takeover"),
+        (None, None, "/var/run/pimpstats", "/var/run/pimpstats.takeover"),
+        (None, None, "", ""),
+        ("/run/ipx.sock", "/run/imapproxy.pid", "", "/run/ipx.sock"),
+        ("none", "/run/imapproxy.pid", "/var/run/pimpstats", ""),
+    ],
+)
+def test_socket_path(
+    takeover_socket: str | None, pidfile: str | None, stat_filename: str, path: str
+) -> None:
+    assert takeover.socket_path(takeover_socket, pidfile, stat_filename) == path
+
+
+def test_descriptors_travel_without_blocking_the_hub() -> None:
+    """``recv_fds``/``send_fds`` on gevent sockets wait cooperatively: another greenlet runs
+    while one waits for a message, and a descriptor arrives usable."""
+    left, right = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ticks: list[int] = []
+
+    def ticker() -> None:
+        for tick in range(5):
+            ticks.append(tick)
+            gevent.sleep(0.01)
+
+    def sender() -> None:
+        gevent.sleep(0.1)
+        a, b = socket.socketpair()
+        takeover.Channel(left).send(HasherKey(b"k"), [a.fileno()])
+        a.close()
+        b.sendall(b"through")
+        b.close()
+
+    greenlets = [gevent.spawn(ticker), gevent.spawn(sender)]
+    message, fds = takeover.Channel(right).receive(timeout=5)
+    assert ticks == [0, 1, 2, 3, 4] and message == HasherKey(b"k") and len(fds) == 1
+    with gsocket.socket(fileno=fds[0]) as passed:
+        assert passed.recv(100) == b"through"
+    gevent.joinall(greenlets, timeout=5)
+    left.close()
+    right.close()
+
+
+def test_a_received_message_that_is_not_ours_closes_its_descriptors() -> None:
+    left, right = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with left, right:
+        a, b = socket.socketpair()
+        with a, b:
+            socket.send_fds(left, [b"not a hand-over message"], [a.fileno()])
+            with pytest.raises(TransferError, match="not a hand-over message"):
+                takeover.Channel(right).receive(timeout=5)
+            a.close()
+            assert b.recv(10) == b""  # the received copy was closed: the peer sees the end
