@@ -361,3 +361,39 @@ def test_a_received_message_that_is_not_ours_closes_its_descriptors() -> None:
                 takeover.Channel(right).receive(timeout=5)
             a.close()
             assert b.recv(10) == b""  # the received copy was closed: the peer sees the end
+
+
+def test_under_systemd_the_successor_announces_its_pid_and_the_old_one_no_stop(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    """sd_notify: the successor sends MAINPID=<pid> then READY=1 (NotifyAccess=all); the old
+    process, whose service goes on, does not say STOPPING=1."""
+    directory = Path(tempfile.mkdtemp(prefix="ipx-notify-"))
+    directory.chmod(0o755)  # the proxy says READY=1 as nobody
+    notify_path = str(directory / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    os.chmod(notify_path, 0o777)
+    listener.settimeout(30)
+    os.environ["NOTIFY_SOCKET"] = notify_path
+    try:
+        proxy = start_proxy()
+        assert listener.recv(256) == b"READY=1"
+        page(proxy.host, proxy.port, user.name, user.password)
+        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
+        successor = proxy.successor().start(wait=False)
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    try:
+        assert successor.process is not None
+        assert listener.recv(256) == f"MAINPID={successor.process.pid}".encode()
+        assert listener.recv(256) == b"READY=1"
+        assert proxy.process is not None and proxy.process.wait(timeout=30) == 0
+        listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listener.recv(256)
+        assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+    finally:
+        successor.stop()
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
