@@ -650,11 +650,10 @@ class SuccessorWatch:
         reported = False
         while not self.handover.done.wait(STATUS_POLL_S):
             status = None if reported else status_of()
-            if status is not None and status != 0 and self.handover.successor_pid != pid:
+            if status is not None and status != 0:
+                when = "during" if self.handover.successor_pid == pid else "before taking over"
                 LOGGER.error(
-                    "successor pid %d exited with status %d before taking over; still serving",
-                    pid,
-                    status,
+                    "successor pid %d exited with status %d %s; still serving", pid, status, when
                 )
                 return
             reported = reported or status == 0  # it detached: its child carries on
