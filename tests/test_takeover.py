@@ -4,6 +4,7 @@ sessions of the running proxy (``--take-over``, SIGUSR2), and the bad cases leav
 from __future__ import annotations
 
 import imaplib
+import logging
 import os
 import pwd
 import re
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gevent
+import gevent.event
 import pytest
 from gevent import socket as gsocket
 
@@ -226,7 +228,7 @@ def imap_page(host: str, port: int, user: User) -> bool:
         reused = imaplib_reused(imap)
         assert imap.select("INBOX")[0] == "OK"
         typ, data = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
-        assert typ == "OK" and f"{user.name} message 1".encode() in data[0][1]  # type: ignore[index]
+        assert typ == "OK" and f"{user.name} message 1".encode() in data[0][1]  # type: ignore[index,operator]
         imap.logout()
     return reused
 
@@ -397,3 +399,35 @@ def test_under_systemd_the_successor_announces_its_pid_and_the_old_one_no_stop(
         successor.stop()
         listener.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+class IdleHandover:
+    """What ``SuccessorWatch`` reads of a ``Handover``: nobody ever connects."""
+
+    def __init__(self) -> None:
+        self.done = gevent.event.Event()
+        self.successor_pid = 0
+        self.busy = False
+
+
+def test_a_successor_started_directly_that_fails_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A proxy that was never root starts its successor itself (``spawn_directly``); one that
+    exits 78 is logged with its status, and the proxy serves on."""
+    watch = takeover.SuccessorWatch(
+        IdleHandover(),  # type: ignore[arg-type]
+        lambda: takeover.spawn_directly(("/bin/sh", "-c", "exit 78"), "/"),
+    )
+    with caplog.at_level(logging.INFO, logger="imapproxy"):
+        watch.start()
+        assert watch._watching is not None
+        watch._watching.join(timeout=10)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("SIGUSR2: started successor pid") for m in messages), messages
+    assert any(
+        re.fullmatch(
+            r"successor pid [0-9]+ exited with status 78 before taking over; still serving", m
+        )
+        for m in messages
+    ), messages
