@@ -309,7 +309,7 @@ class Handover:
         except (TransferError, OSError) as error:
             self._take_back(kept)
             LOGGER.error(
-                "hand-over to pid %d failed (%s): %d sessions kept; still serving",
+                "hand-over to pid %d failed (%s): the %d sessions sent taken back; still serving",
                 message.pid,
                 why(error),
                 len(kept),
