@@ -44,7 +44,7 @@ from imapproxy.session_transfer import (
 from tests.support.client import REUSED, imaplib_reused, page
 from tests.support.dovecot import DovecotInstance, User
 from tests.support.polling import wait_until
-from tests.support.proxy import ProxyProcess
+from tests.support.proxy import ProxyProcess, run_imapproxyd, service_identity, write_config
 
 
 def session_ids(dovecot: DovecotInstance, user: str) -> list[str]:
@@ -73,6 +73,23 @@ def test_take_over_moves_the_cached_session(
     finally:
         assert successor.stop(signal.SIGTERM) == 0
     assert session in logged_out_ids(dovecot, user.name)
+    assert user.password not in proxy.log_text() + successor.log_text()
+    assert "hand-over: 1 of 1 sessions adopted" in successor.log_text()
+
+
+def test_take_over_with_nobody_to_take_from_exits_69(
+    tmp_path: Path, dovecot: DovecotInstance
+) -> None:
+    path = tmp_path / "nobody-here.takeover"
+    settings = {"server_hostname": dovecot.host, "server_port": dovecot.port}
+    config = write_config(
+        tmp_path / "imapproxy.conf",
+        {**settings, "takeover_socket": path, "stat_filename": "", "protocol_log_filename": ""}
+        | service_identity(),
+    )
+    run = run_imapproxyd("-f", str(config), "--foreground", "--take-over")
+    assert run.returncode == 69, run.stderr
+    assert f"--take-over: no running imapproxy at {path}: No such file or directory" in run.stderr
 
 
 def read_pid(path: Path, other_than: int) -> int:
@@ -286,11 +303,16 @@ def test_hand_over_under_load_fails_no_page_and_keeps_the_cache(
         assert ratio >= 0.99, ratio
         assert sum(dovecot.logins(u.name) for u in users) <= logins_at_switch + len(after) // 100
         total = sum(len(mine) for mine in results)
+        done = re.search(
+            r"hand-over: done, ([0-9]+) sessions sent \(([0-9]+) checked in late\)",
+            proxy.log_text(),
+        )
+        assert done is not None
         report_figure(
             f"hand-over under load (c={LOAD_THREADS}): {total} pages, 0 failed; successor start "
-            f"to old exit {switch_s:.1f} s; reuse after it {ratio:.1%} of {len(after)} logins"
+            f"to old exit {switch_s:.1f} s; {done[1]} sessions moved ({done[2]} checked in "
+            f"late); reuse after it {ratio:.1%} of {len(after)} logins"
         )
-        assert "hand-over: done" in proxy.log_text()
     finally:
         old_gone.set()
         successor.stop()
