@@ -23,12 +23,11 @@ import gevent
 from gevent import socket, ssl
 from gevent.event import Event
 
-from imapproxy import __version__, backend_check, daemon, keeper, log, takeover, tls
+from imapproxy import __version__, backend_check, daemon, keeper, log, successor, takeover, tls
 from imapproxy import config as config_module
 from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
 from imapproxy.config import Config
-from imapproxy.credentials import CredentialHasher
 from imapproxy.errors import BackendFailure, ConfigError, FailureKind
 from imapproxy.health import servers_path
 from imapproxy.route import RouteSource
@@ -327,22 +326,15 @@ def run(config: Config, startup: Startup) -> int:
     )
     metrics_listeners = bind_metrics_listeners(config, inherited)
     handover_socket = bind_handover_socket(startup.takeover_path(config), identity, inherited)
-    close_leftovers(inherited)
+    if inherited is not None:
+        inherited.close_leftovers()
     if not startup.foreground:
         daemon.detach()
     if startup.pidfile_path:
         write_pidfile(startup.pidfile_path)
     if startup.take_over:  # systemd: this process is the service now (NotifyAccess=all)
         daemon.notify(f"MAINPID={os.getpid()}")
-    the_keeper = (
-        keeper.start(
-            os.path.abspath(startup.config_path),
-            keeper.Successor(takeover.successor_command(), startup.cwd),
-        )
-        if identity is not None
-        else None
-    )
-    read_tls_files = tls_file_reader(config, the_keeper)
+    read_tls_files = tls_file_reader(config, startup, identity)
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
     router = Router(config, backend, time.monotonic, source)
@@ -361,16 +353,8 @@ def run(config: Config, startup: Startup) -> int:
 
         proxy.metrics = metrics.Metrics(proxy)
     if inherited is not None:
-        adopt_sessions(proxy, inherited)
-    served = takeover.Served(
-        [(ListenerRole.IMAP, s) for s in listeners]
-        + [(ListenerRole.IMAP_TLS, s) for s in tls_listeners]
-        + [(ListenerRole.METRICS, s) for s in metrics_listeners]
-        + ([(ListenerRole.TAKEOVER, handover_socket)] if handover_socket else [])
-    )
-    handover = (
-        takeover.Handover(proxy, handover_socket, served) if handover_socket is not None else None
-    )
+        takeover.adopt_all(proxy, inherited)
+    handover = takeover.serving(proxy, handover_socket, listeners, tls_listeners, metrics_listeners)
     return serve(
         proxy,
         listeners,
@@ -380,7 +364,7 @@ def run(config: Config, startup: Startup) -> int:
         metrics_listeners,
         handover=handover,
         inherited=inherited,
-        start_successor=successor_starter(startup, the_keeper),
+        start_successor=successor.starter(startup.cwd, read_tls_files),
     )
 
 
@@ -416,42 +400,6 @@ def bind_handover_socket(
         return takeover.bind(path, identity)
 
 
-def close_leftovers(inherited: takeover.Received | None) -> None:
-    """Inherited listeners the configuration no longer has (listen_port changed, say)."""
-    if inherited is None:
-        return
-    for listener, sock in inherited.leftover_listeners():
-        LOGGER.warning(
-            "hand-over: %s listener %s port %d is not in the configuration: closed",
-            listener.role.name,
-            listener.host,
-            listener.port,
-        )
-        sock.close()
-
-
-def adopt_sessions(proxy: Proxy, inherited: takeover.Received) -> None:
-    """The running proxy's key and cached sessions, into this one's cache."""
-    proxy.hasher = CredentialHasher(inherited.key)
-    adopted = sum(proxy.adopt(record, sock) for record, sock in inherited.sessions)
-    LOGGER.info("hand-over: %d of %d sessions adopted", adopted, len(inherited.sessions))
-    inherited.sessions = []
-
-
-def successor_starter(
-    startup: Startup, the_keeper: keeper.Keeper | None
-) -> Callable[[], tuple[int, takeover.StatusOf]]:
-    """How SIGUSR2 starts a successor: through the privileged reader (root), else directly."""
-
-    def start() -> tuple[int, takeover.StatusOf]:
-        if the_keeper is not None:
-            pid = the_keeper.start_successor()
-            return pid, lambda: the_keeper.successor_status(pid)
-        return takeover.spawn_directly(takeover.successor_command(), startup.cwd)
-
-    return start
-
-
 TLSFileReader = Callable[[Config], dict[str, bytes]]
 
 
@@ -465,10 +413,13 @@ def tls_contexts(
         raise StartupError(str(error), config_module.EX_CONFIG) from None
 
 
-def tls_file_reader(config: Config, the_keeper: keeper.Keeper | None) -> TLSFileReader:
+def tls_file_reader(
+    config: Config, startup: Startup, identity: daemon.Identity | None
+) -> TLSFileReader:
     """How SIGHUP will read certificates and keys: through the privileged reader when the
-    proxy is about to drop root (``keeper``), else directly (it never had more rights)."""
-    if the_keeper is None:
+    proxy is about to drop root (``keeper``), else directly (it never had more rights).
+    The reader also starts the successor on SIGUSR2 (``successor.starter``)."""
+    if identity is None:
         return tls.read_files
     if config.chroot_directory and tls.file_paths(config):
         memory_files = os.path.join(config.chroot_directory, tls.MEMORY_FILES.lstrip("/"))
@@ -479,7 +430,8 @@ def tls_file_reader(config: Config, the_keeper: keeper.Keeper | None) -> TLSFile
                 config.chroot_directory,
                 tls.MEMORY_FILES,
             )
-    return the_keeper.read_files
+    successor_line = keeper.Successor(successor.command(), startup.cwd)
+    return keeper.start(os.path.abspath(startup.config_path), successor_line).read_files
 
 
 def serve(
@@ -492,7 +444,7 @@ def serve(
     *,
     handover: takeover.Handover | None = None,
     inherited: takeover.Received | None = None,
-    start_successor: Callable[[], tuple[int, takeover.StatusOf]] | None = None,
+    start_successor: Callable[[], tuple[int, successor.StatusOf]] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT, or until a successor took over (``takeover``); SIGHUP
     reloads the configuration, SIGUSR1 logs the counters, SIGUSR2 starts a successor."""
@@ -500,7 +452,7 @@ def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
     if handover is not None and start_successor is not None:
-        watch = takeover.SuccessorWatch(handover, start_successor)
+        watch = successor.SuccessorWatch(handover, start_successor)
         gevent.signal_handler(signal.SIGUSR2, watch.start)
         gevent.spawn(lambda: (handover.done.wait(), stop.set()))
     gevent.signal_handler(
@@ -519,7 +471,7 @@ def serve(
     )
     serve_metrics(proxy, metrics_listeners)
     if inherited is not None:  # accepting now: the running proxy may stop
-        take_late_sessions(proxy, inherited)
+        takeover.serve_late(proxy, inherited)
     if handover is not None:
         handover.start()
     daemon.notify("READY=1")
@@ -540,17 +492,6 @@ def serve(
         _remove_own_pidfile(startup.pidfile_path)
     LOGGER.info("stopped")
     return 0
-
-
-def take_late_sessions(proxy: Proxy, inherited: takeover.Received) -> None:
-    """Tell the running proxy this one accepts; adopt what it ships until it exits."""
-    try:
-        inherited.ready()
-    except OSError as error:
-        LOGGER.warning("hand-over: READY not delivered (%s)", error)
-        inherited.channel.close()
-        return
-    gevent.spawn(inherited.receive_late, proxy.adopt)
 
 
 def _remove_own_pidfile(path: str) -> None:

@@ -33,8 +33,7 @@ import logging
 import os
 import stat
 import struct
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -45,6 +44,7 @@ from gevent.event import Event
 from imapproxy import daemon, session_transfer
 from imapproxy.backend import BackendSession, ServerTraits
 from imapproxy.cache import Slot
+from imapproxy.credentials import CredentialHasher
 from imapproxy.errors import BackendFailure, BackendProtocolError, why
 from imapproxy.route import Route
 from imapproxy.session_transfer import (
@@ -76,10 +76,6 @@ HELLO_TIMEOUT_S = 10.0  # a successor that connects says HELLO at once
 # The successor adopts every session and starts accepting between SENT and READY: an in-memory
 # step of milliseconds per thousand sessions.
 READY_TIMEOUT_S = 30.0
-# A successor started on SIGUSR2 first checks its configuration and reaches the IMAP server
-# (connect_retries rounds connect_delay apart) before it connects here.
-SUCCESSOR_START_TIMEOUT_S = 120.0
-STATUS_POLL_S = 0.2
 SETTLE_TIMEOUT_S = 5.0  # the NOOP behind an UNSELECT still in flight
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -505,10 +501,18 @@ class Received:
                 return sock
         return None
 
-    def leftover_listeners(self) -> Iterator[tuple[Listener, socket.socket]]:
-        """Listeners the successor's configuration no longer wants (the caller closes them)."""
+    def close_leftovers(self) -> None:
+        """Close the inherited listeners the configuration no longer has (a changed
+        ``listen_port``, say): the successor has bound the new ones."""
         leftovers, self.listeners = self.listeners, []
-        return iter(leftovers)
+        for listener, sock in leftovers:
+            LOGGER.warning(
+                "hand-over: %s listener %s port %d is not in the configuration: closed",
+                listener.role.name,
+                listener.host,
+                listener.port,
+            )
+            sock.close()
 
     def ready(self) -> None:
         """Tell the running proxy this process accepts now."""
@@ -531,6 +535,45 @@ class Received:
                 break
         self.channel.close()
         return count
+
+
+def adopt_all(proxy: Proxy, received: Received) -> None:
+    """The running proxy's key and cached sessions, into this one's cache (one ``adopt`` a
+    session: a successor with workers would route each to its owner)."""
+    proxy.hasher = CredentialHasher(received.key)
+    adopted = sum(proxy.adopt(record, sock) for record, sock in received.sessions)
+    LOGGER.info("hand-over: %d of %d sessions adopted", adopted, len(received.sessions))
+    received.sessions = []
+
+
+def serve_late(proxy: Proxy, received: Received) -> None:
+    """Tell the running proxy this one accepts (it stops); adopt what it ships until it exits."""
+    try:
+        received.ready()
+    except OSError as error:
+        LOGGER.warning("hand-over: READY not delivered (%s)", error)
+        received.channel.close()
+        return
+    gevent.spawn(received.receive_late, proxy.adopt)
+
+
+def serving(
+    proxy: Proxy,
+    sock: socket.socket | None,
+    listeners: list[socket.socket],
+    tls_listeners: list[socket.socket],
+    metrics_listeners: list[socket.socket],
+) -> Handover | None:
+    """The running proxy's end of hand-overs on ``sock`` (None: hand-overs are off)."""
+    if sock is None:
+        return None
+    roles = (
+        [(ListenerRole.IMAP, s) for s in listeners]
+        + [(ListenerRole.IMAP_TLS, s) for s in tls_listeners]
+        + [(ListenerRole.METRICS, s) for s in metrics_listeners]
+        + [(ListenerRole.TAKEOVER, sock)]
+    )
+    return Handover(proxy, sock, Served(roles))
 
 
 def _same_address(sock: socket.socket, address: object) -> bool:
@@ -607,68 +650,3 @@ def _expect(
         _close_fds(fds)
         raise TransferError(f"expected {kind.__name__}, got {type(message).__name__}")
     return message, fds
-
-
-# -- starting a successor (SIGUSR2) -----------------------------------------------------------
-
-
-def successor_command() -> tuple[str, ...]:
-    """This program's command line, from disk again, with ``--take-over``."""
-    argv = [sys.executable, *sys.orig_argv[1:]]
-    if "--take-over" not in argv:
-        argv.append("--take-over")
-    return tuple(argv)
-
-
-StatusOf = Callable[[], int | None]  # the successor's exit status, None while it runs
-
-
-class SuccessorWatch:
-    """Starts a successor and reports in the log what became of it."""
-
-    def __init__(self, handover: Handover, start: Callable[[], tuple[int, StatusOf]]) -> None:
-        self.handover, self._start = handover, start
-        self._watching: gevent.Greenlet | None = None
-
-    def start(self) -> None:
-        if self._watching is not None and not self._watching.dead:
-            LOGGER.warning("SIGUSR2: a successor is already starting; ignored")
-            return
-        if self.handover.done.is_set():
-            LOGGER.warning("SIGUSR2: already handed over; ignored")
-            return
-        self._watching = gevent.spawn(self._watch)
-
-    def _watch(self) -> None:
-        try:
-            pid, status_of = self._start()
-        except Exception as error:  # whatever it is, the proxy serves on
-            LOGGER.error("SIGUSR2: cannot start a successor: %s; still serving", error)
-            return
-        LOGGER.info("SIGUSR2: started successor pid %d", pid)
-        deadline = gevent.get_hub().loop.now() + SUCCESSOR_START_TIMEOUT_S
-        reported = False
-        while not self.handover.done.wait(STATUS_POLL_S):
-            status = None if reported else status_of()
-            if status is not None and status != 0:
-                when = "during" if self.handover.successor_pid == pid else "before taking over"
-                LOGGER.error(
-                    "successor pid %d exited with status %d %s; still serving", pid, status, when
-                )
-                return
-            reported = reported or status == 0  # it detached: its child carries on
-            if gevent.get_hub().loop.now() > deadline and not self.handover.busy:
-                LOGGER.error(
-                    "successor pid %d did not take over within %d s; still serving",
-                    pid,
-                    SUCCESSOR_START_TIMEOUT_S,
-                )
-                return
-
-
-def spawn_directly(argv: tuple[str, ...], cwd: str) -> tuple[int, StatusOf]:
-    """Start the successor as a child of this process (the proxy was never root)."""
-    from gevent import subprocess
-
-    child = subprocess.Popen(list(argv), cwd=cwd, close_fds=True)
-    return child.pid, child.poll

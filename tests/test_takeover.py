@@ -26,7 +26,7 @@ import gevent.event
 import pytest
 from gevent import socket as gsocket
 
-from imapproxy import takeover
+from imapproxy import successor, takeover
 from imapproxy.session_transfer import (
     FORMAT_VERSION,
     MAGIC,
@@ -439,9 +439,9 @@ def test_a_successor_started_directly_that_fails_is_reported(
 ) -> None:
     """A proxy that was never root starts its successor itself (``spawn_directly``); one that
     exits 78 is logged with its status, and the proxy serves on."""
-    watch = takeover.SuccessorWatch(
+    watch = successor.SuccessorWatch(
         IdleHandover(),  # type: ignore[arg-type]
-        lambda: takeover.spawn_directly(("/bin/sh", "-c", "exit 78"), "/"),
+        lambda: successor.spawn_directly(("/bin/sh", "-c", "exit 78"), "/"),
     )
     with caplog.at_level(logging.INFO, logger="imapproxy"):
         watch.start()
