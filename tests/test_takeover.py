@@ -45,6 +45,7 @@ from tests.support.client import REUSED, imaplib_reused, page
 from tests.support.dovecot import DovecotInstance, User
 from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess, run_imapproxyd, service_identity, write_config
+from tests.support.routing import admin, at, routed_proxy, visit, write_map
 
 
 def session_ids(dovecot: DovecotInstance, user: str) -> list[str]:
@@ -455,3 +456,68 @@ def test_a_successor_started_directly_that_fails_is_reported(
         )
         for m in messages
     ), messages
+
+
+def test_routed_sessions_move_with_their_route(
+    servers: dict[str, DovecotInstance], start_proxy: Callable[..., ProxyProcess], files: Path
+) -> None:
+    """The route is part of the cache key: after the hand-over each user's login, routed again
+    by the successor, reuses the session on that user's own server."""
+    a, b = servers["A"], servers["B"]
+    routes = write_map(files / "routes", [f"alice {at(a)}", f"bob {at(b)} connect_timeout=7"])
+    proxy = routed_proxy(start_proxy, None, route_map=routes)
+    assert visit(proxy, "alice") == ("A", False)
+    assert visit(proxy, "bob") == ("B", False)
+    proxy.wait_for_log("LOGOUT: 'bob' from server sd")
+    logins = {(s, u): servers[s].logins(u) for s in "AB" for u in ("alice", "bob")}
+    successor = proxy.successor().start(wait=False)
+    try:
+        assert proxy.process is not None and proxy.process.wait(timeout=30) == 0
+        assert visit(proxy, "alice") == ("A", True)
+        assert visit(proxy, "bob") == ("B", True)
+        assert {(s, u): servers[s].logins(u) for s in "AB" for u in ("alice", "bob")} == logins
+        dump = b"".join(admin(successor, b"XPROXY_DUMPICC"))
+        assert f" alice Cached {at(a)}\r\n".encode() in dump, dump
+        assert f" bob Cached {at(b)}\r\n".encode() in dump, dump
+    finally:
+        successor.stop()
+
+
+def test_the_select_cache_entry_moves_with_its_session(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    """A session cached with its mailbox selected and the SELECT reply kept: after the
+    hand-over the page's SELECT is answered from that entry (a hit), and with the server's
+    ``* OK [CLOSED]`` line, learnt by the old process on the second page (a hit needs it)."""
+    proxy = start_proxy(enable_select_cache=True)
+    for count in (1, 2):
+        page(proxy.host, proxy.port, user.name, user.password)
+        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd", count=count)
+    assert proxy.counters().SelectCacheHits == 0
+    successor = proxy.successor().start(wait=False)
+    try:
+        assert proxy.process is not None and proxy.process.wait(timeout=30) == 0
+        assert successor.counters().SelectCacheHits == 0
+        assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+        assert successor.counters().SelectCacheHits == 1
+    finally:
+        successor.stop()
+
+
+def test_a_moved_session_keeps_the_time_it_had_left(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    """Expiry travels as the time left: a session cached 3 s before the hand-over of a 6 s
+    cache expires about 3 s after it in the successor, not 6."""
+    proxy = start_proxy(cache_expiration_time=6)
+    page(proxy.host, proxy.port, user.name, user.password)
+    proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
+    time.sleep(3)
+    started = time.monotonic()
+    successor = proxy.successor().start(wait=False)
+    try:
+        successor.wait_for_log("hand-over: 1 of 1 sessions adopted", timeout=30)
+        successor.wait_for_log("Expiring server sd", timeout=10)
+        assert time.monotonic() - started < 5.5
+    finally:
+        successor.stop()
