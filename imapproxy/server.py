@@ -124,7 +124,7 @@ class Proxy:
         self._refused = 0  # client connections refused since the last log line about it
         self._refused_logged_at = float("-inf")
         # after a hand-over (takeover.Handover.ship): sessions checked in go to the successor
-        self.ship: Callable[[Slot[BackendSession]], bool] | None = None
+        self.ship: Callable[[Slot[BackendSession], float], bool] | None = None
 
     # -- capabilities ---------------------------------------------------------------------------
 
@@ -297,7 +297,7 @@ class Proxy:
             LOGGER.info("Invalidating server sd [%d]", session.sd)
             self.discard(slot)
             return
-        if self.stopping and self.ship is not None and self.ship(slot):
+        if self.stopping and self.ship is not None and self.ship(slot, self.clock()):
             return
         if self.stopping or self.config.cache_expiration_time == 0:
             self.discard(slot, logout=True)
@@ -365,7 +365,7 @@ class Proxy:
     def _ship_or_drain(self) -> None:
         """Stopping: cached sessions go to a successor when there is one, else are logged out."""
         while self.ship is not None and (slot := self.cache.take_oldest()) is not None:
-            if not self.ship(slot):
+            if not self.ship(slot, slot.cached_at):
                 self.discard(slot, logout=True)
         for session in self.cache.drain():
             self._logouts.spawn(session.logout)

@@ -389,13 +389,16 @@ class Handover:
         self.proxy.ship = self.ship
         self.done.set()  # the caller stops as on SIGTERM: Proxy.stop ships what is cached
 
-    def ship(self, slot: Slot[BackendSession]) -> bool:
-        """A session checked in after READY (the slot ACTIVE): to the successor if it can
-        move (else logged out); False when the successor is gone (the caller logs it out)."""
+    def ship(self, slot: Slot[BackendSession], cached_at: float) -> bool:
+        """A session after READY (checked in now, or still cached since ``cached_at``; the
+        slot ACTIVE): to the successor if it can move (else logged out); False when the
+        successor is gone (the caller logs it out)."""
         channel = self._channel
         if channel is None:
             return False
         item = self._take(slot)
+        if item is not None:
+            item.cached_at = cached_at
         data = self._prepare(item) if item is not None else None
         if item is None or data is None:
             return True

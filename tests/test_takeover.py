@@ -41,7 +41,7 @@ from imapproxy.session_transfer import (
     decode,
     encode,
 )
-from tests.support.client import REUSED, imaplib_reused, page
+from tests.support.client import REUSED, imaplib_reused, logged_in, page
 from tests.support.dovecot import DovecotInstance, User
 from tests.support.polling import wait_until
 from tests.support.proxy import ProxyProcess, run_imapproxyd, service_identity, write_config
@@ -309,6 +309,7 @@ def test_hand_over_under_load_fails_no_page_and_keeps_the_cache(
             proxy.log_text(),
         )
         assert done is not None
+        assert "not adopted" not in successor.log_text()  # the late ones too
         report_figure(
             f"hand-over under load (c={LOAD_THREADS}): {total} pages, 0 failed; successor start "
             f"to old exit {switch_s:.1f} s; {done[1]} sessions moved ({done[2]} checked in "
@@ -519,5 +520,28 @@ def test_a_moved_session_keeps_the_time_it_had_left(
         successor.wait_for_log("hand-over: 1 of 1 sessions adopted", timeout=30)
         successor.wait_for_log("Expiring server sd", timeout=10)
         assert time.monotonic() - started < 5.5
+    finally:
+        successor.stop()
+
+
+def test_a_session_checked_in_while_the_old_process_finishes_moves_too(
+    start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
+) -> None:
+    """A client active during the hand-over stays with the old process to its end; when it
+    logs out, its session goes to the successor, and the user's next login reuses it."""
+    proxy = start_proxy()
+    client, _ = logged_in(proxy.host, proxy.port, user.name, user.password)
+    successor = proxy.successor().start(wait=False)
+    try:
+        proxy.wait_for_log("is serving with 0 sessions from here", timeout=30)
+        assert client.command(b"s", b"SELECT INBOX")[-1].startswith(b"s OK")
+        client.command(b"z", b"LOGOUT")
+        client.close()
+        assert proxy.process is not None and proxy.process.wait(timeout=30) == 0
+        assert "hand-over: done, 1 sessions sent (1 checked in late)" in proxy.log_text()
+        logins = dovecot.logins(user.name)
+        replies = page(proxy.host, proxy.port, user.name, user.password)
+        assert replies[0].startswith(REUSED), successor.log_text()
+        assert dovecot.logins(user.name) == logins
     finally:
         successor.stop()
