@@ -455,6 +455,10 @@ def serve(
         watch = successor.SuccessorWatch(handover, start_successor)
         gevent.signal_handler(signal.SIGUSR2, watch.start)
         gevent.spawn(lambda: (handover.done.wait(), stop.set()))
+    else:  # its default action would end the proxy
+        gevent.signal_handler(
+            signal.SIGUSR2, lambda: LOGGER.warning("SIGUSR2 ignored: hand-overs are off")
+        )
     gevent.signal_handler(
         signal.SIGHUP, lambda: gevent.spawn(reload, proxy, startup, read_tls_files)
     )

@@ -545,3 +545,15 @@ def test_a_session_checked_in_while_the_old_process_finishes_moves_too(
         assert dovecot.logins(user.name) == logins
     finally:
         successor.stop()
+
+
+def test_with_hand_overs_off_sigusr2_is_ignored(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    proxy = start_proxy(takeover_socket="none")
+    page(proxy.host, proxy.port, user.name, user.password)
+    assert not proxy.socket_path().exists()
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGUSR2)
+    proxy.wait_for_log("SIGUSR2 ignored: hand-overs are off")
+    assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)

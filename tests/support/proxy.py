@@ -126,7 +126,7 @@ class ProxyProcess:
 
     def socket_path(self) -> Path:
         """The hand-over socket: by default beside the pid file, else the statistics file."""
-        if self.settings.get("takeover_socket"):
+        if self.settings.get("takeover_socket") not in (None, "none"):
             return Path(self.settings["takeover_socket"])
         base = self.args[self.args.index("-p") + 1] if "-p" in self.args else self.stat_path
         return Path(f"{base}.takeover")
