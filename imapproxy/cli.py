@@ -325,7 +325,7 @@ def run(config: Config, startup: Startup) -> int:
         else []
     )
     metrics_listeners = bind_metrics_listeners(config, inherited)
-    handover_socket = bind_handover_socket(startup.takeover_path(config), identity, inherited)
+    handover_socket = bind_handover_socket(startup.takeover_path(config), inherited)
     if inherited is not None:
         inherited.close_leftovers()
     if not startup.foreground:
@@ -354,7 +354,9 @@ def run(config: Config, startup: Startup) -> int:
         proxy.metrics = metrics.Metrics(proxy)
     if inherited is not None:
         takeover.adopt_all(proxy, inherited)
-    handover = takeover.serving(proxy, handover_socket, listeners, tls_listeners, metrics_listeners)
+    handover = takeover.serving(
+        proxy, handover_socket, listeners, tls_listeners, metrics_listeners, identity is not None
+    )
     return serve(
         proxy,
         listeners,
@@ -385,9 +387,7 @@ def receive_handover(path: str) -> takeover.Received:
     return received
 
 
-def bind_handover_socket(
-    path: str, identity: daemon.Identity | None, inherited: takeover.Received | None
-) -> socket.socket | None:
+def bind_handover_socket(path: str, inherited: takeover.Received | None) -> socket.socket | None:
     """The hand-over socket: the one inherited when it is at ``path``, else a new one."""
     if not path:
         return None
@@ -397,7 +397,7 @@ def bind_handover_socket(
     if sock is not None:
         return sock
     with _os_errors(f"cannot create takeover_socket {path}"):
-        return takeover.bind(path, identity)
+        return takeover.bind(path)
 
 
 TLSFileReader = Callable[[Config], dict[str, bytes]]

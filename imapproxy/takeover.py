@@ -1,10 +1,10 @@
 """The hand-over on restart: a successor process takes the listeners and the cached sessions.
 
 The gevent edge of ``session_transfer`` (the wire format and its order). The running proxy
-listens on a Unix ``SOCK_SEQPACKET`` socket (``takeover_socket``, mode 0600, owned by
-``proc_username``; created as root before the privilege drop). A successor (``in.imapproxyd
---take-over``, or started by the running proxy on SIGUSR2) connects; only the same uid or
-root is served (``SO_PEERCRED``). The running proxy then sends:
+listens on a Unix ``SOCK_SEQPACKET`` socket (``takeover_socket``, mode 0600, root's when
+the proxy starts as root; created before the privilege drop). A successor (``in.imapproxyd --take-over``, or
+started by the running proxy on SIGUSR2) connects; only root is served (``SO_PEERCRED``), and
+the proxy's own uid when it never was root. The running proxy then sends:
 
 * its listening sockets (IMAP, implicit TLS, metrics, and this hand-over socket itself), as
   descriptors (``SCM_RIGHTS``): the kernel's accept queues stay open all along, so no
@@ -41,7 +41,7 @@ import gevent
 from gevent import socket, ssl
 from gevent.event import Event
 
-from imapproxy import daemon, session_transfer
+from imapproxy import session_transfer
 from imapproxy.backend import BackendSession, ServerTraits
 from imapproxy.cache import Slot
 from imapproxy.credentials import CredentialHasher
@@ -89,9 +89,11 @@ def socket_path(takeover_socket: str | None, pidfile: str | None, stat_filename:
     return base + TAKEOVER_SUFFIX if base else ""
 
 
-def peer_allowed(peer_uid: int, own_uid: int) -> bool:
-    """A successor runs as this process's user, or as root (started as the proxy was)."""
-    return peer_uid in (own_uid, 0)
+def peer_allowed(peer_uid: int, own_uid: int, root_only: bool = False) -> bool:
+    """Whether a successor may connect: root always; this process's user too unless
+    ``root_only`` (the proxy started as root and dropped to ``proc_username``: its successor
+    starts as root too, and the service user, often ``nobody``, may be shared with others)."""
+    return peer_uid == 0 or (peer_uid == own_uid and not root_only)
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -154,8 +156,9 @@ def _one_fd(fds: list[int], what: str) -> int:
 # -- the running proxy's side -----------------------------------------------------------------
 
 
-def bind(path: str, identity: daemon.Identity | None) -> socket.socket:
-    """The hand-over socket (as root, before the drop): 0600, owned by the service user.
+def bind(path: str) -> socket.socket:
+    """The hand-over socket (as root, before the drop): mode 0600, owned by whoever creates
+    it (root, when the proxy starts as root: only root may connect then).
 
     A socket file left by a proxy that is gone is replaced; anything else at the path is not.
     """
@@ -170,7 +173,6 @@ def bind(path: str, identity: daemon.Identity | None) -> socket.socket:
             sock.bind(path)
         finally:
             os.umask(old_mask)
-        daemon.hand_over(path, identity)
         sock.listen(4)
     except BaseException:
         sock.close()
@@ -230,8 +232,11 @@ class _Kept:
 class Handover:
     """The running proxy's end: serves successors on the hand-over socket, one at a time."""
 
-    def __init__(self, proxy: Proxy, sock: socket.socket, served: Served) -> None:
+    def __init__(
+        self, proxy: Proxy, sock: socket.socket, served: Served, root_only: bool = False
+    ) -> None:
         self.proxy, self.sock, self.served = proxy, sock, served
+        self.root_only = root_only  # ``peer_allowed``
         self.done = Event()  # set when a successor is serving: stop as on SIGTERM
         self.successor_pid = 0
         self._channel: Channel | None = None  # the successor's, after READY
@@ -239,6 +244,10 @@ class Handover:
         self._sent_late = 0
         self._sent = 0
         self._accepting: gevent.Greenlet | None = None
+
+    @property
+    def _who(self) -> str:
+        return "root" if self.root_only else f"root and uid {os.getuid()}"
 
     @property
     def busy(self) -> bool:
@@ -262,8 +271,8 @@ class Handover:
 
     def _serve_one(self, conn: socket.socket) -> None:
         uid = peer_uid(conn)
-        if not peer_allowed(uid, os.getuid()):
-            LOGGER.warning("hand-over: refused a connection from uid %d (not ours, not root)", uid)
+        if not peer_allowed(uid, os.getuid(), self.root_only):
+            LOGGER.warning("hand-over: refused a connection from uid %d (only %s)", uid, self._who)
             conn.close()
             return
         if self._busy or self.done.is_set():
@@ -566,8 +575,10 @@ def serving(
     listeners: list[socket.socket],
     tls_listeners: list[socket.socket],
     metrics_listeners: list[socket.socket],
+    root_only: bool = False,
 ) -> Handover | None:
-    """The running proxy's end of hand-overs on ``sock`` (None: hand-overs are off)."""
+    """The running proxy's end of hand-overs on ``sock`` (None: hand-overs are off);
+    ``root_only``: the proxy dropped root (``peer_allowed``)."""
     if sock is None:
         return None
     roles = (
@@ -576,7 +587,7 @@ def serving(
         + [(ListenerRole.METRICS, s) for s in metrics_listeners]
         + [(ListenerRole.TAKEOVER, sock)]
     )
-    return Handover(proxy, sock, Served(roles))
+    return Handover(proxy, sock, Served(roles), root_only)
 
 
 def _same_address(sock: socket.socket, address: object) -> bool:

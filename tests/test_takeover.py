@@ -205,34 +205,48 @@ def test_a_successor_that_dies_mid_transfer_leaves_every_session_in_place(
         assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
 
 
-def test_a_connection_from_another_uid_is_refused(
-    start_proxy: Callable[..., ProxyProcess], user: User
-) -> None:
-    """``SO_PEERCRED``: even with the socket file opened to everyone, a process of another
-    uid gets nothing (as root, the test connects with effective uid 1, ``daemon``)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to connect as another uid (test_peer_check covers the check)")
-    proxy = start_proxy()
-    path = proxy.socket_path()
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert path.stat().st_uid == pwd.getpwnam("nobody").pw_uid  # proc_username
-    path.chmod(0o666)
-    connect_as = (
+def connect_as(uid: int, path: Path) -> str:
+    """Connect to the hand-over socket with effective uid ``uid`` and say HELLO: "closed" if
+    the proxy closed the connection without a word."""
+    script = (
         "import os, socket, sys\n"
-        "os.setegid(1); os.seteuid(1)\n"
+        "os.setegid(int(sys.argv[1])); os.seteuid(int(sys.argv[1]))\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.settimeout(10)\n"
-        "s.connect(sys.argv[1])\n"
+        "s.connect(sys.argv[2])\n"
         "try:\n"
         "    s.send(b'IPXH\\x01\\x00\\x01\\x00\\x00\\x00\\x01')\n"
         "    print('closed' if s.recv(100) == b'' else 'answered')\n"
         "except (ConnectionResetError, BrokenPipeError):\n    print('closed')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", connect_as, str(path)], capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", script, str(uid), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
-    assert result.stdout.strip() == "closed", result.stderr  # without a word
-    proxy.wait_for_log("hand-over: refused a connection from uid 1 (not ours, not root)")
-    assert not page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_connection_from_another_uid_is_refused(
+    start_proxy: Callable[..., ProxyProcess], user: User
+) -> None:
+    """``SO_PEERCRED``: a proxy started as root serves only root on its hand-over socket, not
+    another uid, nor its own service user (nobody, often shared), even with the socket file
+    opened to everyone (the test, as root, connects with effective uid 1, then nobody's)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid (test_peer_check covers the check)")
+    proxy = start_proxy()
+    page(proxy.host, proxy.port, user.name, user.password)
+    path = proxy.socket_path()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_uid == 0
+    path.chmod(0o666)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for uid in (1, nobody):
+        assert connect_as(uid, path) == "closed"  # without a word
+        proxy.wait_for_log(f"hand-over: refused a connection from uid {uid} (only root)")
+    assert "successor pid" not in proxy.log_text()
+    assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
 
 
 @dataclass
@@ -328,10 +342,13 @@ def test_peer_check() -> None:
     ours, theirs = gsocket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, theirs:
         assert takeover.peer_uid(ours) == os.geteuid()
-    assert takeover.peer_allowed(1000, own_uid=1000)
+    assert takeover.peer_allowed(1000, own_uid=1000)  # a proxy that never was root
     assert takeover.peer_allowed(0, own_uid=1000)  # a successor started as root
     assert not takeover.peer_allowed(1001, own_uid=1000)
     assert not takeover.peer_allowed(65534, own_uid=0)
+    # a proxy started as root and now nobody: only root, never its (shared) service user
+    assert takeover.peer_allowed(0, own_uid=65534, root_only=True)
+    assert not takeover.peer_allowed(65534, own_uid=65534, root_only=True)
 
 
 @pytest.mark.parametrize(
