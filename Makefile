@@ -88,7 +88,8 @@ test: deps lint typecheck unit
 # every file with hypothesis tests on hostile input
 PROPERTY_TESTS := tests/test_fuzz.py tests/test_framing.py tests/test_scanner.py \
                   tests/test_grammar.py tests/test_session.py tests/test_proxy_header.py \
-                  tests/test_forwarding.py tests/test_route.py tests/test_relay_state.py
+                  tests/test_forwarding.py tests/test_route.py tests/test_relay_state.py \
+                  tests/test_session_transfer.py
 
 fuzz: deps
 	HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q -p no:cacheprovider $(PROPERTY_TESTS)

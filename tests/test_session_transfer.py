@@ -255,3 +255,51 @@ def test_nothing_after_the_end() -> None:
         order.receive(message)
     with pytest.raises(TransferError, match="while done"):
         order.receive(FULL)
+
+
+_blobs = st.binary(max_size=40)
+_texts = st.text(max_size=20)
+_optional_u64 = st.none() | st.integers(0, 2**64 - 1)
+_routes = st.none() | st.builds(
+    Route,
+    _texts,
+    st.integers(1, 65535),
+    st.none() | st.sampled_from(list(TLSMode)),
+    st.none() | _blobs,
+    st.none() | st.integers(1, 2**32 - 1),
+)
+_logins = st.builds(
+    LoginResult,
+    _blobs,
+    st.lists(_blobs, max_size=4).map(tuple),
+    _blobs,
+    st.lists(_blobs, max_size=3).map(tuple),
+    st.lists(_blobs, max_size=4).map(tuple),
+)
+_entries = st.none() | st.builds(
+    SelectEntry,
+    _blobs,
+    _blobs,
+    _blobs,
+    st.builds(MailboxState, st.integers(0, 2**64 - 1), _optional_u64, _optional_u64, _optional_u64),
+)
+_records = st.builds(
+    SessionRecord,
+    username=_blobs,
+    digest=_blobs,
+    route=_routes,
+    login=_logins,
+    select_entry=_entries,
+    selected=st.booleans(),
+    closed_line=st.none() | _blobs,
+    remaining_ms=st.integers(0, 2**32 - 1),
+    origin_ip=st.none() | _texts,
+    server=_texts,
+    backend_host=_texts,
+    backend_port=st.integers(0, 65535),
+)
+
+
+@given(_records)
+def test_any_session_record_comes_back_as_it_went(record: SessionRecord) -> None:
+    assert decode(encode(record)) == record
