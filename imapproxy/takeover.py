@@ -1,10 +1,10 @@
 """The hand-over on restart: a successor process takes the listeners and the cached sessions.
 
 The gevent edge of ``session_transfer`` (the wire format and its order). The running proxy
-listens on a Unix ``SOCK_SEQPACKET`` socket (``takeover_socket``, mode 0600, root's when
-the proxy starts as root; created before the privilege drop). A successor (``in.imapproxyd --take-over``, or
-started by the running proxy on SIGUSR2) connects; only root is served (``SO_PEERCRED``), and
-the proxy's own uid when it never was root. The running proxy then sends:
+listens on a Unix ``SOCK_SEQPACKET`` socket (``takeover_socket``, mode 0600, root's when the
+proxy starts as root; created before the privilege drop). A successor (``in.imapproxyd
+--take-over``, or started by the running proxy on SIGUSR2) connects; only root is served
+(``SO_PEERCRED``), and the proxy's own uid when it never was root. The running proxy sends:
 
 * its listening sockets (IMAP, implicit TLS, metrics, and this hand-over socket itself), as
   descriptors (``SCM_RIGHTS``): the kernel's accept queues stay open all along, so no
@@ -33,6 +33,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -303,6 +304,7 @@ class Handover:
         self.successor_pid = message.pid
         LOGGER.info("hand-over: successor pid %d connected", message.pid)
         kept: list[_Kept] = []
+        started = time.perf_counter()
         try:
             self._send_setup(channel)
             self._ship_cached(channel, kept)
@@ -321,7 +323,7 @@ class Handover:
             )
             channel.close()
             return
-        self._ready(channel, kept)
+        self._ready(channel, kept, time.perf_counter() - started)
 
     def _send_setup(self, channel: Channel) -> None:
         channel.send(Hello(FORMAT_VERSION, os.getpid()))
@@ -385,13 +387,15 @@ class Handover:
                 self.proxy.logout_later(item.session)
         self.proxy.sessions_changed()
 
-    def _ready(self, channel: Channel, kept: list[_Kept]) -> None:
+    def _ready(self, channel: Channel, kept: list[_Kept], took_s: float) -> None:
         for item in kept:  # the successor has its own copies now
             item.session.close()
         LOGGER.info(
-            "hand-over: pid %d is serving with %d sessions from here; no longer accepting",
+            "hand-over: pid %d is serving with %d sessions from here (%d ms after HELLO); "
+            "no longer accepting",
             self.successor_pid,
             len(kept),
+            took_s * 1000,
         )
         self._channel = channel
         self.sock.close()

@@ -574,3 +574,47 @@ def test_with_hand_overs_off_sigusr2_is_ignored(
     proxy.process.send_signal(signal.SIGUSR2)
     proxy.wait_for_log("SIGUSR2 ignored: hand-overs are off")
     assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+
+
+MANY_SESSIONS = 100
+
+
+def test_a_hundred_cached_sessions_move_and_are_reused(
+    start_proxy: Callable[..., ProxyProcess],
+    user: User,
+    dovecot: DovecotInstance,
+    report_figure: Callable[[str], None],
+) -> None:
+    """Many sessions of one user (logged in at once, then out): all move, and as many logins
+    at once afterwards all reuse them; Dovecot sees no new login."""
+    proxy = start_proxy(cache_size=MANY_SESSIONS + 8)
+    clients = [
+        logged_in(proxy.host, proxy.port, user.name, user.password)[0] for _ in range(MANY_SESSIONS)
+    ]
+    for client in clients:
+        client.command(b"z", b"LOGOUT")
+        client.close()
+    proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd", count=MANY_SESSIONS)
+    logins = dovecot.logins(user.name)
+    successor = proxy.successor().start(wait=False)
+    try:
+        assert proxy.process is not None and proxy.process.wait(timeout=60) == 0
+        took = re.search(
+            rf"is serving with {MANY_SESSIONS} sessions from here \(([0-9]+) ms after HELLO\)",
+            proxy.log_text(),
+        )
+        assert took is not None, proxy.log_text()
+        again = [
+            logged_in(proxy.host, proxy.port, user.name, user.password)
+            for _ in range(MANY_SESSIONS)
+        ]
+        assert all(replies[0].startswith(REUSED) for _, replies in again)
+        for client, _ in again:
+            client.close()
+        assert dovecot.logins(user.name) == logins
+        report_figure(
+            f"hand-over of {MANY_SESSIONS} cached sessions: {took[1]} ms from the successor's "
+            "HELLO to its READY (listeners, key, sessions sent and adopted, accepting)"
+        )
+    finally:
+        successor.stop()
