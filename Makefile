@@ -74,7 +74,8 @@ SANS_IO := imapproxy/protocol imapproxy/cache.py imapproxy/session.py imapproxy/
 	imapproxy/credentials.py imapproxy/config.py imapproxy/stats.py imapproxy/select_cache.py \
 	imapproxy/redact.py imapproxy/throttle.py imapproxy/relay_state.py \
 	imapproxy/reuse_check.py imapproxy/tls_status.py imapproxy/forwarding.py imapproxy/route.py \
-	imapproxy/health.py imapproxy/affinity.py imapproxy/worker_message.py pimpstat/view.py
+	imapproxy/health.py imapproxy/affinity.py imapproxy/worker_message.py \
+	imapproxy/session_transfer.py pimpstat/view.py
 
 typecheck: venv
 	$(VENV)/bin/mypy imapproxy pimpstat
@@ -88,7 +89,8 @@ test: deps lint typecheck unit
 # every file with hypothesis tests on hostile input
 PROPERTY_TESTS := tests/test_fuzz.py tests/test_framing.py tests/test_scanner.py \
                   tests/test_grammar.py tests/test_session.py tests/test_proxy_header.py \
-                  tests/test_forwarding.py tests/test_route.py tests/test_relay_state.py
+                  tests/test_forwarding.py tests/test_route.py tests/test_relay_state.py \
+                  tests/test_session_transfer.py
 
 fuzz: deps
 	HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q -p no:cacheprovider $(PROPERTY_TESTS)

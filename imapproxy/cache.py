@@ -20,6 +20,7 @@ session waits for the same user with the same password). Active plus cached neve
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -178,6 +179,35 @@ class ConnectionCache(Generic[S]):
             for slot in list(self._by_age.values())
             if (session := self.release(slot)) is not None
         ]
+
+    def take_oldest(self) -> Slot[S] | None:
+        """The oldest cached slot, made ACTIVE (the hand-over ships it, then ``release``s it)."""
+        if not self._by_age:
+            return None
+        slot = next(iter(self._by_age.values()))
+        self._uncache(slot)
+        slot.state = SlotState.ACTIVE
+        return slot
+
+    def adopt(
+        self, username: bytes, digest: bytes, session: S, server: object, cached_at: float
+    ) -> bool:
+        """Cache a session handed over by another process, as if cached at ``cached_at``;
+        False when every slot is taken (nothing is evicted for it). The expiry order holds:
+        a session older than the newest cached one moves in before the newer ones."""
+        if not self._free:
+            return False
+        slot = self.slots[self._free.pop()]
+        slot.state = SlotState.ACTIVE
+        self.assign(slot, username, digest, session, server)
+        self.cache(slot, cached_at)
+        newer = itertools.takewhile(
+            lambda other: other.cached_at > cached_at,
+            itertools.islice(reversed(self._by_age.values()), 1, None),
+        )
+        for later in reversed(list(newer)):  # none when sessions come oldest first
+            self._by_age.move_to_end(later.index)
+        return True
 
     def _uncache(self, slot: Slot[S]) -> None:
         del self._by_age[slot.index]

@@ -23,7 +23,17 @@ import gevent
 from gevent import socket, ssl
 from gevent.event import Event
 
-from imapproxy import __version__, backend_check, daemon, keeper, log, supervisor, tls
+from imapproxy import (
+    __version__,
+    backend_check,
+    daemon,
+    keeper,
+    log,
+    successor,
+    supervisor,
+    takeover,
+    tls,
+)
 from imapproxy import config as config_module
 from imapproxy.backend import Backend
 from imapproxy.backend_login import LoginResult
@@ -34,6 +44,7 @@ from imapproxy.health import servers_path
 from imapproxy.route import RouteSource
 from imapproxy.router import Router, ServersFile, build_source
 from imapproxy.server import Proxy
+from imapproxy.session_transfer import ListenerRole, TransferError
 from imapproxy.stats import Counters, Totals, create_file, summary, workers_summary
 from imapproxy.trace import Tracer
 from imapproxy.worker_channel import Inboxes, WorkerChannel
@@ -41,6 +52,7 @@ from imapproxy.worker_channel import Inboxes, WorkerChannel
 LOGGER = logging.getLogger("imapproxy")
 
 DEFAULT_PIDFILE = "/run/imapproxy.pid"  # Debian's (move-pidfile-to-run.patch)
+EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_OSERR = 71
 
@@ -80,6 +92,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --check-config: also connect to the IMAP server and try TLS as logins would "
         "(handshake and verification); 69 if unreachable, 78 if TLS fails",
     )
+    parser.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take the listeners and cached sessions of the running imapproxy (takeover_socket)",
+    )
     parser.add_argument("--version", action="version", version=f"imapproxy {__version__}")
     args = parser.parse_args(argv)
     if args.connect and not args.check_config:
@@ -108,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     foreground = args.foreground or config.foreground_mode
     log.setup(config, foreground=foreground)
     try:
-        return run(config, Startup(args.config, args.pidfile, foreground))
+        return run(
+            config, Startup(args.config, args.pidfile, foreground, args.take_over, os.getcwd())
+        )
     except StartupError as error:
         LOGGER.error("%s", error)
         if not foreground:  # the log is syslog: say it where the admin is looking, too
@@ -123,10 +142,15 @@ class Startup:
     config_path: str
     pidfile: str | None
     foreground: bool
+    take_over: bool = False  # --take-over: a successor (``takeover``)
+    cwd: str = "/"  # where it was started (a successor starts there too)
 
     @property
     def pidfile_path(self) -> str | None:
         return self.pidfile or (None if self.foreground else DEFAULT_PIDFILE)
+
+    def takeover_path(self, config: Config) -> str:
+        return takeover.socket_path(config.takeover_socket, self.pidfile_path, config.stat_filename)
 
 
 def wait_for_backend(backend: Backend, config: Config) -> LoginResult | None:
@@ -168,16 +192,25 @@ def route_source(config: Config) -> RouteSource | None:
         raise StartupError(f"route source: {error}", config_module.EX_CONFIG) from None
 
 
-def bind_listeners(config: Config, port: int) -> list[socket.socket]:
+def bind_listeners(
+    config: Config,
+    port: int,
+    inherited: takeover.Received | None = None,
+    role: ListenerRole = ListenerRole.IMAP,
+) -> list[socket.socket]:
+    """The listeners on ``port``: those a successor inherited (``inherited``), else new ones."""
     hosts: Sequence[str | None] = config.listen_address or (None,)
     listeners = []
     for host in hosts:
         for family, address in _listen_addresses(host, port):
-            listeners.append(_listen(family, address, config, dual_stack=host is None))
+            sock = inherited.take_listener(role, family, address) if inherited else None
+            listeners.append(sock or _listen(family, address, config, dual_stack=host is None))
     return listeners
 
 
-def bind_metrics_listeners(config: Config) -> list[socket.socket]:
+def bind_metrics_listeners(
+    config: Config, inherited: takeover.Received | None = None
+) -> list[socket.socket]:
     """The ``metrics_listen`` sockets (bound as root, like the others), and the metrics module
     loaded (before a chroot hides the interpreter's files)."""
     if config.metrics_listen is None:
@@ -185,10 +218,11 @@ def bind_metrics_listeners(config: Config) -> list[socket.socket]:
     from imapproxy import metrics  # noqa: F401  (prometheus_client only when it is used)
 
     host, port = config.metrics_listen
-    return [
-        _listen(family, address, config, dual_stack=False)
-        for family, address in _listen_addresses(host, port)
-    ]
+    listeners = []
+    for family, address in _listen_addresses(host, port):
+        sock = inherited.take_listener(ListenerRole.METRICS, family, address) if inherited else None
+        listeners.append(sock or _listen(family, address, config, dual_stack=False))
+    return listeners
 
 
 def _listen_addresses(host: str | None, port: int) -> list[tuple[int, tuple[object, ...]]]:
@@ -228,14 +262,22 @@ def _listen(
     return sock
 
 
-def open_counters(config: Config, identity: daemon.Identity | None, workers: int = 1) -> Counters:
+def open_counters(
+    config: Config, identity: daemon.Identity | None, workers: int = 1, beside: bool = False
+) -> Counters:
     """The statistics file (with a block per worker when there are several); without
-    ``stat_filename``, memory (shared with the workers: the admin commands read the totals)."""
+    ``stat_filename``, memory (shared with the workers: the admin commands read the totals).
+    ``beside`` (a successor): a new file moved over the running proxy's, which keeps its own
+    (truncating a file another process maps would kill it)."""
     if not config.stat_filename:
         return Counters.in_memory(workers)
-    with _os_errors(f"cannot create stat_filename {config.stat_filename}"):
-        counters = create_file(config.stat_filename, workers)
-        daemon.hand_over(config.stat_filename, identity)
+    path = config.stat_filename
+    created = f"{path}.{os.getpid()}.new" if beside else path
+    with _os_errors(f"cannot create stat_filename {path}"):
+        counters = create_file(created, workers)
+        daemon.hand_over(created, identity)
+        if beside:
+            os.replace(created, path)
     return counters
 
 
@@ -279,7 +321,7 @@ def run(config: Config, startup: Startup) -> int:
     with _daemon_errors():
         identity = daemon.lookup_identity(config.proc_username, config.proc_groupname)
         daemon.raise_file_limit(config.cache_size)
-    counters = open_counters(config, identity, workers)
+    counters = open_counters(config, identity, workers, beside=startup.take_over)
     tracer = open_tracer(config, identity)
     servers_file = open_servers_file(config, identity)
     backend_tls, client_tls = tls_contexts(config, tls.read_files)
@@ -290,22 +332,47 @@ def run(config: Config, startup: Startup) -> int:
         LOGGER.warning("server_port is 993 but server_tls is no: port 993 usually wants TLS")
     # without a default server, the first server a login reaches gives the greeting
     first_contact = wait_for_backend(backend, config) if config.server_hostname else None
-    listeners = bind_listeners(config, config.listen_port)
-    tls_listeners = bind_listeners(config, config.client_tls_port) if config.client_tls_port else []
-    metrics_listeners = bind_metrics_listeners(config)
+    inherited = receive_handover(startup.takeover_path(config)) if startup.take_over else None
+    listeners = bind_listeners(config, config.listen_port, inherited)
+    tls_listeners = (
+        bind_listeners(config, config.client_tls_port, inherited, ListenerRole.IMAP_TLS)
+        if config.client_tls_port
+        else []
+    )
+    metrics_listeners = bind_metrics_listeners(config, inherited)
+    handover_socket = bind_handover_socket(startup.takeover_path(config), inherited)
+    if inherited is not None:
+        inherited.close_leftovers()
     if not startup.foreground:
         daemon.detach()
     if startup.pidfile_path:
         write_pidfile(startup.pidfile_path)
-    readers = [tls_file_reader(config, startup, identity) for _ in range(workers)]
+    if startup.take_over:  # systemd: this process is the service now (NotifyAccess=all)
+        daemon.notify(f"MAINPID={os.getpid()}")
+    # one privileged reader per worker (and one for the supervisor, to start a successor)
+    readers = [tls_file_reader(config, startup, identity) for _ in range(workers + (workers > 1))]
     with _daemon_errors():
         daemon.drop_privileges(identity, config.chroot_directory)
     shared = Shared(backend, counters, source, tracer, servers_file, client_tls, first_contact)
-    listening = Listening(listeners, tls_listeners, metrics_listeners)
+    listening = Listening(
+        listeners, tls_listeners, metrics_listeners, handover_socket, identity is not None
+    )
     if workers > 1:
-        return run_workers(config, startup, workers, shared, listening, readers)
+        return run_workers(config, startup, workers, shared, listening, readers, inherited)
     proxy = build_proxy(config, shared)
-    return serve(proxy, listeners, tls_listeners, startup, readers[0], metrics_listeners)
+    if inherited is not None:
+        takeover.adopt_all(proxy, inherited)
+    return serve(
+        proxy,
+        listeners,
+        tls_listeners,
+        startup,
+        readers[0],
+        metrics_listeners,
+        handover=listening.handover(proxy),
+        inherited=inherited,
+        start_successor=successor.starter(startup.cwd, readers[0]),
+    )
 
 
 @dataclass(frozen=True)
@@ -326,6 +393,18 @@ class Listening:
     listeners: list[socket.socket]
     tls_listeners: list[socket.socket]
     metrics_listeners: list[socket.socket]
+    handover_socket: socket.socket | None  # where a successor asks (None: hand-overs off)
+    root_only: bool  # the proxy dropped root: only root may take over
+
+    def handover(self, proxy: Proxy) -> takeover.Handover | None:
+        return takeover.serving(
+            proxy,
+            self.handover_socket,
+            self.listeners,
+            self.tls_listeners,
+            self.metrics_listeners,
+            self.root_only,
+        )
 
 
 def build_proxy(
@@ -367,17 +446,26 @@ def run_workers(
     shared: Shared,
     listening: Listening,
     readers: list[TLSFileReader],
+    inherited: takeover.Received | None = None,
 ) -> int:
     """``workers N``: the supervisor (``supervisor``) and its workers, each a whole proxy on
     the shared listeners with its share of the cache and one key for the credentials' hashes
-    (the same in every worker: a session moved on restart keeps its key)."""
+    (the same in every worker: a session moved on restart keeps its key).
+
+    A successor (``inherited``) gives each worker, at its first start, the sessions of the
+    users it owns; worker 0 tells the old processes it accepts, and takes what they ship
+    late for every worker."""
     inboxes = Inboxes.create(count)
-    hasher = CredentialHasher()
+    hasher = CredentialHasher(inherited.key if inherited is not None else None)
+    first = [inherited]  # the hand-over is for the first start of each worker only
 
     def worker_main(index: int) -> int:
         channel = WorkerChannel(index, inboxes)
         proxy = build_proxy(config, shared, channel, hasher)
         proxy.totals = shared.counters  # the whole proxy's, summed by the supervisor
+        received = first[0]
+        if received is not None:
+            takeover.adopt_all(proxy, received, owned=channel.owns_record)
         return serve(
             proxy,
             listening.listeners,
@@ -386,6 +474,8 @@ def run_workers(
             readers[index],
             listening.metrics_listeners,
             supervised=True,
+            handover=listening.handover(proxy),
+            inherited=received if index == 0 else None,
         )
 
     counters = shared.counters
@@ -397,6 +487,11 @@ def run_workers(
         if restarting:
             counters.count_worker_restart(index)
 
+    def all_started() -> None:  # the supervisor's copies of what the workers took
+        if first[0] is not None:
+            first[0].close_sessions()
+            first[0] = None
+
     boss = supervisor.Supervisor(
         count,
         worker_main,
@@ -405,12 +500,45 @@ def run_workers(
         started=counters.set_worker_pid,
         exited=exited,
         summary=lambda: f"{summary(counters)}; {workers_summary(counters)}",
+        all_started=all_started,
+        start_successor=successor.starter(startup.cwd, readers[count], in_loop=False),
     )
     status = boss.run()
     if startup.pidfile_path:
-        _remove(startup.pidfile_path)
-    LOGGER.info("stopped")
+        _remove_own_pidfile(startup.pidfile_path)
+    LOGGER.info("stopped" if not boss.handed_over else "handed over: every worker has finished")
     return status
+
+
+def receive_handover(path: str) -> takeover.Received:
+    """A successor: take the running proxy's listeners and cached sessions (before binding),
+    from each of its processes when it runs workers."""
+    if not path:
+        raise StartupError("--take-over: no takeover_socket (and no pid or stat file)", EX_USAGE)
+    try:
+        received = takeover.receive_all(path)
+    except TransferError as error:
+        raise StartupError(f"--take-over: {error}", EX_UNAVAILABLE) from None
+    LOGGER.info(
+        "hand-over: pid %d sent %d listeners and %d sessions",
+        received.pid,
+        len(received.listeners),
+        received.session_count(),
+    )
+    return received
+
+
+def bind_handover_socket(path: str, inherited: takeover.Received | None) -> socket.socket | None:
+    """The hand-over socket: the one inherited when it is at ``path``, else a new one."""
+    if not path:
+        return None
+    sock = (
+        inherited.take_listener(ListenerRole.TAKEOVER, socket.AF_UNIX, path) if inherited else None
+    )
+    if sock is not None:
+        return sock
+    with _os_errors(f"cannot create takeover_socket {path}"):
+        return takeover.bind(path)
 
 
 TLSFileReader = Callable[[Config], dict[str, bytes]]
@@ -430,7 +558,8 @@ def tls_file_reader(
     config: Config, startup: Startup, identity: daemon.Identity | None
 ) -> TLSFileReader:
     """How SIGHUP will read certificates and keys: through the privileged reader when the
-    proxy is about to drop root (``keeper``), else directly (it never had more rights)."""
+    proxy is about to drop root (``keeper``), else directly (it never had more rights).
+    The reader also starts the successor on SIGUSR2 (``successor.starter``)."""
     if identity is None:
         return tls.read_files
     if config.chroot_directory and tls.file_paths(config):
@@ -442,7 +571,8 @@ def tls_file_reader(
                 config.chroot_directory,
                 tls.MEMORY_FILES,
             )
-    return keeper.start(os.path.abspath(startup.config_path)).read_files
+    successor_line = keeper.Successor(successor.command(), startup.cwd)
+    return keeper.start(os.path.abspath(startup.config_path), successor_line).read_files
 
 
 def serve(
@@ -454,13 +584,31 @@ def serve(
     metrics_listeners: Sequence[socket.socket] = (),
     *,
     supervised: bool = False,
+    handover: takeover.Handover | None = None,
+    inherited: takeover.Received | None = None,
+    start_successor: Callable[[], tuple[int, successor.StatusOf]] | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the configuration, SIGUSR1 logs the counters.
+    """Run until SIGTERM/SIGINT, or until a successor took over (``takeover``); SIGHUP
+    reloads the configuration, SIGUSR1 logs the counters, SIGUSR2 starts a successor.
 
-    ``supervised``: a worker of ``workers N``; the supervisor owns the pid file."""
+    ``supervised``: a worker of ``workers N``; the supervisor owns the pid file and starts
+    successors, the worker hands over (its status then says so: ``HANDED_OVER``)."""
     stop = Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    if handover is not None:
+        gevent.spawn(lambda: (handover.done.wait(), stop.set()))
+    if handover is not None and start_successor is not None:
+        watch = successor.SuccessorWatch(handover, start_successor)
+        gevent.signal_handler(signal.SIGUSR2, watch.start)
+    else:  # its default action would end the proxy
+        gevent.signal_handler(
+            signal.SIGUSR2,
+            lambda: LOGGER.warning(
+                "SIGUSR2 ignored: %s",
+                "send it to the supervisor" if supervised else "hand-overs are off",
+            ),
+        )
     gevent.signal_handler(
         signal.SIGHUP, lambda: gevent.spawn(reload, proxy, startup, read_tls_files)
     )
@@ -476,17 +624,38 @@ def serve(
         "normal server startup: listening on %s, proxying to %s", names, proxy.router.describe()
     )
     serve_metrics(proxy, metrics_listeners)
+    if inherited is not None:  # accepting now: the running proxy may stop
+        takeover.serve_late(proxy, inherited)
+    if handover is not None:
+        handover.start()
     daemon.notify("READY=1")
     stop.wait()
-    daemon.notify("STOPPING=1")
-    LOGGER.info("shutting down: logging out cached sessions")
+    handed_over = handover is not None and handover.done.is_set()
+    if handed_over:  # the service goes on in the successor: nothing is stopping
+        LOGGER.info("handed over: finishing active clients, their sessions go to the successor")
+    else:
+        daemon.notify("STOPPING=1")
+        LOGGER.info("shutting down: logging out cached sessions")
     proxy.stop(proxy.config.shutdown_timeout)
+    if handover is not None:
+        if handed_over:
+            handover.finish()
+        elif not supervised:
+            handover.close(remove=True)
     if supervised:
-        return 0
+        return supervisor.HANDED_OVER if handed_over else 0
     if startup.pidfile_path:
-        _remove(startup.pidfile_path)
+        _remove_own_pidfile(startup.pidfile_path)
     LOGGER.info("stopped")
     return 0
+
+
+def _remove_own_pidfile(path: str) -> None:
+    """Remove the pid file unless a successor wrote its own there."""
+    with contextlib.suppress(OSError, ValueError), open(path, encoding="ascii") as file:
+        if int(file.read().strip()) != os.getpid():
+            return
+    _remove(path)
 
 
 def serve_metrics(proxy: Proxy, listeners: Sequence[socket.socket]) -> None:

@@ -351,6 +351,13 @@ class Config:
         restart=True,
     )
     metrics_allow: tuple[Any, ...] = setting(LOOPBACK, network_list, "who may scrape /metrics")
+    takeover_socket: str | None = setting(
+        None,
+        string,
+        "hand-over socket (--take-over, SIGUSR2); unset: PIDFILE.takeover, else "
+        "STAT_FILENAME.takeover; none: off",
+        restart=True,
+    )
 
     # not a setting: where the others were read
     origin: Origin = field(default_factory=Origin, compare=False, repr=False)

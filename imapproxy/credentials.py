@@ -36,10 +36,15 @@ class Credentials:
 
 
 class CredentialHasher:
-    """Keyed hash of credentials; the key exists only in this process's memory."""
+    """Keyed hash of credentials; the key exists only in this process's memory (and in its
+    successor's, which adopts it with the cached sessions: ``session_transfer``)."""
 
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key if key is not None else os.urandom(32)
+
+    @property
+    def key(self) -> bytes:
+        return self._key
 
     def digest(self, credentials: Credentials) -> bytes:
         message = credentials.username + b"\x00" + credentials.password

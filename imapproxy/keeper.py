@@ -17,6 +17,13 @@ Rules:
   exits when the relay goes (end of file on its socket, or ``PR_SET_PDEATHSIG``).
 * Messages both ways: a 4-byte big-endian length, then JSON. Request ``{"files": {key: path}}``;
   reply ``{key: {"data": base64}}`` or ``{key: {"error": text}}``.
+* The hand-over (SIGUSR2, ``takeover``): the successor must start as root, as the proxy did
+  (root-only keys, its files, its own privileged reader), so the reader starts it. Request
+  ``{"successor": true}``: it forks and execs the command line it recorded when it was forked
+  (the relay names nothing: a relay taken over cannot make it run anything else), with
+  ``--take-over``; reply ``{"pid": N}``. ``{"successor_status": N}``: the exit status of that
+  child (``waitpid`` without waiting; ``null`` while it runs), so the relay can log why a
+  successor failed.
 
 Not a descriptor opened before the drop and read again: certbot renews by writing new files and
 moving a symbolic link, so an old descriptor would go on reading the old certificate.
@@ -31,6 +38,7 @@ import json
 import os
 import signal
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -91,25 +99,92 @@ class Keeper:
             raise KeeperError(f"the privileged reader (pid {self.pid}) is gone")
         return reply
 
+    def start_successor(self) -> int:
+        """Have the reader start the successor (``--take-over``) as root; its pid."""
+        reply = self._ask({"successor": True})
+        if not isinstance(reply.get("pid"), int):
+            raise KeeperError(f"cannot start the successor: {reply.get('error', 'no answer')}")
+        return int(reply["pid"])
 
-def start(config_path: str) -> Keeper:
+    def successor_status(self, pid: int) -> int | None:
+        """The successor's exit status (as ``os.waitstatus_to_exitcode``), None while it runs."""
+        status = self._ask({"successor_status": pid}).get("status")
+        return status if isinstance(status, int) else None
+
+
+@dataclass(frozen=True)
+class Successor:
+    """The command line a successor is started with: this program's, plus ``--take-over``."""
+
+    argv: tuple[str, ...]
+    cwd: str
+
+
+def start(config_path: str, successor: Successor | None = None) -> Keeper:
     """Fork the privileged reader (call it as root, just before the privilege drop)."""
     ours, theirs = socket.socketpair()
     pid = gevent.fork()
     if pid == 0:  # the child: never returns into the proxy's code
         try:
             ours.close()
-            _serve(theirs.detach(), config_path)
+            _serve(theirs.detach(), config_path, successor)
         finally:
             os._exit(0)
     theirs.close()
     return Keeper(ours, pid)
 
 
-def _serve(fd: int, config_path: str) -> None:
+def _serve(fd: int, config_path: str, successor: Successor | None = None) -> None:
     _become_reader(fd)
+    children: set[int] = set()
     while (request := _receive(lambda n: os.read(fd, n), MAX_REQUEST_BYTES)) is not None:
-        _send(lambda data: _write_all(fd, data), answer(request, config_path))
+        reply = _successor_answer(request, fd, successor, children)
+        _send(lambda data: _write_all(fd, data), reply or answer(request, config_path))
+
+
+def _successor_answer(
+    request: bytes, fd: int, successor: Successor | None, children: set[int]
+) -> bytes | None:
+    """The reply to a successor request; None for other requests."""
+    try:
+        message = json.loads(request)
+    except ValueError:
+        return None
+    if not isinstance(message, dict):
+        return None
+    if message.get("successor") is True:
+        if successor is None:
+            return json.dumps({"error": "no command line recorded"}).encode()
+        try:
+            pid = _spawn(successor, fd)
+        except OSError as error:
+            return json.dumps({"error": error.strerror or str(error)}).encode()
+        children.add(pid)
+        return json.dumps({"pid": pid}).encode()
+    child = message.get("successor_status")
+    if isinstance(child, int) and child in children:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done == 0:
+            return json.dumps({"status": None}).encode()
+        children.discard(child)
+        return json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode()
+    if "successor_status" in message:
+        return json.dumps({"error": "not a successor of ours"}).encode()
+    return None
+
+
+def _spawn(successor: Successor, fd: int) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(fd)
+            for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)  # an ignored signal stays ignored in exec
+            os.chdir(successor.cwd)
+            os.execv(successor.argv[0], list(successor.argv))
+        finally:
+            os._exit(127)
+    return pid
 
 
 def _become_reader(fd: int) -> None:

@@ -21,7 +21,7 @@ from gevent.event import Event
 from gevent.pool import Group
 from gevent.server import StreamServer
 
-from imapproxy import admin, affinity, daemon, forwarding
+from imapproxy import admin, affinity, daemon, forwarding, session_transfer, takeover
 from imapproxy.backend import Backend, BackendSession
 from imapproxy.backend_login import LoginResult, check_shared_secret
 from imapproxy.cache import ConnectionCache, Slot
@@ -35,6 +35,7 @@ from imapproxy.relay import Outcome
 from imapproxy.router import Router, Target
 from imapproxy.send import send_quietly
 from imapproxy.session import id_command_args
+from imapproxy.session_transfer import SessionRecord
 from imapproxy.stats import Counters
 from imapproxy.throttle import LoginThrottle
 from imapproxy.trace import Tracer
@@ -131,6 +132,8 @@ class Proxy:
         self._inbox: gevent.Greenlet | None = None
         self._refused = 0  # client connections refused since the last log line about it
         self._refused_logged_at = float("-inf")
+        # after a hand-over (takeover.Handover.ship): sessions checked in go to the successor
+        self.ship: Callable[[Slot[BackendSession], float], bool] | None = None
 
     def _share(self, total: int) -> int:
         """This process's part of a limit that the configuration gives for the whole proxy."""
@@ -315,6 +318,8 @@ class Proxy:
             LOGGER.info("Invalidating server sd [%d]", session.sd)
             self.discard(slot)
             return
+        if self.stopping and self.ship is not None and self.ship(slot, self.clock()):
+            return
         if self.stopping or self.config.cache_expiration_time == 0:
             self.discard(slot, logout=True)
             return
@@ -343,6 +348,55 @@ class Proxy:
         if message:
             LOGGER.info(message, session.sd)
         self._logouts.spawn(session.logout)
+
+    # -- hand-over (takeover) -------------------------------------------------------------------
+
+    def adopt(self, record: SessionRecord, sock: socket.socket) -> bool:
+        """Cache a session handed over by the process this one succeeds, as it was there: the
+        same user, digest and route, the time it had left; False (logged out) if it cannot be
+        kept (expired, the cache off or full, its route unknown). With workers, one of
+        another worker's users goes to that worker (``WorkerChannel.pass_session``)."""
+        workers = self.workers
+        if workers is not None and not workers.owns_record(record):
+            encoded = session_transfer.encode(record)
+            if workers.pass_session(encoded, record.username, sock):
+                sock.close()  # the owner has its own copy now
+                return True
+        ttl = self.config.cache_expiration_time
+        remaining = min(record.remaining_ms / 1000, ttl)
+        try:
+            traits = self.router.target_of(record.route).backend.traits
+        except BackendFailure:
+            traits = self.backend.traits
+        session = takeover.session_of(record, sock, traits)
+        cached_at = self.clock() + remaining - ttl
+        if (
+            remaining <= 0
+            or self.stopping
+            or not self.cache.adopt(
+                record.username, record.digest, session, record.route, cached_at
+            )
+        ):
+            self._logout_later(session, "hand-over: sd [%d] not adopted (expired or no room)")
+            return False
+        self.sessions_changed()
+        return True
+
+    def sessions_changed(self) -> None:
+        """The cache changed outside checkout and checkin (the hand-over)."""
+        self._update_gauges()
+        self._expiry_wakeup.set()
+
+    def logout_later(self, session: BackendSession) -> None:
+        self._logout_later(session, "")
+
+    def _ship_or_drain(self) -> None:
+        """Stopping: cached sessions go to a successor when there is one, else are logged out."""
+        while self.ship is not None and (slot := self.cache.take_oldest()) is not None:
+            if not self.ship(slot, slot.cached_at):
+                self.discard(slot, logout=True)
+        for session in self.cache.drain():
+            self._logouts.spawn(session.logout)
 
     # -- expiry ---------------------------------------------------------------------------------
 
@@ -383,7 +437,9 @@ class Proxy:
         self._expiry = gevent.spawn(self._expire_loop)
         self.router.start()
         if self.workers is not None:
-            self._inbox = gevent.spawn(self.workers.serve, self._handed, self._admin_part)
+            self._inbox = gevent.spawn(
+                self.workers.serve, self._handed, self._admin_part, self._handed_session
+            )
         for group, implicit_tls in ((listeners, False), (tls_listeners, True)):
             handle = functools.partial(self._handle, implicit_tls=implicit_tls)
             for listener in group:
@@ -406,6 +462,19 @@ class Proxy:
     def _serve_handed(self, handed: HandedClient, client: socket.socket) -> None:
         with client:
             ClientConnection.handed(self, client, handed).run()
+
+    def _handed_session(self, record: bytes, sock: socket.socket) -> None:
+        """A predecessor's late session of one of our users, from the worker that took it."""
+        try:
+            message = session_transfer.decode(record)
+        except session_transfer.TransferError as error:
+            LOGGER.error("a handed session refused: %s", error)
+            sock.close()
+            return
+        if isinstance(message, SessionRecord):
+            self.adopt(message, sock)
+        else:
+            sock.close()
 
     def _admin_part(self, call: AdminCall) -> bytes:
         """Another worker asks for this one's part of an admin command or of a scrape."""
@@ -437,8 +506,7 @@ class Proxy:
         self.stopping = True
         for server in self.servers:
             server.close()
-        for session in self.cache.drain():
-            self._logouts.spawn(session.logout)
+        self._ship_or_drain()
         self._update_gauges()
         self.clients.join(timeout=timeout)
         self.clients.kill(block=True, timeout=1)

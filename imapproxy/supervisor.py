@@ -14,8 +14,11 @@ file that up-imapproxy's ``pimpstat`` reads (``stats.Totals``):
   index (so it serves the same users); one that dies within a second of its start waits
   ``RESTART_DELAY_S`` first, so that a crash at start-up does not become a fork loop;
 * SIGHUP goes to every worker (each reloads itself); on SIGUSR1 the supervisor logs the
-  totals and each worker's figures from the statistics file; SIGUSR2 (the hand-over to a
-  successor, ``takeover``) is refused with a log line: it needs ``workers 1``;
+  totals and each worker's figures from the statistics file;
+* SIGUSR2 starts a successor (``successor``, ``takeover``), which has the hand-over with each
+  worker in turn: a worker that handed over finishes its clients and exits ``HANDED_OVER``,
+  and is not started again; once every worker has, the supervisor exits too (no
+  ``STOPPING=1``: the service goes on in the successor, which told systemd its pid);
 * SIGTERM or SIGINT: every worker stops as a single proxy does (cached sessions logged out,
   active clients given ``shutdown_timeout``); one still there ``STOP_MARGIN_S`` later is
   killed.
@@ -55,7 +58,9 @@ RESTART_DELAY_S = 1.0  # before restarting a worker that died this soon after it
 STOP_MARGIN_S = 5.0  # beyond shutdown_timeout, before a worker is killed
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
+HANDED_OVER = 3  # a worker's exit status after its hand-over to a successor
 WorkerMain = Callable[[int], int]  # runs worker ``index`` in the child; its exit status
+SuccessorStart = Callable[[], tuple[int, Callable[[], "int | None"]]]
 
 
 def worker_count(configured: int) -> int:
@@ -74,6 +79,7 @@ class _Worker:
     pid: int = 0
     started: float = 0.0
     restart_at: float | None = None  # a pending restart
+    finished: bool = False  # handed over to a successor: not started again
 
 
 @dataclass
@@ -87,20 +93,26 @@ class Supervisor:
     started: Callable[[int, int], None] = lambda index, pid: None  # worker index, its pid
     exited: Callable[[int, bool], None] = lambda index, restarting: None  # after it is reaped
     summary: Callable[[], str] = lambda: ""
+    all_started: Callable[[], None] = lambda: None  # after the first start of every worker
+    start_successor: SuccessorStart | None = None
     workers: list[_Worker] = field(default_factory=list)
     stopping: bool = False
+    handed_over: bool = False  # every worker handed over to a successor
+    successor_pid: int = 0
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         self.workers = [_Worker(index) for index in range(self.count)]
         for worker in self.workers:
             self._start(worker)
+        self.all_started()
         LOGGER.info("supervisor: %d workers running", self.count)
         daemon.notify("READY=1")
         while not self.stopping:
             self._wait_and_handle(SAMPLE_INTERVAL_S)
-        daemon.notify("STOPPING=1")
-        self._stop_all()
+        if not self.handed_over:
+            daemon.notify("STOPPING=1")
+            self._stop_all()
         return 0
 
     def _wait_and_handle(self, timeout: float) -> None:
@@ -120,10 +132,21 @@ class Supervisor:
         elif signum == signal.SIGUSR1:
             LOGGER.info("counters of all workers: %s", self.summary())
         elif signum == signal.SIGUSR2:  # not its default: that would end the proxy
-            LOGGER.error(
-                "SIGUSR2: the hand-over to a successor works with workers 1 only; "
-                "nothing done (restart to change the program)"
-            )
+            self._start_successor()
+
+    def _start_successor(self) -> None:
+        if self.start_successor is None:
+            LOGGER.warning("SIGUSR2 ignored: hand-overs are off")
+            return
+        if any(w.finished for w in self.workers):
+            LOGGER.warning("SIGUSR2 ignored: a hand-over is under way")
+            return
+        try:
+            self.successor_pid, _ = self.start_successor()
+        except Exception as error:  # whatever it is, the workers serve on
+            LOGGER.error("SIGUSR2: cannot start a successor: %s; still serving", error)
+            return
+        LOGGER.info("SIGUSR2: started successor pid %d", self.successor_pid)
 
     def _start(self, worker: _Worker) -> None:
         pid = gevent.os.fork_gevent()
@@ -144,9 +167,14 @@ class Supervisor:
             worker = next((w for w in self.workers if w.pid == pid), None)
             if worker is not None:
                 self._died(worker, status)
+            elif pid == self.successor_pid and status != 0:  # 0: it detached, or it is done
+                LOGGER.error("successor pid %d %s; still serving", pid, _how_it_ended(status))
 
     def _died(self, worker: _Worker, status: int) -> None:
         pid, worker.pid = worker.pid, 0
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == HANDED_OVER:
+            self._finished(worker, pid)
+            return
         self.exited(worker.index, not self.stopping)
         if self.stopping:
             return
@@ -159,6 +187,13 @@ class Supervisor:
         soon = time.monotonic() - worker.started < RESTART_DELAY_S
         worker.restart_at = time.monotonic() + (RESTART_DELAY_S if soon else 0.0)
         self._due_restarts()
+
+    def _finished(self, worker: _Worker, pid: int) -> None:
+        worker.finished = True
+        self.exited(worker.index, False)
+        LOGGER.info("supervisor: worker %d (pid %d) handed over and finished", worker.index, pid)
+        if all(w.finished for w in self.workers):
+            self.handed_over = self.stopping = True
 
     def _due_restarts(self) -> None:
         now = time.monotonic()

@@ -26,7 +26,8 @@ import gevent
 from gevent import socket
 
 from imapproxy import affinity, worker_message
-from imapproxy.worker_message import AdminCall, HandedClient, MessageError
+from imapproxy.session_transfer import SessionRecord
+from imapproxy.worker_message import AdminCall, HandedClient, HandedSession, MessageError
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -66,6 +67,20 @@ class WorkerChannel:
 
     def owner(self, username: bytes) -> int:
         return affinity.owner(username, self.count)
+
+    def owns_record(self, record: SessionRecord) -> bool:
+        """Whether a session handed over from a predecessor is for a user of this worker."""
+        return self.owner(record.username) == self.index
+
+    def pass_session(self, record: bytes, username: bytes, sock: socket.socket) -> bool:
+        """A predecessor's session (``record``: its ``session_transfer`` bytes) to the worker
+        that owns ``username``; False if it could not go (the caller logs it out)."""
+        try:
+            data = worker_message.encode(HandedSession(record))
+        except MessageError as error:
+            LOGGER.warning("session not passed to its worker: %s", error)
+            return False
+        return self._send(self.owner(username), data, sock.fileno())
 
     def hand_over(self, owner: int, message: HandedClient, sock: socket.socket) -> bool:
         """Send a client to its owner; False if it could not go (then it is served here)."""
@@ -113,6 +128,7 @@ class WorkerChannel:
         self,
         on_client: Callable[[HandedClient, socket.socket], None],
         on_admin: Callable[[AdminCall], bytes],
+        on_session: Callable[[bytes, socket.socket], None],
     ) -> None:
         """Read the inbox until the process ends: each message and its descriptor to its
         handler (in a greenlet of its own for a client)."""
@@ -122,7 +138,7 @@ class WorkerChannel:
             except OSError as error:
                 LOGGER.error("worker %d inbox: %s", self.index, error)
                 return
-            self._dispatch(data, fds, on_client, on_admin)
+            self._dispatch(data, fds, on_client, on_admin, on_session)
 
     def _dispatch(
         self,
@@ -130,6 +146,7 @@ class WorkerChannel:
         fds: list[int],
         on_client: Callable[[HandedClient, socket.socket], None],
         on_admin: Callable[[AdminCall], bytes],
+        on_session: Callable[[bytes, socket.socket], None],
     ) -> None:
         socks = [socket.socket(fileno=fd) for fd in fds]
         try:
@@ -143,6 +160,8 @@ class WorkerChannel:
             return
         if isinstance(message, HandedClient):
             on_client(message, socks[0])
+        elif isinstance(message, HandedSession):
+            on_session(message.record, socks[0])
         else:
             gevent.spawn(_answer, socks[0], on_admin, message)
 

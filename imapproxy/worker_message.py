@@ -1,6 +1,6 @@
 """The messages worker processes send each other (``workers N``), as bytes: sans-I/O.
 
-Two kinds travel on a worker's inbox (a ``SOCK_SEQPACKET`` socket: one message per packet, the
+Three kinds travel on a worker's inbox (a ``SOCK_SEQPACKET`` socket: one message per packet, the
 descriptors beside it, ``worker_channel``):
 
 * ``HandedClient``: a client connection whose login names a user another worker owns. The
@@ -10,8 +10,10 @@ descriptors beside it, ``worker_channel``):
   the client's address (from a PROXY header, maybe), the proxy's session id, and whether the
   client spoke TLS (then the descriptor is a local socket that the accepting worker relays to,
   since TLS keys cannot change process).
-* ``AdminCall``: an ``XPROXY_*`` command that answers for the whole proxy; the descriptor is
-  where to write the untagged lines of this worker's part.
+* ``AdminCall``: an ``XPROXY_*`` command that answers for the whole proxy (or a scrape of
+  ``/metrics``); the descriptor is where to write this worker's part.
+* ``HandedSession``: a cached session of this worker's user, shipped late by a predecessor
+  to the worker that took the hand-over (``takeover``).
 
 Format: a magic and version byte, then JSON with bytes in base64. The password crosses a
 socket pair between processes of this proxy only, like the rest of the login; it is never in
@@ -56,7 +58,16 @@ class AdminCall:
     argument: bytes | None
 
 
-Message = HandedClient | AdminCall
+@dataclass(frozen=True)
+class HandedSession:
+    """A cached backend session that a predecessor shipped late (``takeover``) to the worker
+    that took the hand-over, for the worker that owns its user; ``record`` is its
+    ``session_transfer`` message, the backend socket travels beside it."""
+
+    record: bytes = field(repr=False)
+
+
+Message = HandedClient | AdminCall | HandedSession
 
 
 def _b64(data: bytes) -> str:
@@ -85,6 +96,8 @@ def encode(message: Message) -> bytes:
             "session_id": message.session_id,
             "tls": message.tls,
         }
+    elif isinstance(message, HandedSession):
+        body = {"kind": "session", "record": _b64(message.record)}
     else:
         body = {
             "kind": "admin",
@@ -110,6 +123,8 @@ def decode(data: bytes) -> Message:
             return _client(body)
         if body.get("kind") == "admin":
             return AdminCall(_bytes(body["name"]), _bytes_or_none(body["argument"]))
+        if body.get("kind") == "session":
+            return HandedSession(_bytes(body["record"]))
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
         raise MessageError("malformed worker message") from None
     raise MessageError("unknown worker message")

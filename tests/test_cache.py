@@ -92,3 +92,25 @@ def test_sessions_are_reused_on_their_own_server_only() -> None:
     taken = cache.take_cached(b"alice", b"d1", ("A", 143))
     assert taken is slot and taken.server == ("A", 143)
     assert cache.release(slot) == "on-A" and slot.server is None
+
+
+def test_the_hand_over_takes_the_oldest_and_adopts_in_expiry_order() -> None:
+    """A session handed over keeps its expiry time; one older than sessions cached here
+    expires before them (the successor's own clients may check in while sessions arrive)."""
+    old: ConnectionCache[str] = ConnectionCache(4)
+    for name, at in (("s1", 10.0), ("s2", 20.0)):
+        slot, _ = new_session(old, b"alice", b"pw", name)
+        old.cache(slot, now=at)
+    first = old.take_oldest()
+    assert first is not None and first.session == "s1" and first.state is SlotState.ACTIVE
+    assert old.cached_count == 1 and old.release(first) == "s1"
+    new: ConnectionCache[str] = ConnectionCache(3)
+    mine, _ = new_session(new, b"bob", b"pw", "mine")
+    new.cache(mine, now=30)
+    assert new.adopt(b"alice", digest(b"alice", b"pw"), "s2", None, 20.0)
+    assert new.adopt(b"carol", digest(b"carol", b"pw"), "s3", None, 5.0)
+    assert not new.adopt(b"dave", digest(b"dave", b"pw"), "s4", None, 1.0)  # full: no eviction
+    assert new.next_deadline(100) == 105
+    assert new.expire(125, 100) == ["s3", "s2"]
+    assert new.take_cached(b"bob", digest(b"bob", b"pw")) is mine
+    assert old.take_oldest() is not None and old.take_oldest() is None

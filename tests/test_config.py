@@ -145,6 +145,7 @@ def test_every_key_parses_a_value() -> None:
         "reuse_same_client_address": ("yes", True),
         "metrics_listen": ("[::1]:9117", ("::1", 9117)),
         "metrics_allow": ("192.0.2.9", (ipaddress.ip_network("192.0.2.9/32"),)),
+        "takeover_socket": ("/run/ipx.takeover", "/run/ipx.takeover"),
         "route_map": ("/etc/imapproxy.routes", "/etc/imapproxy.routes"),
         "route_ldap_base": ("dc=example,dc=com", "dc=example,dc=com"),
         "route_ldap_filter": ("(&(objectClass=*)(mail=%u))", "(&(objectClass=*)(mail=%u))"),

@@ -28,6 +28,7 @@ SANS_IO = [
             "health.py",
             "affinity.py",
             "worker_message.py",
+            "session_transfer.py",
         )
     ),
     PACKAGE.parent / "pimpstat" / "view.py",

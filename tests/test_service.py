@@ -327,6 +327,13 @@ def test_init_script_start_status_stop(
         assert not reused(port_of(config), user)
         assert init("reload").returncode == 0
         assert reused(port_of(config), user)
+        old_pid = pidfile.read_text().strip()
+        upgrade = init("upgrade")  # a new process takes the cached session over
+        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+        assert wait_until(lambda: pidfile.read_text().strip() != old_pid)
+        assert wait_until(lambda: not Path(f"/proc/{old_pid}").exists(), timeout=30)
+        assert init("status").returncode == 0
+        assert reused(port_of(config), user)
     finally:
         stop = init("stop")
     assert stop.returncode == 0, stop.stdout + stop.stderr

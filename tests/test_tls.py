@@ -712,3 +712,26 @@ def test_master_user_and_shared_secret(
     client.close()
     assert replies == [b"L1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"]
     assert not page(proxy.host, proxy.port, user.name, "New-S3cret")
+
+
+def test_a_tls_session_to_the_server_is_logged_out_not_handed_over(
+    start_proxy: Callable[..., ProxyProcess], tls_dovecot: DovecotInstance, pki: dict[str, Path]
+) -> None:
+    """Its keys live in the old process: it cannot move. The log says so; the successor opens
+    a new session for the user's next login."""
+    proxy = start_proxy(("127.0.0.2", tls_dovecot.port), **verifying(pki, force_tls=True))
+    before = tls_dovecot.logouts("alice")
+    assert not page(proxy.host, proxy.port, "alice", "alice-pw")
+    proxy.wait_for_log("LOGOUT: 'alice' from server sd")
+    successor = proxy.successor().start()
+    try:
+        assert proxy.process is not None and proxy.process.wait(timeout=30) == 0
+        log = proxy.log_text()
+        assert (
+            "of 'alice' is on TLS to the server (its keys live in this process): logged out" in log
+        )
+        assert "is serving with 0 sessions from here" in log
+        assert wait_until(lambda: tls_dovecot.logouts("alice") == before + 1)  # a clean LOGOUT
+        assert not page(proxy.host, proxy.port, "alice", "alice-pw")
+    finally:
+        assert successor.stop() == 0

@@ -82,12 +82,21 @@ class ProxyProcess:
         self.settings.update(settings)
         self.config_path = write_config(root / "imapproxy.conf", self.settings)
         self.process: subprocess.Popen[bytes] | None = None
+        self.args: list[str] = []  # more options (-p PIDFILE, --take-over)
 
     def start(self, wait: bool = True) -> ProxyProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "imapproxy", "-f", str(self.config_path), "--foreground"],
+                [
+                    sys.executable,
+                    "-m",
+                    "imapproxy",
+                    "-f",
+                    str(self.config_path),
+                    "--foreground",
+                    *self.args,
+                ],
                 cwd=REPO,
                 stdout=log,
                 stderr=log,
@@ -114,6 +123,23 @@ class ProxyProcess:
         code = self.process.returncode
         self.process = None
         return code
+
+    def socket_path(self) -> Path:
+        """The hand-over socket: by default beside the pid file, else the statistics file."""
+        if self.settings.get("takeover_socket") not in (None, "none"):
+            return Path(self.settings["takeover_socket"])
+        base = self.args[self.args.index("-p") + 1] if "-p" in self.args else self.stat_path
+        return Path(f"{base}.takeover")
+
+    def successor(self, log_name: str = "successor.log") -> ProxyProcess:
+        """Another process on the same configuration, started with ``--take-over`` (not yet
+        started; its log in a file of its own)."""
+        successor = ProxyProcess.__new__(ProxyProcess)
+        successor.__dict__.update(self.__dict__)
+        successor.process = None
+        successor.log_path = self.root / log_name
+        successor.args = [*self.args, "--take-over"]
+        return successor
 
     def counters(self) -> stats.Counters:
         """A snapshot of the proxy's statistics file."""
