@@ -209,7 +209,9 @@ class ClientConnection:
     def _serve(self) -> None:
         if self._handed_login is None:  # a handed one: set where accepted (or a local socket)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.proxy.stopping:
+        # a handed client is served even now: its login began in a worker still accepting,
+        # and a stopping worker finishes its clients (a hand-over ships the session after)
+        if self.proxy.stopping and self._handed_login is None:
             self._send(SHUTDOWN_BYE)
             return
         deadline = gevent.Timeout(self.proxy.config.client_login_timeout)
@@ -321,7 +323,7 @@ class ClientConnection:
         """With ``workers N``: the login of a user another worker owns goes there, with this
         connection (``worker_channel``); False: it is served here (ours, or it could not go)."""
         workers = self.proxy.workers
-        if workers is None:
+        if workers is None or self.proxy.stopping:  # stopping: the owner may be gone already
             return False
         owner = workers.owner(request.credentials.username)
         if owner == workers.index:

@@ -584,12 +584,12 @@ def adopt_all(
     its owner's to adopt (each worker has a copy of every descriptor: this one closes its)."""
     proxy.hasher = CredentialHasher(received.key)
     ours = [(r, sock) for r, sock in received.sessions if owned is None or owned(r)]
+    theirs = [sock for r, sock in received.sessions if owned is not None and not owned(r)]
+    received.sessions = []
+    for sock in theirs:  # another worker's: its copy stays open there
+        sock.close()
     adopted = sum(proxy.adopt(record, sock) for record, sock in ours)
     LOGGER.info("hand-over: %d of %d sessions adopted", adopted, len(ours))
-    if owned is None:
-        received.sessions = []
-    else:
-        received.close_sessions()
 
 
 def serve_late(proxy: Proxy, received: Received) -> None:

@@ -272,16 +272,20 @@ PAGES_AFTER = 15  # pages per thread once the old process is gone
 MAX_PAGES = 400  # per thread: the bound of every loop
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_hand_over_under_load_fails_no_page_and_keeps_the_cache(
     start_proxy: Callable[..., ProxyProcess],
     make_user: Callable[..., User],
     dovecot: DovecotInstance,
     report_figure: Callable[[str], None],
+    workers: int,
 ) -> None:
     """Pages at c=8 (one user per thread) while the proxy is replaced: none fails, and after
     the switch every login of a user whose session was cached is a reuse of it: Dovecot sees
-    no new login once the old process is gone."""
-    proxy = start_proxy(cache_size=64)
+    no new login once the old process is gone. With workers, each worker hands over in turn
+    and the successor's workers take their own users' sessions."""
+    proxy = start_proxy(cache_size=64, workers=workers)
+    proxy.wait_for_log("normal server startup", timeout=20, count=workers)
     users = [make_user() for _ in range(LOAD_THREADS)]
     old_gone = threading.Event()
     results: list[list[PageResult]] = [[] for _ in users]
@@ -318,16 +322,17 @@ def test_hand_over_under_load_fails_no_page_and_keeps_the_cache(
         assert ratio >= 0.99, ratio
         assert sum(dovecot.logins(u.name) for u in users) <= logins_at_switch + len(after) // 100
         total = sum(len(mine) for mine in results)
-        done = re.search(
+        done = re.findall(
             r"hand-over: done, ([0-9]+) sessions sent \(([0-9]+) checked in late\)",
             proxy.log_text(),
         )
-        assert done is not None
+        assert len(done) == workers  # each worker (or the one process) handed over
+        moved, late = (sum(int(d[i]) for d in done) for i in (0, 1))
         assert "not adopted" not in successor.log_text()  # the late ones too
         report_figure(
-            f"hand-over under load (c={LOAD_THREADS}): {total} pages, 0 failed; successor start "
-            f"to old exit {switch_s:.1f} s; {done[1]} sessions moved ({done[2]} checked in "
-            f"late); reuse after it {ratio:.1%} of {len(after)} logins"
+            f"hand-over under load (c={LOAD_THREADS}, workers {workers}): {total} pages, "
+            f"0 failed; successor start to old exit {switch_s:.1f} s; {moved} sessions moved "
+            f"({late} checked in late); reuse after it {ratio:.1%} of {len(after)} logins"
         )
     finally:
         old_gone.set()
@@ -618,3 +623,42 @@ def test_a_hundred_cached_sessions_move_and_are_reused(
         )
     finally:
         successor.stop()
+
+
+def test_workers_hand_over_to_a_successor_with_another_number_of_workers(
+    make_user: Callable[..., User], dovecot: DovecotInstance
+) -> None:
+    """workers 2, then SIGUSR2 with the file saying workers 3: each old worker hands over in
+    turn, each new worker adopts its own users' sessions (the owners change with N), and every
+    user's next login is a reuse of the very session Dovecot opened before."""
+    proxy = ProxyProcess(Path(tempfile.mkdtemp(prefix="ipx-workers-")), dovecot, workers=2)
+    pidfile = proxy.root / "imapproxy.pid"
+    proxy.args = ["-p", str(pidfile)]
+    proxy.start()
+    assert proxy.process is not None
+    old_pid, successor_pid = proxy.process.pid, 0
+    users = [make_user(messages=1) for _ in range(8)]
+    try:
+        proxy.wait_for_log("normal server startup", timeout=20, count=2)
+        for user in users:
+            assert not page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+        sessions = {user.name: session_ids(dovecot, user.name) for user in users}
+        assert all(len(ids) == 1 for ids in sessions.values())
+        proxy.config_path.write_text(proxy.config_path.read_text() + "workers 3\n")
+        proxy.process.send_signal(signal.SIGUSR2)
+        assert proxy.process.wait(timeout=60) == 0
+        successor_pid = read_pid(pidfile, old_pid)
+        log = proxy.log_text()
+        assert log.count("handed over and finished") == 2
+        for user in users:
+            reply = page(proxy.host, proxy.port, user.name, user.password)[0]
+            assert reply.startswith(REUSED), proxy.log_text()[-5000:]
+            assert session_ids(dovecot, user.name) == sessions[user.name]
+        adopted = re.findall(r"hand-over: ([0-9]+) of ([0-9]+) sessions adopted", log)
+        assert sum(int(a) for a, _ in adopted) == len(users) and len(adopted) == 3
+    finally:
+        if successor_pid:
+            os.kill(successor_pid, signal.SIGTERM)
+            assert wait_until(lambda: not Path(f"/proc/{successor_pid}").exists(), timeout=30)
+        proxy.stop()
+        shutil.rmtree(proxy.root, ignore_errors=True)
