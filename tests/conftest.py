@@ -27,7 +27,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 MESSAGES_PER_USER = 5
-USER_POOL = 200
+USER_POOL = 400  # every test makes its own users (the workers tests several each)
 MASTER_USER, MASTER_PASSWORD = "master", "Master-pw-1"
 
 
