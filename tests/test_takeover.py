@@ -99,6 +99,15 @@ def read_pid(path: Path, other_than: int) -> int:
     return int(path.read_text())
 
 
+def end_both(proxy: ProxyProcess, successor_pid: int) -> None:
+    """Stop a successor started on SIGUSR2 (not the test's child) and the proxy it followed."""
+    if successor_pid:
+        os.kill(successor_pid, signal.SIGTERM)
+        assert wait_until(lambda: not Path(f"/proc/{successor_pid}").exists(), timeout=30)
+    proxy.stop()
+    shutil.rmtree(proxy.root, ignore_errors=True)
+
+
 def test_sigusr2_starts_a_successor_that_takes_over(
     start_proxy: Callable[..., ProxyProcess], user: User, dovecot: DovecotInstance
 ) -> None:
@@ -125,11 +134,7 @@ def test_sigusr2_starts_a_successor_that_takes_over(
         assert f"SIGUSR2: started successor pid {successor_pid}" in log
         assert f"hand-over: pid {successor_pid} is serving with 1 sessions" in log
     finally:
-        if successor_pid:
-            os.kill(successor_pid, signal.SIGTERM)
-            assert wait_until(lambda: not Path(f"/proc/{successor_pid}").exists(), timeout=20)
-        proxy.stop()
-        shutil.rmtree(proxy.root, ignore_errors=True)
+        end_both(proxy, successor_pid)
     assert session in logged_out_ids(dovecot, user.name)
     assert not pidfile.exists()  # the successor removed its own
 
@@ -657,8 +662,4 @@ def test_workers_hand_over_to_a_successor_with_another_number_of_workers(
         adopted = re.findall(r"hand-over: ([0-9]+) of ([0-9]+) sessions adopted", log)
         assert sum(int(a) for a, _ in adopted) == len(users) and len(adopted) == 3
     finally:
-        if successor_pid:
-            os.kill(successor_pid, signal.SIGTERM)
-            assert wait_until(lambda: not Path(f"/proc/{successor_pid}").exists(), timeout=30)
-        proxy.stop()
-        shutil.rmtree(proxy.root, ignore_errors=True)
+        end_both(proxy, successor_pid)
