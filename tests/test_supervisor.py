@@ -1,0 +1,65 @@
+"""The supervisor's decisions on a worker's end, without forking (``supervisor``)."""
+
+from __future__ import annotations
+
+import signal
+
+from imapproxy import supervisor
+from imapproxy.supervisor import HANDED_OVER, Supervisor, _Worker
+
+
+def exit_status(code: int) -> int:
+    return code << 8  # as os.waitpid reports an exit
+
+
+def made(count: int) -> tuple[Supervisor, list[tuple[int, bool]], list[int]]:
+    exits: list[tuple[int, bool]] = []
+    starts: list[int] = []
+    boss = Supervisor(count, lambda index: 0, 1.0, exited=lambda i, r: exits.append((i, r)))
+    boss.workers = [_Worker(i, pid=100 + i, started=0.0) for i in range(count)]
+    boss._start = lambda worker: starts.append(worker.index)  # type: ignore[method-assign]
+    return boss, exits, starts
+
+
+def test_a_dead_worker_is_counted_and_started_again() -> None:
+    boss, exits, starts = made(2)
+    boss._died(boss.workers[1], signal.SIGKILL)  # killed by a signal
+    assert exits == [(1, True)] and starts == [1]
+    assert not boss.stopping
+
+
+def test_a_worker_that_dies_at_once_waits_before_its_restart() -> None:
+    boss, exits, starts = made(2)
+    boss.workers[0].started = supervisor.time.monotonic()
+    boss._died(boss.workers[0], exit_status(70))
+    assert starts == [] and boss.workers[0].restart_at is not None
+
+
+def test_workers_that_handed_over_are_not_started_again_and_then_the_supervisor_ends() -> None:
+    boss, exits, starts = made(2)
+    boss._died(boss.workers[0], exit_status(HANDED_OVER))
+    assert starts == [] and not boss.handed_over and not boss.stopping
+    boss._died(boss.workers[1], exit_status(HANDED_OVER))
+    assert starts == [] and boss.handed_over and boss.stopping
+    assert exits == [(0, False), (1, False)]
+
+
+def test_while_stopping_nothing_is_started_again() -> None:
+    boss, exits, starts = made(2)
+    boss.stopping = True
+    boss._died(boss.workers[0], exit_status(0))
+    assert starts == [] and exits == [(0, False)] and not boss.handed_over
+
+
+def test_sigusr2_without_a_way_to_start_a_successor_is_only_logged() -> None:
+    boss, _, _ = made(1)
+    boss._start_successor()  # no start_successor: hand-overs off
+    assert boss.successor_pid == 0
+    boss.start_successor = lambda: (4242, lambda: None)
+    boss._start_successor()
+    assert boss.successor_pid == 4242
+
+
+def test_auto_is_the_cores_this_process_may_use() -> None:
+    assert supervisor.worker_count(0) >= 1
+    assert supervisor.worker_count(5) == 5
