@@ -1,4 +1,4 @@
-"""How long and how much: the default run (under 10 minutes) and ``--quick`` (under 2).
+"""How long and how much: the default run (about 11 minutes) and ``--quick`` (about 3).
 
 Every duration is a window per round and target; a round of a workload measures every target
 once (those of ``ONLY_IN`` only in their workloads; a workload of ``OWN_TARGETS`` only its

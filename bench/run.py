@@ -66,7 +66,7 @@ DOVECOT_CLIENT_LIMIT = 25_000  # default_client_limit: room for the memory workl
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="the short run (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the short run (about 3 minutes)")
     parser.add_argument(
         "--no-publish", action="store_true", help="leave BENCHMARKS.md alone (default run)"
     )
