@@ -7,7 +7,9 @@ logins of all rounds and CPU per unit is the CPU of all rounds over their units:
 comes in 10 ms clock ticks, and a slow target (up-imapproxy with the plain client does 8 pages
 a second) may spend less than a tick in a round. Below ``MIN_CPU_S`` in all, it is not shown.
 Backend waits per unit (imapproxy only: its ``BackendWaits`` counter) are likewise all rounds'
-waits over all their units.
+waits over all their units, and so are imapproxy's cache hit ratio (its statistics file:
+sessions reused over client logins) and the share of its logins handed to another worker (its
+log) over all rounds' logins.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class Cost:
     machine_cpu_s: float = 0.0
     wall_s: float = 0.0
     backend_waits: int | None = None
+    proxy_system_s: float | None = None  # the kernel's part of ``proxy_cpu_s``
+    proxy_logins: int | None = None  # imapproxy's TotalClientLogins (all workers)
+    proxy_reused: int | None = None  # ... and TotalServerConnectionsReused
+    handovers: int | None = None  # imapproxy's logins handed to another worker (its log)
 
     def other_share(self) -> float | None:
         if self.wall_s <= 0:
@@ -108,6 +114,9 @@ class Summary:
     dovecot_cpu_s_per_unit: float | None = None
     loadgen_cpu_s_per_unit: float | None = None
     other_load: float | None = None
+    proxy_system_s_per_unit: float | None = None
+    hit_ratio: float | None = None  # imapproxy: reused over client logins (statistics file)
+    handover_share: float | None = None  # imapproxy: logins handed to another worker
 
     @property
     def error_count(self) -> int:
@@ -147,7 +156,27 @@ def summarize(rounds: list[Round]) -> Summary:
         dovecot_cpu_s_per_unit=per_unit([r.cost.dovecot_cpu_s for r in rounds], units),
         loadgen_cpu_s_per_unit=per_unit([r.cost.loadgen_cpu_s for r in rounds], units),
         other_load=median([r.cost.other_share() for r in rounds]),
+        proxy_system_s_per_unit=system_per_unit(rounds, units),
+        hit_ratio=share_of([r.cost.proxy_reused for r in rounds], rounds),
+        handover_share=share_of([r.cost.handovers for r in rounds], rounds),
     )
+
+
+def system_per_unit(rounds: list[Round], units: int) -> float | None:
+    """The proxy's system CPU per unit, where its whole CPU is shown (``per_unit``)."""
+    system = [r.cost.proxy_system_s for r in rounds]
+    if per_unit([r.cost.proxy_cpu_s for r in rounds], units) is None or None in system:
+        return None
+    return sum(s for s in system if s is not None) / units
+
+
+def share_of(counts: list[int | None], rounds: list[Round]) -> float | None:
+    """``counts`` over all rounds over imapproxy's logins in them; None when not counted."""
+    logins = [r.cost.proxy_logins for r in rounds]
+    if not rounds or None in counts or None in logins:
+        return None
+    total = sum(n for n in logins if n is not None)
+    return sum(n for n in counts if n is not None) / total if total else None
 
 
 def per_unit(cpu_s: list[float | None], units: int) -> float | None:

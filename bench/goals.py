@@ -5,7 +5,8 @@ missed or not measured, with the figures it compared. Target keys are ``dovecot`
 ``floor`` (the floor relay), ``up-off``/``up-on`` and ``ipx-off``/``ipx-on``, and for the
 server over TLS (SELECT cache on only) ``dovecot-tls``, ``up-tls`` and ``ipx-tls``, and for
 imapproxy's options (SELECT cache on only, against ``ipx-on``) ``ipx-map``, ``ipx-sql`` and
-``ipx-pp``; ``cache`` is ``off`` or ``on``.
+``ipx-pp``, and for its worker processes (SELECT cache on only) ``ipx-w1`` and ``ipx-w2``;
+``cache`` is ``off`` or ``on``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ TLS_OVER_DIRECT = 3.0  # issue 10: up-imapproxy's best case reaches 3.3x (c=1) a
 BACKEND_WAITS = {"off": 2.0, "on": 1.0}  # per page: SELECT + FETCH, or the FETCH alone
 ROUTED_SHARE = 0.95  # issue 11: a routed login within 5 % of pages/s unrouted
 PROXY_METRICS_SHARE = 0.97  # issue 12: PROXY protocol and metrics cost under 3 % pages/s
+# issue 13: with user affinity "the cache hit ratio with N workers equals that with one"; it
+# sets no figure for pages/s or CPU (reported, not judged). One point of slack: a round's
+# first pages may find a user's sessions both in use in either target.
+WORKERS_HIT_RATIO_SLACK = 0.01
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,26 @@ def backend_waits(evidence: Evidence) -> Verdict:
     return compare(worst, BACKEND_WAITS[evidence.cache], text, at_least=False)
 
 
+def workers_hit_ratio(evidence: Evidence) -> Verdict:
+    """The worst case's hit ratio of ``workers 2`` against ``workers 1``'s, with no errors."""
+    if evidence.cache == "off":
+        return Verdict(None, "the workers run with the SELECT cache on")
+    found = []
+    for case, by_target in evidence.summaries.items():
+        one, two = by_target.get("ipx-w1"), by_target.get("ipx-w2")
+        if not (case.workload.startswith("workers") and one and two):
+            continue
+        if one.hit_ratio is not None and two.hit_ratio is not None:
+            found.append((two.hit_ratio - one.hit_ratio, case, one, two))
+    if not found:
+        return Verdict(None, "")
+    gap, case, one, two = min(found, key=lambda row: row[0])
+    errors = sum(s.error_count for _, _, a, b in found for s in (a, b))
+    text = f"worst {two.hit_ratio:.1%} vs {one.hit_ratio:.1%} ({case.label})"
+    text += f", {errors} errors" if errors else ""
+    return Verdict(gap >= -WORKERS_HIT_RATIO_SLACK and not errors, text)
+
+
 _EMPTY = Summary(0, math.nan, math.nan, math.nan, math.nan, math.nan, 0)
 
 GOALS = (
@@ -270,6 +295,10 @@ GOALS = (
     tls_over_direct(8),
     option_share(("ipx-map", "ipx-sql"), ROUTED_SHARE, "routed (route map, SQLite)"),
     option_share(("ipx-pp",), PROXY_METRICS_SHARE, "PROXY protocol v2 and metrics on"),
+    Goal(
+        "workers 2: cache hit ratio >= workers 1's (less one point), every workers case, no errors",
+        workers_hit_ratio,
+    ),
 )
 
 

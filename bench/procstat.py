@@ -4,7 +4,13 @@ The rules of the method, as the report states them:
 
 - A proxy's CPU is ``utime + stime`` of ``/proc/<pid>/stat`` (fields 14 and 15, in clock
   ticks of 10 ms): it includes all threads, also those that have exited (up-imapproxy runs one
-  per client). A round costs a proxy hundreds of ticks, so the resolution is enough.
+  per client). A round costs a proxy hundreds of ticks, so the resolution is enough. A proxy
+  may be a tree of processes (imapproxy's ``workers N``: a supervisor and N workers, each a
+  whole proxy; and its privileged file readers): ``tree_times`` adds the ``utime`` and the
+  ``stime`` of the root and of every live descendant (``/proc/<pid>/task/<tid>/children``,
+  followed down), and the root's ``cutime + cstime`` (children it has reaped: a worker that
+  died and was replaced). Each process is truncated to ticks on its own, an error of under
+  a tick per process and reading against hundreds per worker and round.
 - Dovecot's CPU is spread over hundreds of single-threaded processes (one ``imap`` process per
   session) that each use a few ms in a round: there, truncation to ticks would add an error
   of up to two ticks per process and reading. So the master and each of its live children
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 PROC = "/proc"
+MAX_DESCENDANTS = 1024  # a bound on the walk of a process tree (a proxy has a few)
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,30 @@ class ProcStat:
     pid: int
     comm: str
     ppid: int
-    cpu_ticks: int  # utime + stime
-    reaped_children_ticks: int  # cutime + cstime
+    user_ticks: int  # utime, all threads
+    system_ticks: int  # stime, all threads
+    reaped_user_ticks: int  # cutime: children reaped so far
+    reaped_system_ticks: int  # cstime
+
+    @property
+    def cpu_ticks(self) -> int:
+        return self.user_ticks + self.system_ticks
+
+    @property
+    def reaped_children_ticks(self) -> int:
+        return self.reaped_user_ticks + self.reaped_system_ticks
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """User and system CPU seconds."""
+
+    user_s: float
+    system_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.user_s + self.system_s
 
 
 def read_stat(pid: int) -> ProcStat | None:
@@ -52,8 +81,10 @@ def read_stat(pid: int) -> ProcStat | None:
         pid=pid,
         comm=comm,
         ppid=int(fields[1]),
-        cpu_ticks=int(fields[11]) + int(fields[12]),
-        reaped_children_ticks=int(fields[13]) + int(fields[14]),
+        user_ticks=int(fields[11]),
+        system_ticks=int(fields[12]),
+        reaped_user_ticks=int(fields[13]),
+        reaped_system_ticks=int(fields[14]),
     )
 
 
@@ -95,6 +126,31 @@ def tree_cpu_s(root_pid: int) -> float:
         return 0.0
     live_ns = run_time_ns(root_pid) + sum(run_time_ns(child) for child in children(root_pid))
     return live_ns / 1e9 + root.reaped_children_ticks / CLOCK_TICKS_PER_S
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children, their children, ...), parents first."""
+    found: list[int] = []
+    pending = children(pid)
+    while pending and len(found) < MAX_DESCENDANTS:
+        child = pending.pop(0)
+        found.append(child)
+        pending.extend(children(child))
+    return found
+
+
+def tree_times(root_pid: int) -> CpuTimes | None:
+    """User and system CPU of a process tree (see the module's rules); None when it is gone."""
+    root = read_stat(root_pid)
+    if root is None:
+        return None
+    user = root.user_ticks + root.reaped_user_ticks
+    system = root.system_ticks + root.reaped_system_ticks
+    for pid in descendants(root_pid):
+        stat = read_stat(pid)
+        if stat is not None:
+            user, system = user + stat.user_ticks, system + stat.system_ticks
+    return CpuTimes(user / CLOCK_TICKS_PER_S, system / CLOCK_TICKS_PER_S)
 
 
 def rss_kib(pid: int) -> int:

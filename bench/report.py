@@ -231,6 +231,76 @@ OPTIONS_TEXT = (
 )
 
 
+# -- workers ------------------------------------------------------------------------------------
+
+WORKER_NAMES = {
+    "up-on": "up-imapproxy, SELECT cache on",
+    "ipx-w1": "imapproxy, `workers 1`",
+    "ipx-w2": "imapproxy, `workers 2`",
+}
+
+
+def workers_table(summaries: Summaries) -> str:
+    """Per case of the workers workloads, a row per target (up-imapproxy's from the page
+    workload's quickack case at that concurrency when the workers case did not measure it)."""
+    cases = [c for c in summaries if c.workload in ("workers", "workers-pinned")]
+    if not cases:
+        return "Not measured.\n"
+    rows = []
+    for case in cases:
+        by_target = dict(summaries[case])
+        name = dict(WORKER_NAMES)
+        page_case = summaries.get(Case("page", "quickack", case.concurrency), {})
+        if "up-on" not in by_target and "up-on" in page_case:
+            by_target["up-on"] = page_case["up-on"]
+            name["up-on"] += " (the page workload's figure)"
+        one, up = by_target.get("ipx-w1"), by_target.get("up-on")
+        pinned = "yes" if case.workload == "workers-pinned" else "no"
+        for key in WORKER_NAMES:
+            if key in by_target:
+                rows.append(
+                    [f"c={case.concurrency}", pinned, name[key]]
+                    + worker_cells(by_target[key], one, up)
+                )
+    header = ["c", "pinned", "target", "pages/s", "÷ workers 1", "÷ up-imapproxy", "p50 ms"]
+    header += ["proxy CPU ms/page", "user", "system", "cache hit ratio", "reuse seen by client"]
+    return table(header + ["logins handed to the other worker", "errors"], rows)
+
+
+def worker_cells(s: Summary, one: Summary | None, up: Summary | None) -> list[str]:
+    system = s.proxy_system_s_per_unit
+    total = s.proxy_cpu_s_per_unit
+    user = None if total is None or system is None else total - system
+    return [
+        fmt(s.rate),
+        ratio(s.rate, one.rate if one else None),
+        ratio(s.rate, up.rate if up else None),
+        fmt(s.p50_s * 1e3, 2),
+        cpu_ms(total),
+        cpu_ms(user),
+        cpu_ms(system),
+        share(s.hit_ratio, 1),
+        share(s.reuse_share, 1),
+        share(s.handover_share, 1),
+        errors_text(s),
+    ]
+
+
+WORKERS_TEXT = (
+    "imapproxy with `workers 1` (one process) and `workers 2` (a supervisor and two worker "
+    "processes on one listener; a user's sessions live in worker blake2b(user) mod 2, and a "
+    "login accepted by the other worker is handed to the owner with its socket, `SCM_RIGHTS`), "
+    "both with the SELECT cache on, against up-imapproxy with the SELECT cache on. Quickack "
+    "client, page windows; each target is first given two cached sessions per user and an "
+    "unmeasured window, and each round starts one target later. *proxy CPU*: user + system of "
+    "the whole process tree (supervisor, workers, file readers) from `/proc`. *cache hit "
+    "ratio*: `TotalServerConnectionsReused` over `TotalClientLogins` of the statistics file, "
+    "summed over the workers; *reuse seen by client*: logins answered `[XPROXYREUSE]`; *handed "
+    "to the other worker*: the proxy's `handed to worker N` log lines over its logins. "
+    "*pinned*: the proxies on one CPU, Dovecot and the load generator on the other."
+)
+
+
 # -- backend waits ------------------------------------------------------------------------------
 
 
@@ -295,8 +365,8 @@ def errors_text(summary: Summary) -> str:
     return f"{summary.error_count} ({kinds})"
 
 
-def share(value: float | None) -> str:
-    return DASH if value is None else f"{value * 100:.0f} %"
+def share(value: float | None, digits: int = 0) -> str:
+    return DASH if value is None else f"{value * 100:.{digits}f} %"
 
 
 def cpu_ms(value: float | None) -> str:
@@ -306,9 +376,8 @@ def cpu_ms(value: float | None) -> str:
 def details(summaries: Summaries) -> str:
     parts = []
     header = ["target", "rate/s", "p50 ms", "p90 ms", "p99 ms", "MiB/s", "errors", "reuse"]
-    header += ["Dovecot logins/unit", "backend waits/unit", "CPU ms/unit: proxy", "Dovecot"]
-    header += ["load generator"]
-    header += ["other load"]
+    header += ["Dovecot logins/unit", "backend waits/unit", "CPU ms/unit: proxy", "of it system"]
+    header += ["Dovecot", "load generator", "other load", "proxy's hit ratio", "handed over"]
     for case, by_target in summaries.items():
         rows = []
         for key, s in by_target.items():
@@ -317,9 +386,9 @@ def details(summaries: Summaries) -> str:
                 + [fmt(s.p99_s * 1e3, 3), fmt(s.mib_per_s, 0) if case.workload == "bulk" else DASH]
                 + [errors_text(s), share(s.reuse_share) if key != "limit" else DASH]
                 + [fmt(s.backend_logins_per_unit, 2), fmt(s.backend_waits_per_unit, 2)]
-                + [cpu_ms(s.proxy_cpu_s_per_unit), cpu_ms(s.dovecot_cpu_s_per_unit)]
-                + [cpu_ms(s.loadgen_cpu_s_per_unit)]
-                + [share(s.other_load)]
+                + [cpu_ms(s.proxy_cpu_s_per_unit), cpu_ms(s.proxy_system_s_per_unit)]
+                + [cpu_ms(s.dovecot_cpu_s_per_unit), cpu_ms(s.loadgen_cpu_s_per_unit)]
+                + [share(s.other_load), share(s.hit_ratio, 1), share(s.handover_share, 1)]
             )
         units = sum(s.units for s in by_target.values())
         parts.append(f"#### {case.label} ({units:,} units)\n\n" + table(header, rows))
@@ -390,6 +459,9 @@ def summary(results: Results, plan: Plan, date: str, elapsed_s: float, command: 
         "#### Routing, PROXY protocol and metrics (SELECT cache on)\n",
         OPTIONS_TEXT + "\n",
         options_table(summaries),
+        "#### Workers (issue 13; SELECT cache on)\n",
+        WORKERS_TEXT + "\n",
+        workers_table(summaries),
         "#### Backend waits per page\n",
         WAITS_TEXT + "\n",
         waits_table(summaries),
@@ -445,7 +517,9 @@ METHOD = """\
   is the share of `LOGIN`s answered with `* OK [XPROXYREUSE]`; *Dovecot logins/unit* counts
   the logins in Dovecot's log.
 - CPU: a proxy's `utime + stime` from `/proc/<pid>/stat` (all its threads, 10 ms ticks, so
-  summed over the rounds and not shown below 50 ms in all); Dovecot's from
+  summed over the rounds and not shown below 50 ms in all), of its process and of every live
+  descendant (imapproxy's workers and privileged file readers), plus the `cutime + cstime` of
+  its process (children it reaped); Dovecot's from
   `/proc/<pid>/schedstat` (ns) of its master and every live child plus the master's
   `cutime + cstime` (children already reaped); the load generator's from its processes' stat.
   Each round's CPU includes its untimed set-up (a bulk or NOOP session's LOGIN).
@@ -478,6 +552,17 @@ METHOD = """\
   the rounds each target gets two cached sessions per user (two logins of the user at once,
   then both LOGOUT) and an unmeasured 1 s window at c=32, also in a quick run, so that each
   holds the spare cached sessions `ipx-on` brings from the page cases.
+- Workers (issue 13): imapproxy SELECT cache on with `workers 1` and with `workers 2`, each
+  prepared as the options' targets are (two cached sessions per user, an unmeasured 1 s window
+  at c=32), the page with the quickack client at c=8 and c=32, each round starting one target
+  later; up-imapproxy SELECT cache on is their reference: its page-workload figure of the same
+  run, or measured in the rounds when the page workload did not run. Then the same, with
+  up-imapproxy always measured, *pinned*: every task of the three proxies' process trees on one
+  CPU and every task of Dovecot's tree and of the load generator on the other
+  (`sched_setaffinity`, as `taskset -a -p`; set back afterwards); other programs are not kept
+  off either CPU. The counters (`TotalClientLogins`, `TotalServerConnectionsReused`) are read
+  with `stats.Counters.summed()`, the exact sum of the workers' blocks; the hand-overs are the
+  `LOGIN: '<user>' (<addr>) handed to worker N` lines of the proxy's log (INFO).
 - Backend waits: imapproxy's `BackendWaits` counter (its statistics file, read before and after
   each round) over the round's pages; not counted for the other targets, whose waits are
   fixed by their design (see the summary).

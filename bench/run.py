@@ -1,12 +1,14 @@
-"""``python -m bench.run [--quick] [--no-publish] [--keep]``: the whole benchmark, start to end.
+"""``python -m bench.run [--quick] [--only WORKLOAD ...] [--no-publish] [--keep]``: the benchmark.
 
 Seeds and starts a private Dovecot (with a trustme certificate for its TLS listener),
 up-imapproxy and imapproxy (each SELECT cache off and on, and each once more speaking TLS to
 Dovecot), imapproxy with its options (routed by a map and by SQLite, PROXY protocol and
-metrics on) and the floor relay in front of it, the load generator, runs every workload against its
-targets, prints the summary and writes the report to ``bench/results/<date>.md``
-(``<date>-quick.md`` for a quick run). A default run also puts the summary into BENCHMARKS.md
-(not with ``--no-publish``; a quick run never does). Everything started is stopped at the end,
+metrics on), imapproxy with ``workers 1`` and ``workers 2``, and the floor relay in front of
+it, the load generator, runs every workload against its targets (or those of ``--only``),
+prints the summary and writes the report to ``bench/results/<date>.md`` (``<date>-quick.md``
+for a quick run, ``<date>[-quick]-only-<workloads>.md`` with ``--only``). A default run of every
+workload also puts the summary into BENCHMARKS.md (not with ``--no-publish``; a quick run or
+one with ``--only`` never does). Everything started is stopped at the end,
 on Ctrl-C, SIGTERM or an error; the temporary directory is removed unless ``--keep``.
 """
 
@@ -29,7 +31,7 @@ from types import FrameType
 from bench import report
 from bench.loadgen import LoadGenerator
 from bench.mailstore import BenchDovecot, seed_all, webmail_users, write_pki
-from bench.plan import DEFAULT, QUICK, TARGET_ORDER, Plan
+from bench.plan import DEFAULT, QUICK, TARGET_ORDER, WORKLOADS, Plan
 from bench.targets import (
     IMAPPROXYD,
     REPO,
@@ -41,6 +43,7 @@ from bench.targets import (
     start_option_proxies,
     start_proxy,
     start_tls_proxies,
+    start_worker_proxies,
 )
 from bench.workloads import (
     Bench,
@@ -52,6 +55,7 @@ from bench.workloads import (
     pages,
     tls_pages,
     warm_up,
+    workers,
 )
 from tests.support.dovecot import DOVECOT
 
@@ -62,11 +66,18 @@ DOVECOT_CLIENT_LIMIT = 25_000  # default_client_limit: room for the memory workl
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="the short run (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the short run (about 3 minutes)")
     parser.add_argument(
         "--no-publish", action="store_true", help="leave BENCHMARKS.md alone (default run)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=WORKLOADS,
+        metavar="WORKLOAD",
+        help=f"run only these workloads ({', '.join(WORKLOADS)}); every target is still started",
+    )
     return parser.parse_args(argv)
 
 
@@ -100,7 +111,13 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def run_all(plan: Plan, root: Path, stack: contextlib.ExitStack, progress: Progress) -> Results:
+def run_all(
+    plan: Plan,
+    root: Path,
+    stack: contextlib.ExitStack,
+    progress: Progress,
+    chosen: Sequence[str] = WORKLOADS,
+) -> Results:
     progress(f"seeding Dovecot in {root}")
     pki = write_pki(root / "pki")
     dovecot = BenchDovecot(
@@ -127,6 +144,9 @@ def run_all(plan: Plan, root: Path, stack: contextlib.ExitStack, progress: Progr
     users = webmail_users(plan.users)
     for started in start_option_proxies(stack, dovecot, root / "proxies", users):
         add(targets, proxies, started)
+    progress("starting imapproxy with workers 1 and workers 2")
+    for started in start_worker_proxies(stack, dovecot, root / "proxies"):
+        add(targets, proxies, started)
     progress("starting the floor relay")
     add(targets, proxies, start_floor_relay(stack, dovecot, root / "proxies"))
     targets.sort(key=lambda t: TARGET_ORDER.index(t.key))
@@ -139,12 +159,20 @@ def run_all(plan: Plan, root: Path, stack: contextlib.ExitStack, progress: Progr
             "Quick run: fewer and shorter rounds; the memory workload stops at 1,000 sessions "
             "(the 10,000 point is skipped), so its goals are judged there."
         )
-    pages(bench, results)
-    tls_pages(bench, results)
-    options(bench, results)
-    bulk(bench, results)
-    noop(bench, results)
-    memory(bench, stack, results)
+    if tuple(chosen) != WORKLOADS:
+        results.notes.append(f"Only the workloads {', '.join(chosen)} were run (`--only`).")
+    steps = {
+        "page": pages,
+        "tls": tls_pages,
+        "options": options,
+        "workers": workers,
+        "bulk": bulk,
+        "noop": noop,
+        "memory": lambda b, r: memory(b, stack, r),
+    }
+    for name in WORKLOADS:
+        if name in chosen:
+            steps[name](bench, results)
     return results
 
 
@@ -161,6 +189,7 @@ def add(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else DEFAULT
+    chosen = tuple(w for w in WORKLOADS if w in (args.only or WORKLOADS))
     check_prerequisites()
     stop_on_sigterm()
     progress = Progress()
@@ -168,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.chmod(root, 0o755)  # Dovecot's mail user must traverse it
     try:
         with contextlib.ExitStack() as stack:
-            results = run_all(plan, root, stack, progress)
+            results = run_all(plan, root, stack, progress, chosen)
             progress("stopping")
     except KeyboardInterrupt:
         progress("interrupted: everything started was stopped")
@@ -180,14 +209,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     date = datetime.date.today().isoformat()
     elapsed_s = progress.elapsed_s()
+    only = chosen != WORKLOADS
     command = "python -m bench.run" + (" --quick" if args.quick else "")
+    command += f" --only {' '.join(chosen)}" if only else ""
     text = report.render(results, plan, date, elapsed_s, command)
     name = date if plan is DEFAULT else f"{date}-{plan.name}"
+    name += f"-only-{'-'.join(chosen)}" if only else ""
     path = report.write_results(RESULTS_DIR, name, text)
     block = report.summary(results, plan, date, elapsed_s, command)
     print(block)
     progress(f"report written to {path.relative_to(REPO)}")
-    if plan is DEFAULT and not args.no_publish and report.publish(BENCHMARKS_MD, block):
+    publishing = plan is DEFAULT and not only and not args.no_publish
+    if publishing and report.publish(BENCHMARKS_MD, block):
         progress(f"summary published in {BENCHMARKS_MD.name}")
     return 0
 

@@ -1,4 +1,4 @@
-"""``python -m bench.syscalls [--pages N] [--users N]``: a proxy's system calls per page.
+"""``python -m bench.syscalls [--pages N] [--users N] [--workers]``: system calls per page.
 
 Starts a private Dovecot (seeded as the benchmark's, with fewer users), up-imapproxy and
 imapproxy each with the SELECT cache off and on (the benchmark's settings, ``bench.targets``)
@@ -9,6 +9,10 @@ pages runs at c=1 with the quickack client, and strace is stopped with SIGINT, w
 print its summary. The same attach with no pages, for as long, gives what the proxy does on
 its own (timers), shown apart. Prints, per system call, the calls per page of each proxy and
 the total per page. Must run as root (the proxies drop to nobody; strace attaches to them).
+
+``--workers``: imapproxy SELECT cache on with ``workers 1`` and with ``workers 2`` instead (issue
+13): strace is attached to every process of the proxy's tree (the supervisor, each worker, the
+privileged file readers), and the calls of all of them are added up.
 
 strace slows every traced call down, so the pages run slower than in ``bench.run``: only the
 counts mean something here, not the times (which are not shown).
@@ -28,7 +32,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from bench import procstat
 from bench.loadgen import LoadGenerator
 from bench.mailstore import PASSWORD, BenchDovecot, seed_all, webmail_users
 from bench.pages import Job
@@ -43,11 +49,17 @@ ATTACH_SETTLE_S = 0.2  # after the main thread is traced: the other threads foll
 STRACE_STOP_TIMEOUT_S = 10.0
 JOB_TIMEOUT_S = 120.0
 IO_TIMEOUT_S = 5.0
-PROXIES = (
-    ("up-imapproxy", False),
-    ("imapproxy", False),
-    ("up-imapproxy", True),
-    ("imapproxy", True),
+# The column, the product, the SELECT cache and more settings of each proxy traced.
+Traceable = tuple[str, str, bool, dict[str, Any]]
+PROXIES: tuple[Traceable, ...] = (
+    ("up-imapproxy, SELECT cache off", "up-imapproxy", False, {}),
+    ("imapproxy, SELECT cache off", "imapproxy", False, {}),
+    ("up-imapproxy, SELECT cache on", "up-imapproxy", True, {}),
+    ("imapproxy, SELECT cache on", "imapproxy", True, {}),
+)
+WORKER_PROXIES: tuple[Traceable, ...] = (
+    ("imapproxy, SELECT cache on, `workers 1`", "imapproxy", True, {"workers": 1}),
+    ("imapproxy, SELECT cache on, `workers 2`", "imapproxy", True, {"workers": 2}),
 )
 
 
@@ -64,6 +76,7 @@ class Calls:
 class Traced:
     """What a proxy did during the pages, and on its own for as long."""
 
+    label: str
     target: Target
     pages: int
     calls: dict[str, Calls]
@@ -120,11 +133,15 @@ def tracer_pid(pid: int) -> int:
 
 @contextlib.contextmanager
 def strace_counting(pid: int, output: Path) -> Iterator[None]:
-    """``strace -c -f -p pid`` for the time of the block; its summary written to ``output``."""
-    argv = [STRACE, "-c", "-f", "-o", str(output), "-p", str(pid)]
+    """``strace -c -f -p PID`` for ``pid`` and each of its descendants for the time of the
+    block; the summary of them all written to ``output``."""
+    pids = [pid, *procstat.descendants(pid)]
+    argv = [STRACE, "-c", "-f", "-o", str(output)]
+    argv += [arg for one in pids for arg in ("-p", str(one))]
     tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_traced(pid, tracer)
+        for one in pids:
+            wait_traced(one, tracer)
         yield
     finally:
         tracer.send_signal(signal.SIGINT)
@@ -169,7 +186,7 @@ def run_pages(loadgen: LoadGenerator, job: Job) -> float:
     return time.monotonic() - started
 
 
-def trace(loadgen: LoadGenerator, target: Target, job: Job, workdir: Path) -> Traced:
+def trace(loadgen: LoadGenerator, label: str, target: Target, job: Job, workdir: Path) -> Traced:
     assert target.pid is not None
     pages_file, idle_file = workdir / f"{target.key}.strace", workdir / f"{target.key}.idle"
     with strace_counting(target.pid, pages_file):
@@ -178,10 +195,11 @@ def trace(loadgen: LoadGenerator, target: Target, job: Job, workdir: Path) -> Tr
         time.sleep(took_s)
     calls = parse_summary(pages_file.read_text())
     idle = parse_summary(idle_file.read_text())
-    return Traced(target, len(job.threads[0]), calls, sum(c.calls for c in idle.values()))
+    pages = len(job.threads[0])
+    return Traced(label, target, pages, calls, sum(c.calls for c in idle.values()))
 
 
-def measure(root: Path, pages: int, users: int) -> list[Traced]:
+def measure(root: Path, pages: int, users: int, workers: bool = False) -> list[Traced]:
     with contextlib.ExitStack() as stack:
         dovecot = BenchDovecot(root, fast=True)
         seed_all(dovecot, users, 0)
@@ -197,14 +215,21 @@ def measure(root: Path, pages: int, users: int) -> list[Traced]:
             ).tally.observed
         sequence = [names[i % len(names)] for i in range(pages)]
         found = []
-        for product, select_cache in PROXIES:
+        for number, (label, product, select_cache, settings) in enumerate(
+            WORKER_PROXIES if workers else PROXIES
+        ):
             target, _ = start_proxy(
-                stack, product, dovecot, root / "proxies", select_cache=select_cache
+                stack,
+                product,
+                dovecot,
+                root / "proxies",
+                select_cache=select_cache,
+                key=f"traced{number}",
+                **settings,
             )
             run_pages(loadgen, page_job(target, names, expected, "warm"))
-            found.append(
-                trace(loadgen, target, page_job(target, sequence, expected, "counted"), root)
-            )
+            job = page_job(target, sequence, expected, "counted")
+            found.append(trace(loadgen, label, target, job, root))
         return found
 
 
@@ -224,13 +249,7 @@ def render(found: list[Traced]) -> str:
     busiest = sorted(
         names, key=lambda n: -max(t.calls[n].calls if n in t.calls else 0 for t in found)
     )
-    header = [
-        "system call",
-        *(
-            f"{t.target.product}, SELECT cache {'on' if t.target.select_cache else 'off'}"
-            for t in found
-        ),
-    ]
+    header = ["system call", *(t.label for t in found)]
     rows = [[name, *(cell(t, name) for t in found)] for name in busiest]
     rows.append(["**total per page**", *(f"**{t.total_per_page():.1f}**" for t in found)])
     rows.append(
@@ -246,6 +265,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.syscalls", description=__doc__)
     parser.add_argument("--pages", type=int, default=PAGES, help="pages traced per proxy")
     parser.add_argument("--users", type=int, default=USERS, help="webmail users (cycled)")
+    parser.add_argument(
+        "--workers", action="store_true", help="imapproxy with workers 1 and workers 2 instead"
+    )
     return parser.parse_args(argv)
 
 
@@ -258,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="imapproxy-syscalls-"))
     os.chmod(root, 0o755)  # Dovecot's mail user must traverse it
     try:
-        found = measure(root, args.pages, args.users)
+        found = measure(root, args.pages, args.users, args.workers)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"System calls per page: {args.pages} pages at c=1, quickack client, `strace -c -f`\n")

@@ -22,6 +22,13 @@ so that a login the route source did not answer fails; ``ipx-pp`` has ``metrics_
 trusts 127.0.0.1 for the PROXY protocol, so the load generator sends a v2 header first;
 ``ipx-proxy`` and ``ipx-metrics`` have one of the two each.
 
+imapproxy's worker processes (``start_worker_proxies``, issue 13), SELECT cache on like
+``ipx-on``: ``ipx-w1`` with ``workers 1`` (one process, as ``ipx-on``) and ``ipx-w2`` with
+``workers 2`` (a supervisor and two worker processes on the same listener; a login accepted by
+the worker that does not own the user is handed to the other, which its log says). Their CPU is
+that of the whole process tree (``procstat.tree_times``), their counters the exact sums of
+every worker's block of the statistics file (``stats.Counters.summed``).
+
 Both start as root and drop to ``nobody``. up-imapproxy (``/usr/sbin/imapproxyd``) sets its
 own descriptor limit to ``2 * cache_size + 10`` and listens with a backlog of 5.
 imapproxy runs as ``python -m imapproxy`` from the repository, its soft descriptor limit raised
@@ -43,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.mailstore import BenchDovecot, BenchPki
-from bench.plan import PROXY_CLIENT_ADDRESS
+from bench.plan import PROXY_CLIENT_ADDRESS, WORKER_TARGETS
 from tests.support.dovecot import free_port, wait_for_port
 from tests.support.proxy import write_config
 
@@ -78,6 +85,7 @@ class Target:
     tls_ca_file: str = ""  # the client speaks implicit TLS to it, verified with this CA
     proxy_source: str = ""  # the client sends a PROXY v2 header naming this address first
     metrics_url: str = ""  # its Prometheus endpoint
+    log_path: Path | None = None  # imapproxy's log (stderr): its hand-overs between workers
 
 
 def start_dovecot(stack: contextlib.ExitStack, dovecot: BenchDovecot) -> BenchDovecot:
@@ -286,9 +294,20 @@ def start_proxy(
         argv = [sys.executable, "-m", "imapproxy", "-f", str(config), "--foreground"]
     process = start_process(stack, argv, directory / "output.log")
     wait_listening(process, port, product, directory / "output.log")
-    stat_path = directory / "pimpstats" if product == "imapproxy" else None
+    ours = product == "imapproxy"
+    stat_path = directory / "pimpstats" if ours else None
     target = Target(key, product, "127.0.0.1", port, process.pid, select_cache, stat_path)
-    return target, process
+    return replace(target, log_path=directory / "output.log" if ours else None), process
+
+
+def start_worker_proxies(
+    stack: contextlib.ExitStack, dovecot: BenchDovecot, workdir: Path
+) -> list[tuple[Target, subprocess.Popen[bytes]]]:
+    """imapproxy, SELECT cache on, ``workers 1`` and ``workers 2`` (``plan.WORKER_TARGETS``)."""
+    return [
+        start_proxy(stack, "imapproxy", dovecot, workdir, select_cache=True, key=key, workers=count)
+        for key, count in WORKER_TARGETS.items()
+    ]
 
 
 def start_floor_relay(

@@ -12,15 +12,22 @@
   (``targets.start_option_proxies``), each target first given two sessions per user; each
   metrics endpoint is scraped once afterwards, to show
   it was serving;
+- ``workers``: imapproxy with ``workers 1`` and ``workers 2`` (issue 13), SELECT cache on, the
+  page with the quickack client at c=8 and c=32, prepared as the options are; up-imapproxy
+  SELECT cache on is the reference (its page-workload figures when that ran, else measured
+  here); ``workers-pinned``: the same with the three proxies on one CPU and Dovecot and the
+  load generator on the other (``pinning``), up-imapproxy always measured;
 - ``bulk``: FETCH of whole 10 MiB (and 1 MiB) messages on one session, MiB/s;
 - ``noop``: sequential NOOPs on one logged-in session, latency; bulk and NOOP also measure the
   floor relay (``bench.floor_relay``), the least any gevent relay adds;
 - ``memory``: RSS of each proxy with 0, 1,000 and 10,000 cached sessions, and with the
   largest number of client connections open (separate proxy instances, started last).
 
-A ``Bench`` holds what they share and measures one round: CPU of the proxy, of Dovecot (see
-``procstat``) and of the load generator before and after, Dovecot's logins from its log, and
-for imapproxy its ``BackendWaits`` counter (from its statistics file) before and after.
+A ``Bench`` holds what they share and measures one round: CPU of the proxy (its process tree,
+user and system), of Dovecot (see ``procstat``) and of the load generator before and after,
+Dovecot's logins from its log, and for imapproxy its ``BackendWaits``, ``TotalClientLogins``
+and ``TotalServerConnectionsReused`` (from its statistics file, summed over its workers) before
+and after, and the logins its log says were handed to another worker.
 """
 
 from __future__ import annotations
@@ -33,12 +40,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import procstat
+from bench import pinning, procstat
 from bench.figures import Cost, MemoryFigures, MemoryPoint, Round
 from bench.loadgen import LoadGenerator
 from bench.mailstore import PASSWORD, BenchDovecot, big_users, memory_users, webmail_users
 from bench.pages import Job
-from bench.plan import EXTRA_TARGETS, ONLY_IN, OWN_TARGETS, Plan
+from bench.plan import EXTRA_TARGETS, ONLY_IN, OWN_TARGETS, WORKER_TARGETS, Plan
 from bench.targets import (
     Target,
     dovecot_pid,
@@ -58,6 +65,7 @@ LOG_DELAY_S = 0.02  # Dovecot's log process writes a login line a moment after t
 SCRAPE_TIMEOUT_S = 10.0
 OPTIONS_WARMUP_S = 1.0  # per target, before the options' rounds (see ``options``)
 SCRAPED_LOGINS = b"imapproxy_client_logins_total "
+HANDOVER_MARK = b") handed to worker "  # imapproxy's INFO line ``LOGIN: 'u' (addr) handed to ...``
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,13 @@ class Case:
             return f"page, server over TLS, {self.client} client, c={self.concurrency}"
         if self.workload == "options":
             return f"page, routing and PROXY + metrics, {self.client} client, c={self.concurrency}"
+        if self.workload == "workers":
+            return f"page, workers 1 and 2, {self.client} client, c={self.concurrency}"
+        if self.workload == "workers-pinned":
+            return (
+                f"page, workers 1 and 2, proxies pinned to a CPU of their own, {self.client} "
+                f"client, c={self.concurrency}"
+            )
         if self.workload == "bulk":
             return f"bulk FETCH {self.size}"
         return "NOOP round trip"
@@ -105,6 +120,7 @@ class Bench:
     progress: Callable[[str], None]
     expected: tuple[tuple[str, int], ...] = ()
     log_offset: int = 0
+    proxy_log_offsets: dict[str, int] = field(default_factory=dict)
 
     @property
     def users(self) -> list[str]:
@@ -151,12 +167,17 @@ class Bench:
     def measure(self, target: Target, job: Job) -> Round:
         """Run ``job`` once and account for what it cost."""
         self.new_backend_logins()  # forget those of warm-ups and earlier rounds
+        self.new_handovers(target)
         before = self.costs(target)
         outcome = self.loadgen.run(job, self.max_wait_s(job))
         after = self.costs(target)
         time.sleep(LOG_DELAY_S)
         cost = Cost(
             proxy_cpu_s=difference(after.proxy_cpu_s, before.proxy_cpu_s),
+            proxy_system_s=difference(after.proxy_system_s, before.proxy_system_s),
+            proxy_logins=difference_int(after.proxy_logins, before.proxy_logins),
+            proxy_reused=difference_int(after.proxy_reused, before.proxy_reused),
+            handovers=self.new_handovers(target),
             dovecot_cpu_s=after.dovecot_cpu_s - before.dovecot_cpu_s,
             loadgen_cpu_s=after.loadgen_cpu_s - before.loadgen_cpu_s,
             backend_logins=self.new_backend_logins(),
@@ -167,14 +188,35 @@ class Bench:
         return Round.of(outcome.tally, outcome.rate, cost)
 
     def costs(self, target: Target) -> Cost:
+        counters = proxy_counters(target)
+        proxy = procstat.tree_times(target.pid) if target.pid else None
         return Cost(
-            proxy_cpu_s=procstat.process_cpu_s(target.pid) if target.pid else None,
+            proxy_cpu_s=proxy.total_s if proxy else None,
+            proxy_system_s=proxy.system_s if proxy else None,
             dovecot_cpu_s=procstat.tree_cpu_s(dovecot_pid(self.dovecot)),
             loadgen_cpu_s=sum(procstat.process_cpu_s(pid) for pid in self.loadgen.pids()),
             machine_cpu_s=procstat.machine_busy_s(),
             wall_s=time.monotonic(),
-            backend_waits=backend_waits(target),
+            backend_waits=counters.get("BackendWaits") if counters else None,
+            proxy_logins=counters.get("TotalClientLogins") if counters else None,
+            proxy_reused=counters.get("TotalServerConnectionsReused") if counters else None,
         )
+
+    def new_handovers(self, target: Target) -> int | None:
+        """Logins ``target``'s log says it handed to another worker since the last call (whole
+        lines only); None for a target without workers."""
+        if target.log_path is None or target.key not in WORKER_TARGETS:
+            return None
+        offset = self.proxy_log_offsets.get(target.key, 0)
+        try:
+            with open(target.log_path, "rb") as log:
+                log.seek(offset)
+                text = log.read()
+        except OSError:
+            return None
+        text = text[: text.rfind(b"\n") + 1]
+        self.proxy_log_offsets[target.key] = offset + len(text)
+        return text.count(HANDOVER_MARK)
 
     def new_backend_logins(self) -> int:
         """Logins Dovecot logged since the last call (its info log)."""
@@ -197,12 +239,14 @@ def difference_int(after: int | None, before: int | None) -> int | None:
     return None if after is None or before is None else after - before
 
 
-def backend_waits(target: Target) -> int | None:
-    """imapproxy's ``BackendWaits`` so far; None for other targets or an unreadable file."""
+def proxy_counters(target: Target) -> dict[str, int] | None:
+    """imapproxy's counters so far, exactly summed over its workers (``Counters.summed``: the
+    totals block the supervisor writes lags by up to its 0.25 s sample); None for other
+    targets or an unreadable file."""
     if target.stat_path is None:
         return None
     counters = stats.read_file(str(target.stat_path))
-    return None if counters is None else counters.BackendWaits
+    return None if counters is None else counters.summed()
 
 
 def split(users: list[str], threads: int) -> list[list[str]]:
@@ -226,6 +270,7 @@ def warm_up(bench: Bench) -> None:
         check_warm(outcome.tally.errors, direct)
     bench.expected = tuple(sorted(outcome.tally.observed.items()))
     warmed = bench.targets_of("page") + bench.targets_of("tls") + bench.targets_of("options")
+    warmed += bench.targets_of("workers")
     for target in dict.fromkeys(warmed):  # ipx-on is in two of them: warmed once
         if target.pid is not None:
             outcome = bench.loadgen.run(
@@ -311,18 +356,70 @@ def options(bench: Bench, results: Results) -> None:
     measured = bench.targets_of("options")
     bench.progress(case.label)
     for target in measured:
-        pairs = bench.job("pair", target, split(bench.users, 8), quickack=True)
-        check_warm(bench.loadgen.run(pairs, JOB_MARGIN_S * 5).tally.errors, target)
-        job = page_job(bench, target, case.client, max(plan.concurrencies), OPTIONS_WARMUP_S)
-        bench.loadgen.run(job, OPTIONS_WARMUP_S + JOB_MARGIN_S * 2)
-    for number in range(plan.rounds):
-        shift = number % len(measured)
-        for target in measured[shift:] + measured[:shift]:
-            job = page_job(bench, target, case.client, case.concurrency, plan.page_window_s)
-            results.add(case, target, bench.measure(target, job))
+        prepare(bench, target, case.client)
+    rotated_rounds(bench, results, case, measured)
     for target in measured:
         if target.metrics_url:
             results.notes.append(scraped(target))
+
+
+def prepare(bench: Bench, target: Target, client: str) -> None:
+    """Two cached sessions per user, then an unmeasured window at the largest concurrency."""
+    pairs = bench.job("pair", target, split(bench.users, 8), quickack=True)
+    check_warm(bench.loadgen.run(pairs, JOB_MARGIN_S * 5).tally.errors, target)
+    job = page_job(bench, target, client, max(bench.plan.concurrencies), OPTIONS_WARMUP_S)
+    bench.loadgen.run(job, OPTIONS_WARMUP_S + JOB_MARGIN_S * 2)
+
+
+def rotated_rounds(bench: Bench, results: Results, case: Case, measured: list[Target]) -> None:
+    """The rounds of ``case``, each starting one target later than the last."""
+    for number in range(bench.plan.rounds):
+        shift = number % len(measured)
+        for target in measured[shift:] + measured[:shift]:
+            job = page_job(bench, target, case.client, case.concurrency, bench.plan.page_window_s)
+            results.add(case, target, bench.measure(target, job))
+
+
+def workers(bench: Bench, results: Results) -> None:
+    """imapproxy with ``workers 1`` and ``workers 2``, as the options are measured, at each of
+    ``plan.workers_concurrencies``; then the same pinned (``pinned_workers``).
+
+    up-imapproxy SELECT cache on is measured with them only when the page workload did not
+    give its quickack figure at that concurrency in this run.
+    """
+    measured = bench.targets_of("workers")
+    reference = next(t for t in bench.targets if t.key == "up-on")
+    for target in [reference, *measured]:  # up-imapproxy too: it is measured when pinned
+        prepare(bench, target, "quickack")
+    for concurrency in bench.plan.workers_concurrencies:
+        case = Case("workers", "quickack", concurrency)
+        bench.progress(case.label)
+        page_case_ran = "up-on" in results.rounds.get(Case("page", "quickack", concurrency), {})
+        rotated_rounds(bench, results, case, measured if page_case_ran else [reference, *measured])
+    pinned_workers(bench, results)
+
+
+def pinned_workers(bench: Bench, results: Results) -> None:
+    """The workers case with the three proxies' process trees on one CPU and Dovecot's and the
+    load generator's on the other (``pinning.pinned``); said in a note, also when impossible."""
+    measured = bench.targets_of("workers-pinned")
+    proxies = [t.pid for t in measured if t.pid is not None]
+    others = [dovecot_pid(bench.dovecot), *bench.loadgen.pids()]
+    try:
+        with pinning.pinned(proxies, others) as (rest, proxy):
+            for concurrency in bench.plan.workers_concurrencies:
+                case = Case("workers-pinned", "quickack", concurrency)
+                bench.progress(case.label)
+                rotated_rounds(bench, results, case, measured)
+    except pinning.PinningError as error:
+        results.notes.append(f"Workers, pinned: not measured: {error}.")
+        return
+    results.notes.append(
+        f"Workers, pinned: the proxies (every process and thread of up-imapproxy's, of workers "
+        f"1's and of workers 2's trees) on CPU {proxy}, Dovecot's and the load generator's on "
+        f"CPU {rest}, with `sched_setaffinity` (as `taskset -a -p`); other programs could run "
+        "on both."
+    )
 
 
 def scraped(target: Target) -> str:
