@@ -56,6 +56,11 @@ SIGNALS = (
 SAMPLE_INTERVAL_S = 0.25  # how often the totals of the statistics file are summed
 RESTART_DELAY_S = 1.0  # before restarting a worker that died this soon after its start
 STOP_MARGIN_S = 5.0  # beyond shutdown_timeout, before a worker is killed
+# After one worker handed over, the others should follow at once (the successor says READY to
+# all of them together); a worker still serving this much later means the successor died in
+# between, and the workers that finished are started again, or their users would wait on an
+# inbox that nobody reads.
+PARTIAL_HANDOVER_S = 60.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 HANDED_OVER = 3  # a worker's exit status after its hand-over to a successor
@@ -99,6 +104,7 @@ class Supervisor:
     stopping: bool = False
     handed_over: bool = False  # every worker handed over to a successor
     successor_pid: int = 0
+    first_finished_at: float | None = None
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -192,11 +198,29 @@ class Supervisor:
         worker.finished = True
         self.exited(worker.index, False)
         LOGGER.info("supervisor: worker %d (pid %d) handed over and finished", worker.index, pid)
+        if self.first_finished_at is None:
+            self.first_finished_at = time.monotonic()
         if all(w.finished for w in self.workers):
             self.handed_over = self.stopping = True
 
+    def _partial_handover(self, now: float) -> None:
+        """Some workers handed over, the others never did: start the finished ones again."""
+        if self.first_finished_at is None or now - self.first_finished_at < PARTIAL_HANDOVER_S:
+            return
+        self.first_finished_at = None
+        for worker in self.workers:
+            if worker.finished:
+                LOGGER.error(
+                    "supervisor: the hand-over did not reach every worker within %d s; "
+                    "starting worker %d again",
+                    PARTIAL_HANDOVER_S,
+                    worker.index,
+                )
+                worker.finished, worker.restart_at = False, now
+
     def _due_restarts(self) -> None:
         now = time.monotonic()
+        self._partial_handover(now)
         for worker in self.workers:
             if worker.restart_at is not None and worker.restart_at <= now and not self.stopping:
                 self._start(worker)

@@ -63,3 +63,15 @@ def test_sigusr2_without_a_way_to_start_a_successor_is_only_logged() -> None:
 def test_auto_is_the_cores_this_process_may_use() -> None:
     assert supervisor.worker_count(0) >= 1
     assert supervisor.worker_count(5) == 5
+
+
+def test_workers_that_handed_over_alone_are_started_again_after_a_while() -> None:
+    """The successor died between two workers' READY: the one that finished comes back."""
+    boss, _, starts = made(2)
+    boss._died(boss.workers[0], exit_status(HANDED_OVER))
+    boss._due_restarts()
+    assert starts == []
+    assert boss.first_finished_at is not None
+    boss.first_finished_at -= supervisor.PARTIAL_HANDOVER_S + 1
+    boss._due_restarts()
+    assert starts == [0] and not boss.workers[0].finished and not boss.handed_over
