@@ -185,10 +185,8 @@ class ClientConnection:
         counters = self.proxy.counters
         if self._handed_login is None:
             counters.client_connected()
-        else:  # accepted (and counted as accepted) by another worker
-            counters.CurrentClientConnections += 1
-            if counters.CurrentClientConnections > counters.PeakClientConnections:
-                counters.PeakClientConnections = counters.CurrentClientConnections
+        else:
+            counters.client_arrived()
         try:
             self._serve()
         except ClientProtocolError as error:
@@ -328,18 +326,7 @@ class ClientConnection:
         owner = workers.owner(request.credentials.username)
         if owner == workers.index:
             return False
-        local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()
-        client: tuple[Any, ...] = self.address
-        message = HandedClient(
-            tag=request.tag,
-            credentials=request.credentials,
-            client_id=self.session.client_id,
-            unread=self.session.framer.buffered(),
-            address=(str(client[0]), int(client[1])),
-            connected_to=(str(local[0]), int(local[1])),
-            session_id=self.session_id or new_session_id(),
-            tls=self.tls,
-        )
+        message = self._handed_message(request)
         if not self.tls:
             handed = workers.hand_over(owner, message, self.raw_sock)
         else:
@@ -359,6 +346,21 @@ class ClientConnection:
                 " (TLS, relayed)" if self.tls else "",
             )
         return handed
+
+    def _handed_message(self, request: LoginRequested) -> HandedClient:
+        """What the owner worker needs to go on with this login as if it had arrived there."""
+        local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()
+        client: tuple[Any, ...] = self.address
+        return HandedClient(
+            tag=request.tag,
+            credentials=request.credentials,
+            client_id=self.session.client_id,
+            unread=self.session.framer.buffered(),
+            address=(str(client[0]), int(client[1])),
+            connected_to=(str(local[0]), int(local[1])),
+            session_id=self.session_id or new_session_id(),
+            tls=self.tls,
+        )
 
     def _login(self, request: LoginRequested) -> LoggedIn | None:
         self.proxy.counters.TotalClientLogins += 1

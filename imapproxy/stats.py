@@ -329,6 +329,12 @@ class Counters:
         self.CurrentClientConnections += 1
         self.PeakClientConnections = max(self.PeakClientConnections, self.CurrentClientConnections)
 
+    def client_arrived(self) -> None:
+        """A client handed over by another worker (``workers N``): connected here, but
+        accepted (and counted as accepted) there."""
+        self.CurrentClientConnections += 1
+        self.PeakClientConnections = max(self.PeakClientConnections, self.CurrentClientConnections)
+
     def client_disconnected(self) -> None:
         self.CurrentClientConnections -= 1
 
