@@ -41,6 +41,12 @@ from imapproxy.config import Config
 from imapproxy.credentials import CredentialHasher
 from imapproxy.errors import BackendFailure, ConfigError, FailureKind
 from imapproxy.health import servers_path
+from imapproxy.listeners import (
+    ListenError,
+    bind_handover_socket,
+    bind_listeners,
+    bind_metrics_listeners,
+)
 from imapproxy.route import RouteSource
 from imapproxy.router import Router, ServersFile, build_source
 from imapproxy.server import Proxy
@@ -192,76 +198,6 @@ def route_source(config: Config) -> RouteSource | None:
         raise StartupError(f"route source: {error}", config_module.EX_CONFIG) from None
 
 
-def bind_listeners(
-    config: Config,
-    port: int,
-    inherited: takeover.Received | None = None,
-    role: ListenerRole = ListenerRole.IMAP,
-) -> list[socket.socket]:
-    """The listeners on ``port``: those a successor inherited (``inherited``), else new ones."""
-    hosts: Sequence[str | None] = config.listen_address or (None,)
-    listeners = []
-    for host in hosts:
-        for family, address in _listen_addresses(host, port):
-            sock = inherited.take_listener(role, family, address) if inherited else None
-            listeners.append(sock or _listen(family, address, config, dual_stack=host is None))
-    return listeners
-
-
-def bind_metrics_listeners(
-    config: Config, inherited: takeover.Received | None = None
-) -> list[socket.socket]:
-    """The ``metrics_listen`` sockets (bound as root, like the others), and the metrics module
-    loaded (before a chroot hides the interpreter's files)."""
-    if config.metrics_listen is None:
-        return []
-    from imapproxy import metrics  # noqa: F401  (prometheus_client only when it is used)
-
-    host, port = config.metrics_listen
-    listeners = []
-    for family, address in _listen_addresses(host, port):
-        sock = inherited.take_listener(ListenerRole.METRICS, family, address) if inherited else None
-        listeners.append(sock or _listen(family, address, config, dual_stack=False))
-    return listeners
-
-
-def _listen_addresses(host: str | None, port: int) -> list[tuple[int, tuple[object, ...]]]:
-    if host is None:  # all addresses: one dual-stack socket where IPv6 exists (RFC 3493 §5.3)
-        if socket.has_ipv6:
-            return [(socket.AF_INET6, ("::", port))]
-        return [(socket.AF_INET, ("0.0.0.0", port))]
-    try:
-        infos = socket.getaddrinfo(
-            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
-    except OSError as error:
-        raise StartupError(f"listen_address {host}: {error}", EX_OSERR) from None
-    unique = dict.fromkeys((info[0], info[4][:2]) for info in infos)
-    return list(unique)
-
-
-def _listen(
-    family: int, address: tuple[object, ...], config: Config, *, dual_stack: bool
-) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
-        if config.send_tcp_keepalives:
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1
-            )  # accepted sockets inherit it
-        sock.bind(address)
-        sock.listen(config.listen_backlog)
-    except OSError as error:
-        sock.close()
-        raise StartupError(
-            f"cannot listen on {address[0]} port {address[1]}: {error.strerror}", EX_OSERR
-        ) from None
-    return sock
-
-
 def open_counters(
     config: Config, identity: daemon.Identity | None, workers: int = 1, beside: bool = False
 ) -> Counters:
@@ -333,14 +269,15 @@ def run(config: Config, startup: Startup) -> int:
     # without a default server, the first server a login reaches gives the greeting
     first_contact = wait_for_backend(backend, config) if config.server_hostname else None
     inherited = receive_handover(startup.takeover_path(config)) if startup.take_over else None
-    listeners = bind_listeners(config, config.listen_port, inherited)
-    tls_listeners = (
-        bind_listeners(config, config.client_tls_port, inherited, ListenerRole.IMAP_TLS)
-        if config.client_tls_port
-        else []
-    )
-    metrics_listeners = bind_metrics_listeners(config, inherited)
-    handover_socket = bind_handover_socket(startup.takeover_path(config), inherited)
+    with _listen_errors():
+        listeners = bind_listeners(config, config.listen_port, inherited)
+        tls_listeners = (
+            bind_listeners(config, config.client_tls_port, inherited, ListenerRole.IMAP_TLS)
+            if config.client_tls_port
+            else []
+        )
+        metrics_listeners = bind_metrics_listeners(config, inherited)
+        handover_socket = bind_handover_socket(startup.takeover_path(config), inherited)
     if inherited is not None:
         inherited.close_leftovers()
     if not startup.foreground:
@@ -528,19 +465,6 @@ def receive_handover(path: str) -> takeover.Received:
     return received
 
 
-def bind_handover_socket(path: str, inherited: takeover.Received | None) -> socket.socket | None:
-    """The hand-over socket: the one inherited when it is at ``path``, else a new one."""
-    if not path:
-        return None
-    sock = (
-        inherited.take_listener(ListenerRole.TAKEOVER, socket.AF_UNIX, path) if inherited else None
-    )
-    if sock is not None:
-        return sock
-    with _os_errors(f"cannot create takeover_socket {path}"):
-        return takeover.bind(path)
-
-
 TLSFileReader = Callable[[Config], dict[str, bytes]]
 
 
@@ -713,6 +637,14 @@ def _os_errors(what: str) -> Iterator[None]:
         yield
     except OSError as error:
         raise StartupError(f"{what}: {error.strerror}", EX_OSERR) from None
+
+
+@contextlib.contextmanager
+def _listen_errors() -> Iterator[None]:
+    try:
+        yield
+    except ListenError as error:
+        raise StartupError(str(error), EX_OSERR) from None
 
 
 @contextlib.contextmanager

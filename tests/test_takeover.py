@@ -659,7 +659,11 @@ def test_workers_hand_over_to_a_successor_with_another_number_of_workers(
             reply = page(proxy.host, proxy.port, user.name, user.password)[0]
             assert reply.startswith(REUSED), proxy.log_text()[-5000:]
             assert session_ids(dovecot, user.name) == sessions[user.name]
-        adopted = re.findall(r"hand-over: ([0-9]+) of ([0-9]+) sessions adopted", log)
-        assert sum(int(a) for a, _ in adopted) == len(users) and len(adopted) == 3
+
+        def adopted() -> list[str]:  # one line per new worker, written as each starts
+            return re.findall(r"hand-over: ([0-9]+) of [0-9]+ sessions adopted", proxy.log_text())
+
+        assert wait_until(lambda: len(adopted()) == 3, timeout=20)
+        assert sum(int(a) for a in adopted()) == len(users)
     finally:
         end_both(proxy, successor_pid)
