@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from gevent import socket, ssl
 
+from imapproxy import splice
 from imapproxy.protocol.scanner import INITIAL_CARRY, MAX_TAGGED_PREFIX_BYTES, ResponseScanner
 from imapproxy.send import send_quietly
 from imapproxy.trace import SessionTrace
@@ -81,9 +82,12 @@ class Copier:
         self.initial = initial  # bytes read before the relay began (after a login reply)
         self.client_alive = True
         self.drained = 0
+        self.spliced = 0  # literal bytes moved by the kernel (``splice``) in this session
         self.trace: SessionTrace | None = None
         # TLS hands back one record (16 KiB at most) per read: more are gathered before a send
         self.tls = isinstance(backend, ssl.SSLSocket)
+        # a large literal's rest through the kernel (``splice``): plain TCP at both ends only
+        self.splices = splice.AVAILABLE and not self.tls and not isinstance(client, ssl.SSLSocket)
         self.before_send: Callable[[], None] | None = None  # duplex: wait while C writes
         self.on_park: Callable[[bool], None] | None = None  # duplex: parked in recv or not
 
@@ -120,6 +124,9 @@ class Copier:
                 if self.tls and count < size:
                     count += self._more_records(view[carry + count : carry + size])
                 carry = self._forward(buf, view, carry, carry + count)
+                if self.scanner.literal_remaining >= splice.SPLICE_MIN_BYTES and self._may_splice():
+                    self._splice_literal()  # the read ended inside the literal: carry is 0
+                    continue
                 if size < MAX_READ_BYTES and (
                     count == size or self.scanner.literal_remaining > size
                 ):  # bulk data (a full read, or a big literal under way): read bigger pieces
@@ -137,6 +144,36 @@ class Copier:
             self.carry = bytes(buf[:carry])
             view.release()
             _give_buffer(buf)
+
+    def _may_splice(self) -> bool:
+        """The literal's bytes are needed by nobody here: no trace records them, no duplex
+        pump shares the client socket, and a client is there to take them."""
+        return (
+            self.splices
+            and self.client_alive
+            and self.trace is None
+            and self.before_send is None
+            and self.on_park is None
+        )
+
+    def _splice_literal(self) -> None:
+        """The rest of the literal under way, backend to client, without reading it here. A
+        client gone meanwhile leaves what is still coming to the drain of ``copy_until``."""
+        remaining = self.scanner.literal_remaining
+        try:
+            taken, delivered = splice.move(
+                self.backend.fileno(),
+                self.client.fileno(),
+                remaining,
+                self.backend.gettimeout(),
+                self.client.gettimeout(),
+            )
+        except splice.SourceClosed:
+            raise BackendGone("connection closed by server") from None
+        self.scanner.skipped(taken)
+        self.spliced += taken
+        if not delivered:
+            self.client_alive = False
 
     def _more_records(self, space: memoryview) -> int:
         """Read what TLS records have already arrived, without waiting; return the count."""

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from imapproxy.protocol.scanner import INITIAL_CARRY, MAX_TAGGED_PREFIX_BYTES, ResponseScanner
 from tests.support.feed import scan_stream, split
 
 FETCH = (
@@ -102,3 +103,36 @@ def test_chunking_never_changes_events(responses: list[bytes], step: int) -> Non
 @given(st.binary(max_size=3000), st.integers(min_value=1, max_value=100))
 def test_hostile_stream_never_crashes(data: bytes, step: int) -> None:
     scan_stream(split(data, step))
+
+
+@given(st.integers(min_value=0, max_value=90), st.integers(min_value=1, max_value=40))
+def test_skipped_literal_bytes_leave_the_same_events(cut: int, step: int) -> None:
+    """Bytes of a literal moved past the scanner (``splice``) change nothing but its count."""
+    body = (b"A1 OK inside\r\n" * 8)[:90]
+    head = b"* 1 FETCH (BODY[] {90}\r\n"
+    tail = b")\r\nA1 OK FETCH done\r\n"
+    scanner = ResponseScanner()
+    buf = bytearray(INITIAL_CARRY + head + body[:cut] + bytes(MAX_TAGGED_PREFIX_BYTES))
+    assert scanner.scan(buf, len(INITIAL_CARRY + head) + cut) == 0
+    assert scanner.literal_remaining == 90 - cut and not scanner.events
+    scanner.skipped(scanner.literal_remaining)
+    events: list[tuple[bytes, bytes]] = []
+    carry = b""
+    for chunk in split(tail, step):
+        buf = bytearray(carry + chunk + bytes(MAX_TAGGED_PREFIX_BYTES))
+        end = len(carry) + len(chunk)
+        keep = scanner.scan(buf, end)
+        carry = bytes(buf[end - keep : end])
+        events.extend(scanner.events)
+        scanner.events.clear()
+    assert events == [(b"A1", b"OK")] and scanner.at_boundary
+
+
+def test_skipping_more_than_the_literal_is_refused() -> None:
+    scanner = ResponseScanner()
+    buf = bytearray(INITIAL_CARRY + b"* 1 FETCH (BODY[] {10}\r\n012")
+    scanner.scan(buf, len(buf))
+    with pytest.raises(ValueError):
+        scanner.skipped(8)
+    scanner.skipped(7)
+    assert scanner.literal_remaining == 0

@@ -95,6 +95,13 @@ class ResponseScanner:
         self.at_boundary = end - 2 >= resume and buf[end - 2] == _CR and buf[end - 1] == _LF
         return min(end - pos, CARRY_BYTES)
 
+    def skipped(self, count: int) -> None:
+        """``count`` bytes of the literal under way went past without being scanned (moved by
+        the kernel, ``splice``): only its length matters, never its contents."""
+        if not 0 <= count <= self.literal_remaining:
+            raise ValueError("skipped more than the literal's remaining bytes")
+        self.literal_remaining -= count
+
     def _tagged_line(self, buf: bytearray, line: int, end: int) -> int:
         """Record the tagged line starting at ``line``; return where its word ends, or -1."""
         limit = min(end, line + MAX_TAGGED_PREFIX_BYTES)
