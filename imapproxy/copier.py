@@ -2,7 +2,9 @@
 
 ``recv_into`` one buffer, ``ResponseScanner.scan`` it (tagged completions, ``+`` lines, literal
 lengths; no per-line work in Python), ``sendall`` the same memory, until the caller's condition
-holds. That is all the proxy does with a backend's reply.
+holds. That is all the proxy does with a backend's reply. The rest of a large literal (a
+message body in a bulk FETCH) is not even read: the kernel moves it to the client (``splice``),
+and the scanner only counts it.
 
 The relay runs it two ways: inline (sequential mode: after forwarding a command, read until
 its completion, in the connection's own greenlet) or as the pump greenlet (duplex mode, for
