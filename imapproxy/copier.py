@@ -164,8 +164,8 @@ class Copier:
         remaining = self.scanner.literal_remaining
         try:
             taken, delivered = splice.move(
-                self.backend.fileno(),
-                self.client.fileno(),
+                self.backend,
+                self.client,
                 remaining,
                 self.backend.gettimeout(),
                 self.client.gettimeout(),

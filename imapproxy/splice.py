@@ -15,12 +15,18 @@ another client.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 
-from gevent.socket import wait_read, wait_write
+import gevent
+from gevent import socket
+from gevent.socket import wait
 
 SPLICE_MIN_BYTES = 65536  # below this, a read and a send cost less than the pipe's two calls
+# The server's socket is not reported readable before this much has come (SO_RCVLOWAT, never
+# more than the literal still owes): fewer, fuller moves instead of one per segment.
+LOW_WATER_BYTES = 262144
 PIPE_BYTES = 1 << 20  # asked of F_SETPIPE_SZ (the kernel's pipe-max-size, 1 MiB by default)
 POOLED_PIPES = 16
 AVAILABLE = hasattr(os, "splice")
@@ -50,8 +56,8 @@ class _Pipe:
 
 
 def move(
-    source: int,
-    sink: int,
+    source: socket.socket,
+    sink: socket.socket,
     count: int,
     source_timeout: float | None,
     sink_timeout: float | None,
@@ -65,26 +71,59 @@ def move(
     error on it: ``OSError``.
     """
     pipe = _free_pipes.pop() if _free_pipes else _Pipe()
+    ends = _Ends(source, sink)
     empty = False
     try:
-        taken, delivered = _move(pipe, source, sink, count, source_timeout, sink_timeout)
+        taken, delivered = _move(pipe, ends, count, source_timeout, sink_timeout)
         empty = delivered
         return taken, delivered
     finally:
+        ends.close()
         if empty and len(_free_pipes) < POOLED_PIPES:
             _free_pipes.append(pipe)
         else:
             pipe.close()
 
 
+class _Ends:
+    """The two sockets, their watchers (made once per move) and the server's low-water mark."""
+
+    __slots__ = ("source", "sink", "readable", "writable", "low_water", "_socket")
+
+    def __init__(self, source: socket.socket, sink: socket.socket) -> None:
+        loop = gevent.get_hub().loop
+        self.source, self.sink = source.fileno(), sink.fileno()
+        self.readable, self.writable = loop.io(self.source, 1), loop.io(self.sink, 2)
+        self.low_water = 1  # the kernel's default
+        self._socket = source
+
+    def wait_source(self, owed: int, timeout: float | None) -> None:
+        """Wait until the server sent ``LOW_WATER_BYTES`` (or all that is still ``owed``)."""
+        low_water = max(1, min(owed, LOW_WATER_BYTES))
+        if low_water != self.low_water:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
+            self.low_water = low_water
+        wait(self.readable, timeout=timeout, timeout_exc=TimeoutError("timed out"))
+
+    def wait_sink(self, timeout: float | None) -> None:
+        wait(self.writable, timeout=timeout, timeout_exc=TimeoutError())
+
+    def close(self) -> None:
+        if self.low_water != 1:
+            with contextlib.suppress(OSError):  # a socket gone has no mark to reset
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        self.readable.close()
+        self.writable.close()
+
+
 def _move(
     pipe: _Pipe,
-    source: int,
-    sink: int,
+    ends: _Ends,
     count: int,
     source_timeout: float | None,
     sink_timeout: float | None,
 ) -> tuple[int, bool]:
+    source, sink = ends.source, ends.sink
     taken = held = 0
     while taken < count or held:
         moved = False
@@ -105,11 +144,11 @@ def _move(
             continue
         if held:  # the client's socket is full: its reading, not the server, is awaited
             try:
-                wait_write(sink, timeout=sink_timeout, timeout_exc=TimeoutError())
+                ends.wait_sink(sink_timeout)
             except TimeoutError:
                 return taken, False
         else:
-            wait_read(source, timeout=source_timeout, timeout_exc=TimeoutError("timed out"))
+            ends.wait_source(count - taken, source_timeout)
     return taken, True
 
 

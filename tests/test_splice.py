@@ -56,7 +56,7 @@ def test_move_delivers_every_byte_in_order_and_keeps_the_pipe() -> None:
     with two_pairs() as (server, backend, client_side, client):
         writer = gevent.spawn(server.sendall, payload)
         reader = gevent.spawn(read_exactly, client, len(payload))
-        taken, delivered = splice.move(backend.fileno(), client_side.fileno(), len(payload), 5, 5)
+        taken, delivered = splice.move(backend, client_side, len(payload), 5, 5)
         assert (taken, delivered) == (len(payload), True)
         assert reader.get(timeout=10) == payload
         writer.get(timeout=10)
@@ -66,10 +66,28 @@ def test_move_delivers_every_byte_in_order_and_keeps_the_pipe() -> None:
 def test_move_stops_at_the_count_and_leaves_what_follows() -> None:
     with two_pairs() as (server, backend, client_side, client):
         server.sendall(b"x" * 200_000 + b")\r\nA1 OK done\r\n")
-        taken, delivered = splice.move(backend.fileno(), client_side.fileno(), 200_000, 5, 5)
+        taken, delivered = splice.move(backend, client_side, 200_000, 5, 5)
         assert (taken, delivered) == (200_000, True)
         assert read_exactly(client, 200_000) == b"x" * 200_000
         assert backend.recv(100) == b")\r\nA1 OK done\r\n"
+
+
+def test_a_literal_that_trickles_in_is_moved_whole_and_the_mark_is_reset() -> None:
+    """The low-water mark never asks for more than the literal still owes: no stall."""
+    pieces = [os.urandom(30_000) for _ in range(12)]
+
+    def trickle() -> None:
+        for piece in pieces:
+            server.sendall(piece)
+            gevent.sleep(0.01)
+
+    with two_pairs() as (server, backend, client_side, client):
+        writer = gevent.spawn(trickle)
+        reader = gevent.spawn(read_exactly, client, 360_000)
+        assert splice.move(backend, client_side, 360_000, 5, 5) == (360_000, True)
+        assert reader.get(timeout=10) == b"".join(pieces)
+        writer.get(timeout=10)
+        assert backend.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
 
 
 def test_a_client_gone_ends_the_move_early_and_the_pipe_is_closed() -> None:
@@ -78,7 +96,7 @@ def test_a_client_gone_ends_the_move_early_and_the_pipe_is_closed() -> None:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         client.close()  # a reset: the proxy's sends fail
         writer = gevent.spawn(server.sendall, b"y" * (4 << 20))
-        taken, delivered = splice.move(backend.fileno(), client_side.fileno(), 4 << 20, 5, 5)
+        taken, delivered = splice.move(backend, client_side, 4 << 20, 5, 5)
         assert not delivered
         assert 0 < taken <= 4 << 20
         writer.kill()
@@ -88,7 +106,7 @@ def test_a_client_gone_ends_the_move_early_and_the_pipe_is_closed() -> None:
 def test_a_client_that_stops_reading_times_out() -> None:
     with two_pairs() as (server, backend, client_side, _client):
         writer = gevent.spawn(server.sendall, b"z" * (32 << 20))
-        taken, delivered = splice.move(backend.fileno(), client_side.fileno(), 32 << 20, 5, 0.3)
+        taken, delivered = splice.move(backend, client_side, 32 << 20, 5, 0.3)
         assert not delivered and taken < 32 << 20
         writer.kill()
 
@@ -98,13 +116,13 @@ def test_a_server_closing_mid_literal_is_reported() -> None:
         server.sendall(b"w" * 100_000)
         server.close()
         with pytest.raises(splice.SourceClosed):
-            splice.move(backend.fileno(), client_side.fileno(), 300_000, 5, 5)
+            splice.move(backend, client_side, 300_000, 5, 5)
         assert read_exactly(client, 100_000) == b"w" * 100_000
 
 
 def test_a_silent_server_times_out() -> None:
     with two_pairs() as (_server, backend, client_side, _client), pytest.raises(TimeoutError):
-        splice.move(backend.fileno(), client_side.fileno(), 300_000, 0.2, 5)
+        splice.move(backend, client_side, 300_000, 0.2, 5)
 
 
 # -- Copier: a FETCH whose literal goes through the kernel ----------------------------------------
