@@ -17,6 +17,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import gevent
@@ -94,7 +95,13 @@ class SessionBroker(admin.AdminView, Protocol):
         replace: bool = True,
     ) -> Slot[BackendSession]: ...
 
-    def checkin(self, slot: Slot[BackendSession], outcome: Outcome) -> None: ...
+    def checkin(
+        self, slot: Slot[BackendSession], outcome: Outcome, then: Callable[[], object] | None = None
+    ) -> None: ...
+
+    def log_reuse(
+        self, session: BackendSession, username: str, where: str, origin: ClientOrigin | None
+    ) -> None: ...
 
 
 LOGGER = logging.getLogger("imapproxy")
@@ -404,6 +411,8 @@ class ClientConnection:
         reply = b"".join(login.untagged) + request.tag + b" " + login.reply + b"\r\n"
         sent = self._send(REUSE_NOTICE + reply if reused else reply)
         if reused:
+            username = request.credentials.username_text
+            self.proxy.log_reuse(session, username, self.where, self._origin)
             confirmed = self._confirm(slot, request, sent)
             del request  # the check is read: nothing here needs the password any more
             if confirmed is None:
@@ -423,9 +432,13 @@ class ClientConnection:
             relay = self._relay(session, reused)
             outcome = relay.run()
         finally:
-            self.proxy.checkin(slot, outcome)
-        if relay.farewell and relay.client_alive:  # after checkin: the next login can reuse it
-            self._send(relay.farewell)
+            # the farewell once the session is cached: the next login can reuse it already
+            self.proxy.checkin(slot, outcome, self._farewell(relay))
+
+    def _farewell(self, relay: Relay | None) -> Callable[[], object] | None:
+        if relay is None or not relay.farewell:
+            return None
+        return lambda: relay.client_alive and self._send(relay.farewell)
 
     def _confirm(
         self, slot: Slot[BackendSession], request: LoginRequested, sent: bool

@@ -198,15 +198,20 @@ class Proxy:
                 self._dead(slot, credentials, where, error)
                 continue
             self.counters.TotalServerConnectionsReused += 1
-            LOGGER.info(
-                "LOGIN: '%s' (%s) on existing sd [%d]%s",
-                credentials.username_text,
-                where,
-                session.sd,
-                _session_note(origin),
-            )
-            return slot, True
+            return slot, True  # logged by ``log_reuse`` once the client has its answer
         return self._new_session(credentials, client_id, digest, where, target, origin), False
+
+    def log_reuse(
+        self, session: BackendSession, username: str, where: str, origin: ClientOrigin | None
+    ) -> None:
+        """The line of a reuse, written after the client's answer: not on the page's path."""
+        LOGGER.info(
+            "LOGIN: '%s' (%s) on existing sd [%d]%s",
+            username,
+            where,
+            session.sd,
+            _session_note(origin),
+        )
 
     def _same_address(
         self, origin: ClientOrigin | None, client_id: tuple[bytes | None, ...] | None
@@ -307,8 +312,12 @@ class Proxy:
         )
         return slot
 
-    def checkin(self, slot: Slot[BackendSession], outcome: Outcome) -> None:
-        """The client is done with the session: cache it, or close it."""
+    def checkin(
+        self, slot: Slot[BackendSession], outcome: Outcome, then: Callable[[], object] | None = None
+    ) -> None:
+        """The client is done with the session: cache it, or close it. ``then`` (the client's
+        LOGOUT reply) runs as soon as the session is cached, so that the next login can reuse
+        it, and before the bookkeeping, so that the client does not wait for a log line."""
         session = slot.session
         assert session is not None
         if outcome is Outcome.RESYNCED:
@@ -317,19 +326,28 @@ class Proxy:
             self.counters.TotalServerConnectionsDropped += 1
             LOGGER.info("Invalidating server sd [%d]", session.sd)
             self.discard(slot)
-            return
-        if self.stopping and self.ship is not None and self.ship(slot, self.clock()):
-            return
-        if self.stopping or self.config.cache_expiration_time == 0:
+        elif self.stopping and self.ship is not None and self.ship(slot, self.clock()):
+            pass
+        elif self.stopping or self.config.cache_expiration_time == 0:
             self.discard(slot, logout=True)
+        else:
+            self._cache(slot, session, then)
             return
+        if then is not None:
+            then()
+
+    def _cache(
+        self, slot: Slot[BackendSession], session: BackendSession, then: Callable[[], object] | None
+    ) -> None:
+        was_empty = self.cache.cached_count == 0
+        self.cache.cache(slot, self.clock())
+        if then is not None:
+            then()
         LOGGER.info(
             "LOGOUT: '%s' from server sd [%d]",
             session.username.decode("utf-8", "replace"),
             session.sd,
         )
-        was_empty = self.cache.cached_count == 0
-        self.cache.cache(slot, self.clock())
         self._update_gauges()
         if was_empty:
             self._expiry_wakeup.set()
