@@ -15,7 +15,6 @@ another client.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 
@@ -24,9 +23,6 @@ from gevent import socket
 from gevent.socket import wait
 
 SPLICE_MIN_BYTES = 65536  # below this, a read and a send cost less than the pipe's two calls
-# The server's socket is not reported readable before this much has come (SO_RCVLOWAT, never
-# more than the literal still owes): fewer, fuller moves instead of one per segment.
-LOW_WATER_BYTES = 262144
 PIPE_BYTES = 1 << 20  # asked of F_SETPIPE_SZ (the kernel's pipe-max-size, 1 MiB by default)
 POOLED_PIPES = 16
 AVAILABLE = hasattr(os, "splice")
@@ -86,32 +82,22 @@ def move(
 
 
 class _Ends:
-    """The two sockets, their watchers (made once per move) and the server's low-water mark."""
+    """The two sockets' descriptors and watchers, made once per move rather than per wait."""
 
-    __slots__ = ("source", "sink", "readable", "writable", "low_water", "_socket")
+    __slots__ = ("source", "sink", "readable", "writable")
 
     def __init__(self, source: socket.socket, sink: socket.socket) -> None:
         loop = gevent.get_hub().loop
         self.source, self.sink = source.fileno(), sink.fileno()
         self.readable, self.writable = loop.io(self.source, 1), loop.io(self.sink, 2)
-        self.low_water = 1  # the kernel's default
-        self._socket = source
 
-    def wait_source(self, owed: int, timeout: float | None) -> None:
-        """Wait until the server sent ``LOW_WATER_BYTES`` (or all that is still ``owed``)."""
-        low_water = max(1, min(owed, LOW_WATER_BYTES))
-        if low_water != self.low_water:
-            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
-            self.low_water = low_water
+    def wait_source(self, timeout: float | None) -> None:
         wait(self.readable, timeout=timeout, timeout_exc=TimeoutError("timed out"))
 
     def wait_sink(self, timeout: float | None) -> None:
         wait(self.writable, timeout=timeout, timeout_exc=TimeoutError())
 
     def close(self) -> None:
-        if self.low_water != 1:
-            with contextlib.suppress(OSError):  # a socket gone has no mark to reset
-                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self.readable.close()
         self.writable.close()
 
@@ -148,7 +134,7 @@ def _move(
             except TimeoutError:
                 return taken, False
         else:
-            ends.wait_source(count - taken, source_timeout)
+            ends.wait_source(source_timeout)
     return taken, True
 
 
