@@ -24,7 +24,8 @@ would not show): it is a floor, up-imapproxy's cache without even its checks, no
 No parsing beyond the tag and those two commands, no logging, statistics, time-outs or limits.
 Correct only for a client that waits for each reply before its next command and sends no
 literal (the benchmark's page): a LOGIN with a literal, pipelining or IDLE would break it. A
-failed backend LOGIN is answered ``NO`` and the client closed.
+first line that is not a LOGIN gets ``* BAD`` and a failed backend LOGIN ``NO``, and the
+client is closed.
 """
 
 from __future__ import annotations
