@@ -50,7 +50,7 @@ from bench.floor_relay import CLIENT_RECV_BYTES, LISTEN_HOST, READ_BYTES, reply_
 from bench.loadgen import LoadGenerator
 from bench.mailstore import BenchDovecot, seed_all
 from bench.plan import DEFAULT, WEBMAIL_USERS, Plan
-from bench.run import Progress
+from bench.run import DOVECOT_CLIENT_LIMIT, Progress
 from bench.targets import (
     REPO,
     Target,
@@ -295,7 +295,9 @@ def serve_main(argv: Sequence[str]) -> None:
 # (``prepare``: two cached sessions per user and an unmeasured second at the largest
 # concurrency), so that no measured window pays for Dovecot logins. The rounds of a case
 # rotate the targets (``rotated_rounds``), and each round is accounted as in ``bench.run``
-# (``Bench.measure``: the proxy's user and system CPU from ``/proc``).
+# (``Bench.measure``: the proxy's user and system CPU from ``/proc``). Each of Dovecot's imap
+# processes serves one session, and the six targets keep two or more per user: Dovecot gets
+# ``bench.run``'s limits (2,000 would stop logins at the fourth target's pairs).
 
 TARGET_ORDER = ("floor-off", "floor-on", "ipx-off", "ipx-on", "up-off", "up-on")
 PRODUCTS = {"floor": "floor page", "ipx": "imapproxy", "up": "up-imapproxy"}
@@ -339,7 +341,7 @@ def measure(plan: Plan, progress: Callable[[str], None]) -> dict[tuple[int, str]
     try:
         with contextlib.ExitStack() as stack:
             progress(f"seeding Dovecot in {root}")
-            dovecot = BenchDovecot(root / "dovecot", fast=True, client_limit=2000)
+            dovecot = BenchDovecot(root / "dovecot", fast=True, client_limit=DOVECOT_CLIENT_LIMIT)
             seed_all(dovecot, plan.users, 0)
             start_dovecot(stack, dovecot)
             loadgen = LoadGenerator(LOADGEN_WORKERS)
