@@ -2,7 +2,8 @@
 
 ``python -m bench.floor_page serve --listen PORT --backend HOST:PORT [--select-cache]`` runs
 the floor page proxy; ``python -m bench.floor_page [--rounds N] [--window S]
-[--concurrency 1 8]`` measures it against imapproxy and up-imapproxy in one run (``measure``).
+[--concurrency 1 8]`` measures it against imapproxy and up-imapproxy in one run (``measure``);
+``python -m bench.floor_page syscalls`` counts the system calls per page of all six targets.
 
 The floor page proxy does what a connection-caching proxy must do for the benchmark's page
 (LOGIN, SELECT INBOX, the header FETCH, LOGOUT) and nothing else, in the style of
@@ -45,10 +46,11 @@ from pathlib import Path
 from gevent import socket
 from gevent.server import StreamServer
 
+from bench import syscalls
 from bench.figures import Summary, summarize
 from bench.floor_relay import CLIENT_RECV_BYTES, LISTEN_HOST, READ_BYTES, reply_state, send_all
 from bench.loadgen import LoadGenerator
-from bench.mailstore import BenchDovecot, seed_all
+from bench.mailstore import BenchDovecot, seed_all, webmail_users
 from bench.plan import DEFAULT, WEBMAIL_USERS, Plan
 from bench.run import DOVECOT_CLIENT_LIMIT, Progress
 from bench.targets import (
@@ -457,10 +459,65 @@ def measure_main(argv: Sequence[str]) -> None:
     print(table(summaries))
 
 
+# -- system calls per page ---------------------------------------------------------------------
+#
+# ``python -m bench.floor_page syscalls [--pages N] [--users N]``: the six targets traced as
+# ``bench.syscalls`` traces the proxies (``strace -c -f`` attached during a fixed number of
+# pages at c=1, quickack client, after one page per user; its table), so that the floor's
+# calls per page stand beside imapproxy's and up-imapproxy's from the same run.
+
+
+def traced_target(
+    stack: contextlib.ExitStack, product: str, dovecot: BenchDovecot, workdir: Path, cache: bool
+) -> Target:
+    if product == "floor page":
+        return start_floor_page(stack, dovecot, workdir, cache)[0]
+    return start_proxy(stack, product, dovecot, workdir, select_cache=cache)[0]
+
+
+def syscalls_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor_page syscalls")
+    parser.add_argument("--pages", type=int, default=syscalls.PAGES, help="pages per target")
+    parser.add_argument("--users", type=int, default=syscalls.USERS, help="users (cycled)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the proxies drop to nobody and strace attaches to them")
+    root = Path(tempfile.mkdtemp(prefix="imapproxy-floorpage-syscalls-"))
+    os.chmod(root, 0o755)
+    try:
+        with contextlib.ExitStack() as stack:
+            dovecot = BenchDovecot(root / "dovecot", fast=True)
+            seed_all(dovecot, args.users, 0)
+            start_dovecot(stack, dovecot)
+            loadgen = LoadGenerator(1)
+            stack.callback(loadgen.close)
+            names = webmail_users(args.users)
+            direct = direct_targets(dovecot)[0]
+            expected: dict[str, int] = {}
+            for _ in range(2):  # Dovecot indexes the mailboxes; each user's header bytes noted
+                job = syscalls.page_job(direct, names, {}, "warm")
+                expected = loadgen.run(job, syscalls.JOB_TIMEOUT_S).tally.observed
+            sequence = [names[i % len(names)] for i in range(args.pages)]
+            found = []
+            for key in TARGET_ORDER:
+                product, cache = PRODUCTS[key.rsplit("-", 1)[0]], key.endswith("-on")
+                target = traced_target(stack, product, dovecot, root / "proxies", cache)
+                syscalls.run_pages(loadgen, syscalls.page_job(target, names, expected, "warm"))
+                job = syscalls.page_job(target, sequence, expected, "counted")
+                label = f"{product}, SELECT cache {'on' if cache else 'off'}"
+                found.append(syscalls.trace(loadgen, label, target, job, root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"System calls per page on {revision()}: {args.pages} pages at c=1, quickack client\n")
+    print(syscalls.render(found))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["serve"]:
         serve_main(arguments[1:])
+    elif arguments[:1] == ["syscalls"]:
+        syscalls_main(arguments[1:])
     else:
         measure_main(arguments)
 
