@@ -2,8 +2,9 @@
 
 ``python -m bench.floor_page serve --listen PORT --backend HOST:PORT [--select-cache]`` runs
 the floor page proxy; ``python -m bench.floor_page [--rounds N] [--window S]
-[--concurrency 1 8]`` measures it against imapproxy and up-imapproxy in one run (``measure``);
-``python -m bench.floor_page syscalls`` counts the system calls per page of all six targets.
+[--concurrency 1 8] [--users N]`` measures it against imapproxy and up-imapproxy in one run
+(``measure``); ``python -m bench.floor_page syscalls`` counts the system calls per page of all
+six targets.
 
 The floor page proxy does what a connection-caching proxy must do for the benchmark's page
 (LOGIN, SELECT INBOX, the header FETCH, LOGOUT) and nothing else, in the style of
