@@ -116,15 +116,7 @@ def test_skipped_literal_bytes_leave_the_same_events(cut: int, step: int) -> Non
     assert scanner.scan(buf, len(INITIAL_CARRY + head) + cut) == 0
     assert scanner.literal_remaining == 90 - cut and not scanner.events
     scanner.skipped(scanner.literal_remaining)
-    events: list[tuple[bytes, bytes]] = []
-    carry = b""
-    for chunk in split(tail, step):
-        buf = bytearray(carry + chunk + bytes(MAX_TAGGED_PREFIX_BYTES))
-        end = len(carry) + len(chunk)
-        keep = scanner.scan(buf, end)
-        carry = bytes(buf[end - keep : end])
-        events.extend(scanner.events)
-        scanner.events.clear()
+    events, _ = scan_stream(split(tail, step), scanner, carry=b"")  # the scan kept no carry
     assert events == [(b"A1", b"OK")] and scanner.at_boundary
 
 

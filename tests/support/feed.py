@@ -23,11 +23,13 @@ def framer_events(framer: CommandFramer, accept: bool = True) -> list[object]:
     return out
 
 
-def scan_stream(chunks: list[bytes]) -> tuple[list[tuple[bytes, bytes]], ResponseScanner]:
-    """Feed chunks the way the copier does (the carry kept at the front of the next buffer)."""
-    scanner = ResponseScanner()
+def scan_stream(
+    chunks: list[bytes], scanner: ResponseScanner | None = None, carry: bytes = INITIAL_CARRY
+) -> tuple[list[tuple[bytes, bytes]], ResponseScanner]:
+    """Feed chunks the way the copier does (the carry kept at the front of the next buffer),
+    to a new scanner or to one that already saw the stream's start (with the carry it left)."""
+    scanner = scanner or ResponseScanner()
     events: list[tuple[bytes, bytes]] = []
-    carry = INITIAL_CARRY
     for chunk in chunks:
         buf = bytearray(carry + chunk + bytes(MAX_TAGGED_PREFIX_BYTES))
         end = len(carry) + len(chunk)
