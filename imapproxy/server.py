@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger("imapproxy")
 
+STOP_MARGIN_S = 10.0  # beyond this process's longest stop (clients, then logouts)
 LOGOUT_CONCURRENCY = 64  # expiring/evicted sessions logged out at once, at most
 TOO_MANY_BYE = b"* BYE Too many connections, try again later\r\n"
 REFUSAL_LOG_INTERVAL_S = 10.0  # a flood of refusals makes one log line per interval
@@ -524,6 +525,10 @@ class Proxy:
         self.stopping = True
         for server in self.servers:
             server.close()
+        if self.ship is not None and self.workers is not None:  # handed over; the others serve
+            # on: the clients they handed here are in the inbox once they answered, and they
+            # hand no more (the inbox stays served until the clients below are done)
+            self.workers.announce_stopping(2 * timeout + STOP_MARGIN_S)
         self._ship_or_drain()
         self._update_gauges()
         self.clients.join(timeout=timeout)

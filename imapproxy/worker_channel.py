@@ -11,6 +11,10 @@ a worker that is being restarted finds what was sent meanwhile waiting in its in
   (``relay_tls_client``), since TLS keys cannot change process.
 * An ``XPROXY_*`` command that answers for the whole proxy is sent to every other worker with
   the end of a fresh socket pair on which each writes its part (``call_others``).
+* A worker that has handed over to a successor and stops tells the others (``Stopping``) and
+  waits until each has answered into its own inbox (``announce_stopping``): every client they
+  handed it before is then in that inbox, and they hand it no more (they serve those users
+  themselves), so no client reaches a worker that is about to exit.
 """
 
 from __future__ import annotations
@@ -19,19 +23,28 @@ import contextlib
 import logging
 import os
 import select
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
+import gevent.event
 from gevent import socket
 
 from imapproxy import affinity, worker_message
 from imapproxy.session_transfer import SessionRecord
-from imapproxy.worker_message import AdminCall, HandedClient, HandedSession, MessageError
+from imapproxy.worker_message import (
+    AdminCall,
+    HandedClient,
+    HandedSession,
+    MessageError,
+    Stopping,
+)
 
 LOGGER = logging.getLogger("imapproxy")
 
 SEND_TIMEOUT_S = 5.0  # an owner that does not take a client for this long: serve it here
+SEEN_TIMEOUT_S = 2.0  # a stopping worker waits this long at most for the others' answers
 ADMIN_REPLY_TIMEOUT_S = 5.0  # a worker's part of an XPROXY_* answer
 INBOX_BUFFER_BYTES = 1 << 20
 RELAY_CHUNK_BYTES = 65536
@@ -64,6 +77,9 @@ class WorkerChannel:
         self.count = len(inboxes.pairs)
         self._writers = [writer for writer, _ in inboxes.pairs]
         self._inbox = inboxes.pairs[index][1]
+        self._stopping: dict[int, float] = {}  # worker -> until when (monotonic) it may stop
+        self._seen: set[int] = set()  # workers that answered this one's Stopping
+        self._seen_changed = gevent.event.Event()
 
     def owner(self, username: bytes) -> int:
         return affinity.owner(username, self.count)
@@ -83,7 +99,10 @@ class WorkerChannel:
         return self._send(self.owner(username), data, sock.fileno())
 
     def hand_over(self, owner: int, message: HandedClient, sock: socket.socket) -> bool:
-        """Send a client to its owner; False if it could not go (then it is served here)."""
+        """Send a client to its owner; False if it could not go (then it is served here), or
+        if the owner is stopping."""
+        if self.stopping(owner):
+            return False
         try:
             data = worker_message.encode(message)
         except MessageError as error:
@@ -94,11 +113,50 @@ class WorkerChannel:
         _forget(sock.fileno())
         return True
 
-    def _send(self, worker: int, data: bytes, fd: int) -> bool:
+    def stopping(self, worker: int) -> bool:
+        until = self._stopping.get(worker)
+        return until is not None and time.monotonic() < until
+
+    def announce_stopping(self, lasts_s: float) -> bool:
+        """Tell every other worker that this one stops (for ``lasts_s`` at most), and wait
+        until each has answered, ``SEEN_TIMEOUT_S`` at most; True if all did. Workers known
+        to stop themselves are not waited for (they may be gone)."""
+        data = worker_message.encode(Stopping(self.index, lasts_s))
+        waited = set()
+        for worker in range(self.count):
+            known = worker == self.index or self.stopping(worker)
+            if not known and self._send(worker, data, None):
+                waited.add(worker)
+        deadline = time.monotonic() + SEEN_TIMEOUT_S
+        while not waited <= self._seen and (left := deadline - time.monotonic()) > 0:
+            self._seen_changed.clear()
+            self._seen_changed.wait(left)
+        missing = waited - self._seen
+        LOGGER.info(
+            "worker %d stops: %d other workers answered, none hands it a client any more",
+            self.index,
+            len(waited - missing),
+        )
+        if missing:
+            LOGGER.warning(
+                "workers %s did not answer that worker %d stops", sorted(missing), self.index
+            )
+        return not missing
+
+    def _took_note(self, message: Stopping) -> None:
+        if message.seen:
+            self._seen.add(message.worker)
+            self._seen_changed.set()
+            return
+        self._stopping[message.worker] = time.monotonic() + message.lasts_s
+        answer = worker_message.encode(Stopping(self.index, seen=True))
+        self._send(message.worker, answer, None)  # behind what this worker handed it before
+
+    def _send(self, worker: int, data: bytes, fd: int | None) -> bool:
         writer = self._writers[worker]
         try:
             with gevent.Timeout(SEND_TIMEOUT_S, TimeoutError):
-                socket.send_fds(writer, [data], [fd])
+                socket.send_fds(writer, [data], [] if fd is None else [fd])
         except OSError as error:  # TimeoutError is one
             LOGGER.warning("worker %d does not take messages (%s)", worker, error)
             return False
@@ -151,14 +209,17 @@ class WorkerChannel:
         socks = [socket.socket(fileno=fd) for fd in fds]
         try:
             message = worker_message.decode(data)
-            if len(socks) != 1:
-                raise MessageError(f"{len(socks)} descriptors with a message, expected 1")
+            wanted = 0 if isinstance(message, Stopping) else 1
+            if len(socks) != wanted:
+                raise MessageError(f"{len(socks)} descriptors with a message, expected {wanted}")
         except MessageError as error:
             LOGGER.error("worker %d inbox: message refused: %s", self.index, error)
             for sock in socks:
                 sock.close()
             return
-        if isinstance(message, HandedClient):
+        if isinstance(message, Stopping):
+            self._took_note(message)
+        elif isinstance(message, HandedClient):
             on_client(message, socks[0])
         elif isinstance(message, HandedSession):
             on_session(message.record, socks[0])

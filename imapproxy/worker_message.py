@@ -69,7 +69,19 @@ class HandedSession:
     record: bytes = field(repr=False)
 
 
-Message = HandedClient | AdminCall | HandedSession
+@dataclass(frozen=True)
+class Stopping:
+    """Worker ``worker`` has handed over and stops: hand it no client for ``lasts_s`` seconds
+    (how long its stop may take). ``seen``: the answer of a worker that took note, sent into
+    the stopping worker's own inbox, where it comes behind every client that worker handed
+    there before (one socket: its packets keep their order)."""
+
+    worker: int
+    lasts_s: float = 0.0
+    seen: bool = False
+
+
+Message = HandedClient | AdminCall | HandedSession | Stopping
 
 
 def _b64(data: bytes) -> str:
@@ -100,6 +112,13 @@ def encode(message: Message) -> bytes:
         }
     elif isinstance(message, HandedSession):
         body = {"kind": "session", "record": _b64(message.record)}
+    elif isinstance(message, Stopping):
+        body = {
+            "kind": "stopping",
+            "worker": message.worker,
+            "lasts_s": message.lasts_s,
+            "seen": message.seen,
+        }
     else:
         body = {
             "kind": "admin",
@@ -127,6 +146,8 @@ def decode(data: bytes) -> Message:
             return AdminCall(_bytes(body["name"]), _bytes_or_none(body["argument"]))
         if body.get("kind") == "session":
             return HandedSession(_bytes(body["record"]))
+        if body.get("kind") == "stopping":
+            return Stopping(_index(body["worker"]), _seconds(body["lasts_s"]), _flag(body["seen"]))
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
         raise MessageError("malformed worker message") from None
     raise MessageError("unknown worker message")
@@ -166,6 +187,18 @@ def _flag(value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError("expected true or false")
     return value
+
+
+def _index(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 16:
+        raise TypeError("expected a worker index")
+    return value
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
+        raise TypeError("expected a duration")
+    return float(value)
 
 
 def _list(value: object) -> list[object]:

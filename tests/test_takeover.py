@@ -332,6 +332,9 @@ def test_hand_over_under_load_fails_no_page_and_keeps_the_cache(
             proxy.log_text(),
         )
         assert len(done) == workers  # each worker (or the one process) handed over
+        if workers > 1:  # each told the others, which then served its users themselves
+            assert proxy.log_text().count("none hands it a client any more") == workers
+            assert "did not answer that worker" not in proxy.log_text()
         moved, late = (sum(int(d[i]) for d in done) for i in (0, 1))
         assert "not adopted" not in successor.log_text()  # the late ones too
         report_figure(

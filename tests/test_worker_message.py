@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from imapproxy import affinity, worker_message
 from imapproxy.credentials import Credentials
-from imapproxy.worker_message import AdminCall, HandedClient, MessageError
+from imapproxy.worker_message import AdminCall, HandedClient, MessageError, Stopping
 
 CLIENT = HandedClient(
     tag=b"a1",
@@ -31,6 +31,26 @@ def test_a_handed_client_comes_back_whole() -> None:
 def test_an_admin_call_comes_back_whole() -> None:
     for call in (AdminCall(b"XPROXY_TRACE", b"someone"), AdminCall(b"XPROXY_DUMPICC", None)):
         assert worker_message.decode(worker_message.encode(call)) == call
+
+
+def test_a_stopping_note_and_its_answer_come_back_whole() -> None:
+    for note in (Stopping(1, 30.0), Stopping(0, seen=True)):
+        assert worker_message.decode(worker_message.encode(note)) == note
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        '"worker": true, "lasts_s": 1, "seen": false',
+        '"worker": -1, "lasts_s": 1, "seen": false',
+        '"worker": 1, "lasts_s": -5, "seen": false',
+        '"worker": 1, "lasts_s": 1, "seen": 0',
+        '"worker": "1", "lasts_s": 1, "seen": false',
+    ],
+)
+def test_a_stopping_note_of_the_wrong_shape_is_refused(fields: str) -> None:
+    with pytest.raises(MessageError):
+        worker_message.decode(b'IPXM\x01{"kind": "stopping", ' + fields.encode() + b"}")
 
 
 def test_the_password_is_in_no_repr() -> None:
