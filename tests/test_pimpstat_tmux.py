@@ -4,7 +4,6 @@ screen driven in tmux (send-keys, capture-pane) against a live proxy."""
 from __future__ import annotations
 
 import itertools
-import mmap
 import os
 import shlex
 import shutil
@@ -21,6 +20,7 @@ from tests.support.client import RawClient, logged_in
 from tests.support.dovecot import User
 from tests.support.polling import wait_until
 from tests.support.proxy import REPO, ProxyProcess, write_config
+from tests.support.statsfile import close_file
 
 PIMPSTAT = [sys.executable, "-m", "pimpstat.app"]
 DEBIAN_PIMPSTAT = "/usr/sbin/pimpstat"
@@ -314,9 +314,7 @@ def test_the_screen_waits_for_a_missing_or_short_file(
         counters.TotalClientLogins = 42
         session.wait_for(showing("client logins:", "42"), "the file's figures")
     finally:
-        counters.release()
-        assert isinstance(counters.buffer, mmap.mmap)
-        counters.buffer.close()
+        close_file(counters)
 
     stat_path.unlink()
     session.wait_for_text("WAITING FOR THE STATISTICS FILE")
@@ -345,13 +343,6 @@ def worker_file(stat_path: Path) -> tuple[stats.Counters, stats.Totals]:
         counters.set_worker_pid(index - 1, 4000 + index)
     totals.update()
     return counters, totals
-
-
-def close_worker_file(counters: stats.Counters, totals: stats.Totals) -> None:
-    totals.release()
-    counters.release()
-    assert isinstance(counters.buffer, mmap.mmap)
-    counters.buffer.close()
 
 
 WORKER_TOTALS = (
@@ -383,7 +374,7 @@ def test_debians_dash_c_reads_the_totals_of_a_multi_worker_file(tmp_path: Path) 
         assert theirs.stdout.decode() == WORKER_TOTALS
         assert pimpstat("-c", "-f", str(config)).stdout == theirs.stdout
     finally:
-        close_worker_file(counters, totals)
+        close_file(counters, totals)
 
 
 def test_our_dash_c_sums_the_workers_between_the_supervisors_updates(tmp_path: Path) -> None:
@@ -397,7 +388,7 @@ def test_our_dash_c_sums_the_workers_between_the_supervisors_updates(tmp_path: P
         if os.access(DEBIAN_PIMPSTAT, os.X_OK):  # Debian's shows the last sample
             assert debian_pimpstat("-c", "-f", str(config)).stdout.decode() == WORKER_TOTALS
     finally:
-        close_worker_file(counters, totals)
+        close_file(counters, totals)
 
 
 @needs_tmux
@@ -431,4 +422,4 @@ def test_the_workers_view_on_screen(
         session.wait_for_end()
         assert session.stderr() == ""
     finally:
-        close_worker_file(counters, totals)
+        close_file(counters, totals)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from imapproxy import stats
 from pimpstat import app, view
 from pimpstat.view import BLANK, Row
+from tests.support.statsfile import close_file
 
 START = 1_700_000_000  # Tue Nov 14 22:13:20 2023 UTC
 RESET = START + 3600
@@ -403,13 +403,6 @@ def worker_file(path: str) -> tuple[stats.Counters, stats.Totals]:
     return counters, totals
 
 
-def close_worker_file(counters: stats.Counters, totals: stats.Totals) -> None:
-    totals.release()
-    counters.release()
-    assert isinstance(counters.buffer, mmap.mmap)
-    counters.buffer.close()
-
-
 def test_the_workers_view_has_a_line_per_worker_and_the_totals(tmp_path: Path) -> None:
     path = str(tmp_path / "pimpstats")
     counters, totals = worker_file(path)
@@ -444,7 +437,7 @@ def test_the_workers_view_has_a_line_per_worker_and_the_totals(tmp_path: Path) -
     monitor.read(1.0)
     assert monitor.rows()[3].label.split()[:3] == ["0", "-", "0"]  # an empty slot
     assert monitor.rows()[5].label.split()[4] == "32"  # its logins stay in the totals
-    close_worker_file(counters, totals)
+    close_file(counters, totals)
 
 
 def test_the_counters_and_dash_c_show_every_workers_totals(
@@ -459,7 +452,7 @@ def test_the_counters_and_dash_c_show_every_workers_totals(
     assert value_of(rows, "server connection reuses:") == "        7"
     assert app.print_counters(path) == 0
     assert " 32 Total Client Logins\n 7 Total Reused Connections\n" in capsys.readouterr().out
-    close_worker_file(counters, totals)
+    close_file(counters, totals)
 
 
 def test_a_file_without_a_worker_table_says_so_in_the_workers_view() -> None:

@@ -4,7 +4,6 @@ exits), and the readers (``read_file``, ``summed``) on files old and new. No soc
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 
 from imapproxy import stats
 from imapproxy.stats import Counters, Totals
+from tests.support.statsfile import close_file
 
 START = 1_700_000_000
 LATER = START + 60
@@ -24,12 +24,6 @@ LATER = START + 60
 @pytest.fixture
 def path(tmp_path: Path) -> str:
     return str(tmp_path / "pimpstats")
-
-
-def close(counters: Counters) -> None:
-    counters.release()
-    assert isinstance(counters.buffer, mmap.mmap)
-    counters.buffer.close()  # raises BufferError if a view was left behind
 
 
 @pytest.fixture
@@ -41,8 +35,7 @@ def three(path: str) -> Iterator[tuple[Counters, Totals]]:
     for worker in totals.workers:
         worker.start(START + 1)
     yield counters, totals
-    totals.release()
-    close(counters)
+    close_file(counters, totals)
 
 
 def u32(buffer: bytes, offset: int) -> int:
@@ -71,7 +64,7 @@ def test_one_worker_is_todays_file_byte_for_byte(path: str, tmp_path: Path) -> N
         counters.TotalClientLogins += 7
         counters.set_backend_tls(1, START, "working")
         assert counters.worker_count() == 0 and counters.WorkerRestarts == 0
-        close(counters)
+        close_file(counters)
     expected = Counters(bytearray(stats.FILE_SIZE))
     expected.start(START)
     expected.client_connected()
@@ -87,7 +80,7 @@ def test_one_worker_is_todays_file_byte_for_byte(path: str, tmp_path: Path) -> N
 
 def test_the_worker_table_at_its_documented_offsets(path: str) -> None:
     counters = stats.create_file(path, workers=3)
-    close(counters)
+    close_file(counters)
     data = file_bytes(path)
     assert len(data) == stats.file_size(3) == 808 + 3 * 408
     assert data[392:416] == b"IPXW" + struct.pack("<IQQ", 3, 0, 0)
@@ -107,7 +100,7 @@ def test_a_workers_writes_land_in_its_block_and_nowhere_else(path: str) -> None:
     counters.set_worker_pid(1, 4242)
     counters.count_worker_restart(2)
     worker.release()
-    close(counters)
+    close_file(counters)
     after = file_bytes(path)
     block, slot1, slot2 = 1232, 808 + 408, 808 + 2 * 408
     assert u32(after, block + 44) == 0x01020304
@@ -148,7 +141,7 @@ def test_every_counters_method_works_on_a_workers_block(path: str) -> None:
     other = counters.worker(1)
     assert other.snapshot()["CurrentClientConnections"] == 0
     other.release()
-    close(counters)
+    close_file(counters)
 
 
 def test_out_of_range_and_missing_tables_are_errors(path: str) -> None:
@@ -166,7 +159,7 @@ def test_out_of_range_and_missing_tables_are_errors(path: str) -> None:
     for index in (-1, 2):
         with pytest.raises(IndexError, match="no worker"):
             counters.worker(index)
-    close(counters)
+    close_file(counters)
 
 
 def test_an_in_memory_table_is_shared_with_a_forked_process() -> None:
@@ -182,7 +175,7 @@ def test_an_in_memory_table_is_shared_with_a_forked_process() -> None:
     worker = counters.worker(1)
     assert worker.TotalClientLogins == 9
     worker.release()
-    close(counters)
+    close_file(counters)
 
 
 # -- Totals: the supervisor's sums --------------------------------------------------------------
@@ -323,8 +316,7 @@ def test_totals_start_keeps_the_supervisors_tls_status_and_zeroes_restarts(path:
     totals.update()
     assert counters.backend_tls() == (1, START, "working") and counters.WorkerRestarts == 0
     assert (counters.StartTime, counters.CountTime) == (LATER, LATER)
-    totals.release()
-    close(counters)
+    close_file(counters, totals)
 
 
 # -- readers --------------------------------------------------------------------------------------
@@ -376,7 +368,7 @@ def test_a_table_cut_short_reads_the_whole_slots_it_has(path: str) -> None:
     worker = counters.worker(1)
     worker.TotalClientLogins = 4
     worker.release()
-    close(counters)
+    close_file(counters)
     data = file_bytes(path)
     for size, count in ((808 + 2 * 408 + 100, 2), (808 + 10, 0), (500, 0)):
         Path(path).write_bytes(data[:size])
@@ -388,7 +380,7 @@ def test_a_table_cut_short_reads_the_whole_slots_it_has(path: str) -> None:
 
 def test_a_table_claiming_more_workers_than_the_file_holds(path: str) -> None:
     counters = stats.create_file(path, workers=2)
-    close(counters)
+    close_file(counters)
     data = bytearray(file_bytes(path))
     data[396:400] = struct.pack("<I", 2**32 - 1)
     Path(path).write_bytes(bytes(data))
@@ -451,8 +443,7 @@ def test_totals_are_the_sums_of_random_blocks(
     for name in FIELDS:
         expected = wrapped_sum(PEAKS.get(name, name), everything)
         assert getattr(counters, name) == summed[name] == expected, name
-    totals.release()
-    close(counters)
+    close_file(counters, totals)
 
 
 def test_the_log_lines_of_the_totals_and_of_each_worker(three: tuple[Counters, Totals]) -> None:
