@@ -370,7 +370,7 @@ class ClientConnection:
         )
 
     def _login(self, request: LoginRequested) -> LoggedIn | None:
-        self.proxy.counters.TotalClientLogins += 1
+        self.proxy.counters.login_requested()
         started = time.perf_counter()
         try:
             slot, reused = self.proxy.checkout(

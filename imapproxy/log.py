@@ -12,20 +12,14 @@ import logging
 import os
 import sys
 import syslog
-from typing import TextIO
+import time
+from typing import Any, TextIO
 
 from imapproxy.config import Config
 
-LOGGER = logging.getLogger("imapproxy")
-
-# Two lines per webmail page: spare each record the stack walk for its caller and the
-# thread/process lookups (a getpid system call each) that no line of ours prints.
-logging._srcfile = None
-logging.logThreads = False
-logging.logProcesses = False
-logging.logMultiprocessing = False
 SYSLOG_IDENT = "in.imapproxyd"
 NOTICE = 25
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 logging.addLevelName(NOTICE, "NOTICE")
 
 # syslog priority -> the lowest logging level still shown under LOG_UPTO(priority)
@@ -66,6 +60,10 @@ class SyslogHandler(logging.Handler):
         except Exception:  # a logging failure must never take a client down
             self.handleError(record)
 
+    def line(self, level: int, text: str) -> None:
+        """``text`` as ``emit`` writes a record's message (``_ProxyLogger``'s short way)."""
+        syslog.syslog(_syslog_priority(level), text)
+
 
 class _Formatter(logging.Formatter):
     """The foreground format, with the time text made once a second, not once a line."""
@@ -78,6 +76,82 @@ class _Formatter(logging.Formatter):
         if second != self._second:
             self._second, self._text = second, super().formatTime(record, datefmt)
         return self._text
+
+
+class _StreamHandler(logging.StreamHandler):
+    """stderr in the foreground: ``"<time> in.imapproxyd[<pid>]: <message>"`` per line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._prefix = ""
+        self._second = -1
+        self.stamp()
+
+    def stamp(self) -> None:
+        """The pid in the lines: this process's (again after a worker's fork)."""
+        self._ident = f" {SYSLOG_IDENT}[{os.getpid()}]: "
+        self.setFormatter(_Formatter(f"%(asctime)s{self._ident}%(message)s", TIME_FORMAT))
+
+    def line(self, level: int, text: str) -> None:
+        """What ``emit`` writes for a record whose message is ``text``, made without one."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the time text made once a second, as ``_Formatter``
+            self._second = second
+            self._prefix = time.strftime(TIME_FORMAT, time.localtime(now)) + self._ident
+        with self.lock:  # type: ignore[union-attr]
+            self.stream.write(self._prefix + text + "\n")
+            self.stream.flush()
+
+
+class _ProxyLogger(logging.Logger):
+    """The ``imapproxy`` logger, with a short way for a plain line.
+
+    Two lines are written per webmail page, and the stdlib's way (a ``LogRecord``, filters,
+    handler locks, a formatter) costs some thirty Python calls each. Once ``setup`` has given
+    the logger its one handler of ours (``fast``), ``info``, ``warning`` and ``log`` with
+    positional arguments only write the message through that handler's ``line``: the same
+    text, a few calls. Anything else (``exception``, ``exc_info``, a mapping argument, a
+    logger without our handler, as in tests) takes the stdlib's way.
+    """
+
+    fast: _StreamHandler | SyslogHandler | None = None
+
+    def _line(self, level: int, msg: object, args: tuple[object, ...]) -> bool:
+        handler = self.fast
+        if handler is None or (args and len(args) == 1 and isinstance(args[0], dict)):
+            return False
+        try:
+            text = str(msg) % args if args else str(msg)
+            handler.line(level, text)
+        except Exception:  # the stdlib's way reports it (``handleError``)
+            return False
+        return True
+
+    def info(self, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.isEnabledFor(logging.INFO) and (kwargs or not self._line(logging.INFO, msg, args)):
+            self._log(logging.INFO, msg, args, **kwargs)
+
+    def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.isEnabledFor(logging.WARNING) and (
+            kwargs or not self._line(logging.WARNING, msg, args)
+        ):
+            self._log(logging.WARNING, msg, args, **kwargs)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.isEnabledFor(level) and (kwargs or not self._line(level, msg, args)):
+            self._log(level, msg, args, **kwargs)
+
+
+def _proxy_logger() -> _ProxyLogger:
+    logger = logging.getLogger("imapproxy")
+    if not isinstance(logger, _ProxyLogger):  # made before this module was imported
+        logger.__class__ = _ProxyLogger
+    assert isinstance(logger, _ProxyLogger)
+    return logger
+
+
+LOGGER = _proxy_logger()
 
 
 def _lighter_records() -> None:
@@ -93,31 +167,26 @@ def _lighter_records() -> None:
 def setup(config: Config, *, foreground: bool, stream: TextIO | None = None) -> None:
     """Route the ``imapproxy`` logger to syslog, or to ``stream`` (stderr) in the foreground."""
     _lighter_records()
+    LOGGER.fast = None
     for old in list(LOGGER.handlers):
         LOGGER.removeHandler(old)
         old.close()
-    handler: logging.Handler
+    handler: _StreamHandler | SyslogHandler
     if foreground:
-        handler = logging.StreamHandler(stream or sys.stderr)
-        handler.setFormatter(_stream_formatter())
+        handler = _StreamHandler(stream or sys.stderr)
     else:
         handler = SyslogHandler(config.syslog_facility)
     LOGGER.addHandler(handler)
     LOGGER.propagate = False
+    LOGGER.fast = handler
     set_mask(config)
-
-
-def _stream_formatter() -> logging.Formatter:
-    return _Formatter(
-        f"%(asctime)s {SYSLOG_IDENT}[{os.getpid()}]: %(message)s", "%Y-%m-%d %H:%M:%S"
-    )
 
 
 def forked() -> None:
     """In a worker process (``workers N``): its own pid in the lines (syslog adds it itself)."""
     for handler in LOGGER.handlers:
-        if isinstance(handler.formatter, _Formatter):
-            handler.setFormatter(_stream_formatter())
+        if isinstance(handler, _StreamHandler):
+            handler.stamp()
 
 
 def host_port(host: object, port: object) -> str:

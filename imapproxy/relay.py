@@ -227,7 +227,7 @@ class Relay:
         self.session.sock.settimeout(self.settings.idle_timeout)  # None again once done
         if self.sent_early is not None:  # sent behind the reuse check: one wait for both
             self._started_early(self.sent_early)  # outstanding before its reply is copied
-            self.counters.BackendWaits += 1
+            self.counters.backend_waited()
             self._copy(self.state.replies_done)
         else:
             self._copy(lambda: True)  # what the server sent after the login reply, if anything
@@ -339,7 +339,7 @@ class Relay:
             if not self.state.stays_duplex() and not self._stop_pump():
                 raise _Desync(self.backend_gone or "server did not end the IDLE")
             return
-        self.counters.BackendWaits += 1
+        self.counters.backend_waited()
         self._copy(self.state.replies_done)
         if self.state.goes_duplex():
             self._go_duplex()  # IDLE (or NOTIFY) is on: the server speaks when it likes
@@ -389,7 +389,7 @@ class Relay:
             return state.literal_answered(tag)
 
         if self._pump is None:
-            self.counters.BackendWaits += 1
+            self.counters.backend_waited()
             self._copy(answered, self.settings.response_timeout)
         elif not self._wait_until(answered, self.settings.response_timeout):
             raise _Desync("no reply to a literal")

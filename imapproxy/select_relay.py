@@ -112,7 +112,7 @@ class SelectRelay:
             host.send_own(entry.reply(tag, closed))
             return
         host.counters.SelectCacheMisses += 1
-        host.counters.BackendWaits += 1
+        host.counters.backend_waited()
         session.select_entry = None
         pieces = [line if line.endswith(b"\n") else line + b"\r\n" for line in lines]
         untagged, done = session.relay_command(pieces, literals, tag, self.response_timeout)
@@ -129,7 +129,7 @@ class SelectRelay:
         session = self.host.session
         if session.select_checked_just_now(time.monotonic()):
             return True
-        self.host.counters.BackendWaits += 1
+        self.host.counters.backend_waited()
         return session.select_entry_holds(entry, self.response_timeout)
 
 

@@ -198,7 +198,7 @@ class Proxy:
             except (BackendFailure, OSError) as error:
                 self._dead(slot, credentials, where, error)
                 continue
-            self.counters.TotalServerConnectionsReused += 1
+            self.counters.session_reused()
             return slot, True  # logged by ``log_reuse`` once the client has its answer
         return self._new_session(credentials, client_id, digest, where, target, origin), False
 
@@ -245,9 +245,9 @@ class Proxy:
         sent_at, route = session.check_sent_at, slot.server
         try:
             if session.finish_check() and not merged:
-                self.counters.BackendWaits += 1  # the overlap did not hide the check this time
+                self.counters.backend_waited()  # the overlap did not hide the check this time
         except (BackendFailure, OSError) as error:
-            self.counters.TotalServerConnectionsReused -= 1
+            self.counters.session_reused(-1)
             self._dead(slot, credentials, where, error)
             if not replace:
                 raise BackendFailure(FailureKind.LOST, "the client left; no new session") from None
