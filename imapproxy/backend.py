@@ -44,6 +44,7 @@ from imapproxy.reuse_check import ReuseCheck
 from imapproxy.select_cache import SelectEntry, check_commands, still_valid
 from imapproxy.send import send_all
 from imapproxy.tls_status import TLSHealth, TLSState
+from imapproxy.waits import SocketWaits
 
 _TAG_PREFIX = b"ipx" + secrets.token_hex(3).encode()  # drawn once per process
 _tag_numbers = itertools.count(1)
@@ -111,6 +112,7 @@ class BackendSession:
         "check_sent_monotonic",
         "origin_ip",
         "server",
+        "waits",
     )
 
     def __init__(self, sock: socket.socket, address: Address, login: LoginResult) -> None:
@@ -133,6 +135,7 @@ class BackendSession:
         self.check_sent_monotonic = 0.0
         self.origin_ip: str | None = None  # the client address the server was told at login
         self.server = ""  # "host:port" of the server (XPROXY_DUMPICC, the trace)
+        self.waits = SocketWaits(sock)  # its reads with a time limit (the relay's, the check's)
 
     def has_capability(self, name: bytes) -> bool | None:
         """True/False when the post-login capabilities are known, None when they are not."""
@@ -143,13 +146,19 @@ class BackendSession:
     def send(self, data: bytes) -> None:
         send_all(self.sock, data)
 
-    def read_response(self) -> Response:
+    def read_response(self, deadline: float | None = None) -> Response:
+        """The next response; by ``deadline`` (``time.monotonic``) if given, else within an
+        outer ``_Deadline``."""
         while True:
             response = self.reader.next_response()
             if response is not NEED_DATA:
                 assert isinstance(response, Response)
                 return response
-            self.reader.receive_data(self.sock.recv(RECV_BYTES))
+            if deadline is None:
+                data = self.sock.recv(RECV_BYTES)
+            else:
+                data = self.waits.recv(RECV_BYTES, max(deadline - time.monotonic(), 0.001))
+            self.reader.receive_data(data)
 
     def command(self, line: bytes, timeout: float) -> tuple[list[Response], Response]:
         """Send ``line`` (without tag and CRLF) under a fresh tag; return untagged and tagged."""
@@ -170,15 +179,18 @@ class BackendSession:
         self.send(b"".join(t + b" " + line + b"\r\n" for t, line in zip(tags, lines, strict=True)))
         return tags
 
-    def _read_tagged(self, tags: set[bytes]) -> tuple[list[Response], dict[bytes, Response]]:
-        """Read until every tag in ``tags`` completed; return untagged replies and completions.
+    def _read_tagged(
+        self, tags: set[bytes], deadline: float | None = None
+    ) -> tuple[list[Response], dict[bytes, Response]]:
+        """Read until every tag in ``tags`` completed (by ``deadline``, if given); return
+        untagged replies and completions.
 
         An untagged BYE, or a completion for a tag we did not send, is a failure.
         """
         untagged: list[Response] = []
         done: dict[bytes, Response] = {}
         while len(done) < len(tags):
-            response = self.read_response()
+            response = self.read_response(deadline)
             if response.tag in tags:
                 done[response.tag] = response
             elif response.tag in self.pending:
@@ -279,12 +291,14 @@ class BackendSession:
         assert check is not None
         self.check, self.check_tags = None, []
         loop = gevent.get_hub().loop
-        with _Deadline(REUSE_CHECK_TIMEOUT_S, "no reply to the liveness check"):
-            # the loop's clock moves only if this greenlet waits (starting the deadline's
-            # timer moves it too: hence read after it)
-            started = loop.now()
-            untagged, done = self._read_tagged(set(tags))
-            waited = loop.now() != started
+        started = loop.now()  # the loop's clock moves only if this greenlet waits
+        try:
+            untagged, done = self._read_tagged(set(tags), time.monotonic() + REUSE_CHECK_TIMEOUT_S)
+        except TimeoutError:
+            raise BackendFailure(FailureKind.TIMEOUT, "no reply to the liveness check") from None
+        except (OSError, BackendProtocolError) as error:
+            raise exchange_failure(error, FailureKind.LOST) from None
+        waited = loop.now() != started
         untagged, self.news = self.news + untagged, []
         verdict = check.verdict(untagged, [done[tag] for tag in tags])
         if verdict.drop_entry:
@@ -340,6 +354,7 @@ class BackendSession:
             self.close()
 
     def close(self) -> None:
+        self.waits.close()
         self.sock.close()
 
 
@@ -355,12 +370,18 @@ class _Deadline(gevent.Timeout):
         self.close()
         if value is self:
             raise BackendFailure(FailureKind.TIMEOUT, self.what) from None
-        if isinstance(value, ssl.SSLError):
-            raise BackendFailure(FailureKind.TLS, f"TLS error: {value}") from None
-        if isinstance(value, BackendProtocolError):
-            raise BackendFailure(FailureKind.PROTOCOL, str(value)) from None
-        if isinstance(value, OSError):
-            raise BackendFailure(self.lost, f"connection lost: {value}") from None
+        if isinstance(value, (OSError, BackendProtocolError)):
+            raise exchange_failure(value, self.lost) from None
+
+
+def exchange_failure(error: OSError | BackendProtocolError, lost: FailureKind) -> BackendFailure:
+    """What a failed exchange with the server is: TLS, a protocol error, or the connection
+    ``lost`` (``CONNECT`` while logging in, ``LOST`` on a logged-in session)."""
+    if isinstance(error, ssl.SSLError):
+        return BackendFailure(FailureKind.TLS, f"TLS error: {error}")
+    if isinstance(error, BackendProtocolError):
+        return BackendFailure(FailureKind.PROTOCOL, str(error))
+    return BackendFailure(lost, f"connection lost: {error}")
 
 
 def policy_from_config(config: Config, tls_available: bool = False) -> BackendPolicy:

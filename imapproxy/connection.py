@@ -44,6 +44,7 @@ from imapproxy.session import (
     Reply,
     StartTLSRequested,
 )
+from imapproxy.waits import SocketWaits
 from imapproxy.worker_message import HandedClient
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ class ClientConnection:
         self._login_done: LoggedIn | None = None  # the login until _logged_in takes it
         self._handed_login: LoginRequested | None = None  # a login another worker took
         self._tls_relay: socket.socket | None = None  # a TLS client's way to its owner worker
+        self._waits: SocketWaits | None = None  # once logged in (``_client_waits``)
         self.tls = False
         self.session = PreLoginSession(
             PreLoginPolicy(
@@ -203,6 +205,8 @@ class ClientConnection:
             self._send(INTERNAL_ERROR_BYE)
         finally:
             counters.client_disconnected()
+            if self._waits is not None:
+                self._waits.close()
             if self.proxy.metrics is not None:  # self.sock: TLS detaches raw_sock from its fd
                 self.proxy.metrics.client_closed(self.sock)
             if self.sock is not self.raw_sock:
@@ -492,16 +496,21 @@ class ClientConnection:
         return line
 
     def _receive_first_command(self) -> bytes:
-        self.sock.settimeout(self.proxy.config.client_idle_timeout)
         try:
-            return self.sock.recv(PRELOGIN_RECV_BYTES)
+            return self._client_waits().recv(
+                PRELOGIN_RECV_BYTES, self.proxy.config.client_idle_timeout
+            )
         except TimeoutError:
             self._send(IDLE_TIMEOUT_BYE)
             return b""
         except OSError:
             return b""
-        finally:
-            self.sock.settimeout(None)
+
+    def _client_waits(self) -> SocketWaits:
+        """The logged-in client's reads with a time limit (its socket is final by then)."""
+        if self._waits is None or self._waits.sock is not self.sock:
+            self._waits = SocketWaits(self.sock)
+        return self._waits
 
     def _relay(self, session: BackendSession, reused: bool) -> Relay:
         config = self.proxy.config
@@ -527,4 +536,5 @@ class ClientConnection:
             self.proxy.counters,
             trace,
             sent_early,
+            self._client_waits(),
         )

@@ -22,12 +22,14 @@ from imapproxy import splice
 from imapproxy.protocol.scanner import INITIAL_CARRY, MAX_TAGGED_PREFIX_BYTES, ResponseScanner
 from imapproxy.send import send_quietly
 from imapproxy.trace import SessionTrace
+from imapproxy.waits import SocketWaits
 
 FIRST_READ_BYTES = 16384  # most replies (a webmail page's FETCH) fit in one or two reads
 MAX_READ_BYTES = 262144  # reads double up to this while they keep filling the buffer (bulk)
 # A client that vanishes mid-FETCH leaves the rest of the reply to drain before the session can
 # be reused; beyond this much it is cheaper to drop the session (a new login costs ~1.5 ms).
 DRAIN_MAX_BYTES = 16 << 20
+DEFAULT_TIMEOUT_S = 30.0  # a read's wait unless the relay says (server_response_timeout's default)
 _SPARE = MAX_TAGGED_PREFIX_BYTES + 2  # room for the carried context in front of each read
 
 
@@ -75,8 +77,13 @@ class Copier:
         scanner: ResponseScanner,
         on_events: Callable[[], None],
         initial: bytes = b"",
+        *,
+        waits: SocketWaits | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.backend = backend
+        self.waits = waits or SocketWaits(backend)  # the backend's reads
+        self.timeout = timeout  # how long a read may wait (the relay sets it)
         self.client = client
         self.scanner = scanner
         self.on_events = on_events  # called when the scanner has events, before the send
@@ -110,14 +117,14 @@ class Copier:
             end = carry + len(self.initial)
             buf[carry:end], self.initial = self.initial, b""
             carry = self._forward(buf, view, carry, end)
-        recv_into, on_park = self.backend.recv_into, self.on_park
+        recv_into, on_park = self.waits.recv_into, self.on_park
         try:
             while read_first or not done():
                 read_first = False
                 if on_park is not None:
                     on_park(True)
                 try:
-                    count = recv_into(view[carry : carry + size])
+                    count = recv_into(view[carry : carry + size], self.timeout)
                 finally:
                     if on_park is not None:
                         on_park(False)
@@ -139,7 +146,7 @@ class Copier:
                     _give_buffer(buf)
                     buf, view = bigger, memoryview(bigger)
         except TimeoutError:
-            raise  # the caller's time limit: not a broken connection
+            raise  # the caller's time limit (``timeout``): not a broken connection
         except OSError as error:
             raise BackendGone(f"read error: {error}") from None
         finally:
@@ -167,7 +174,7 @@ class Copier:
                 self.backend,
                 self.client,
                 remaining,
-                self.backend.gettimeout(),
+                self.timeout,
                 self.client.gettimeout(),
             )
         except splice.SourceClosed:

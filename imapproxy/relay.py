@@ -32,7 +32,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import gevent
 from gevent import socket
 from gevent.hub import Waiter
 
@@ -56,6 +55,7 @@ from imapproxy.select_relay import SelectRelay, SelectTooBig
 from imapproxy.send import send_all, send_quietly
 from imapproxy.stats import Counters
 from imapproxy.trace import SessionTrace
+from imapproxy.waits import SocketWaits
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -110,6 +110,7 @@ class Relay:
         counters: Counters,
         trace: SessionTrace | None = None,
         sent_early: Line | None = None,
+        client_waits: SocketWaits | None = None,
     ) -> None:
         self.client = client
         self.session = session
@@ -121,17 +122,24 @@ class Relay:
         self.state = RelayState(session, select_cache=settings.select_cache)
         self.scanner = self.state.scanner
         self.copier = Copier(
-            session.sock, client, self.scanner, self._handle_events, session.reader.take_buffered()
+            session.sock,
+            client,
+            self.scanner,
+            self._handle_events,
+            session.reader.take_buffered(),
+            waits=session.waits,
+            timeout=settings.idle_timeout,
         )
         self.copier.trace = trace
         self.backend_gone: str | None = None
         self.farewell = b""  # what the client gets after the session is dealt with (LOGOUT)
         self.sent_early = sent_early  # the client's first command, sent with the reuse check
         self._pump: Pump | None = None  # in duplex mode
-        loop = gevent.get_hub().loop
-        self._client_watch = loop.io(client.fileno(), 1)  # EV_READ
-        self._backend_watch = loop.io(session.sock.fileno(), 1)
-        self._idle_timer = loop.timer(settings.idle_timeout)
+        # the wait for either side: the sockets' own read watchers, the client's idle timer
+        self.client_waits = client_waits or SocketWaits(client)
+        self._client_watch = self.client_waits.watcher
+        self._backend_watch = session.waits.watcher
+        self._idle_timer = self.client_waits.timer(settings.idle_timeout)
         # TLS: bytes decrypted but not yet read, which the descriptor's watcher cannot see
         self._tls_pending: Callable[[], int] | None = getattr(session.sock, "pending", None)
         self._client_pending: Callable[[], int] | None = getattr(client, "pending", None)
@@ -158,11 +166,11 @@ class Relay:
     ) -> None:
         """Copy backend replies to the client until ``done()``, in this greenlet; a command's
         reply may take ``idle_timeout``, the proxy's own waits ``timeout``."""
-        sock = self.session.sock
+        copier = self.copier
         if timeout is not None:
-            sock.settimeout(timeout)
+            copier.timeout = timeout
         try:
-            self.copier.copy_until(done, read_first)
+            copier.copy_until(done, read_first)
         except TimeoutError:
             raise _Desync("no reply from the server in time") from None
         except BackendGone as error:
@@ -171,8 +179,7 @@ class Relay:
         except DrainExceeded as error:
             raise _Desync(str(error)) from None
         finally:
-            if timeout is not None:
-                sock.settimeout(self.settings.idle_timeout)
+            copier.timeout = self.settings.idle_timeout
 
     def _backend_lost(self, why: str) -> None:
         self.backend_gone = why
@@ -218,8 +225,6 @@ class Relay:
             return Outcome.CLOSED
         finally:
             self._close()
-            for watcher in (self._client_watch, self._backend_watch, self._idle_timer):
-                watcher.close()
             self.session.sock.settimeout(None)
 
     def _client_loop(self) -> Outcome:
@@ -276,7 +281,7 @@ class Relay:
 
     def _wait_either(self) -> str:
         """Wait until the client or the backend is readable, the client's idle time at most
-        (``TimeoutError``). The watchers are the relay's own, made once per session."""
+        (``TimeoutError``). The watchers are the sockets' own, the timer the client's."""
         waiter: Waiter[str] = Waiter()
         started = (
             (self._client_watch, _CLIENT),
@@ -296,7 +301,7 @@ class Relay:
 
     def _recv_client(self) -> bytes:
         try:
-            return self.client.recv(CLIENT_RECV_BYTES)
+            return self.client_waits.recv(CLIENT_RECV_BYTES, self.settings.idle_timeout)
         except TimeoutError:
             raise
         except OSError:
