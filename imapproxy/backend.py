@@ -62,6 +62,8 @@ REUSE_CHECK_TIMEOUT_S = 5.0
 # How long a SELECT cache check made at login holds for the page's SELECT, if the client sends
 # nothing else in between (webmail sends its SELECT right after the login reply).
 SELECT_CHECK_FRESH_S = 1.0
+# A write of ours that the server has not taken in this long (its socket buffer full) fails.
+SEND_TIMEOUT_S = 30.0
 LOGOUT_TIMEOUT_S = 5.0  # how long a LOGOUT to an expiring session may take before we just close
 
 Address = tuple[Any, ...]
@@ -144,7 +146,7 @@ class BackendSession:
     # -- control-plane I/O ----------------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        send_all(self.sock, data)
+        send_all(self.sock, data, SEND_TIMEOUT_S)
 
     def read_response(self, deadline: float | None = None) -> Response:
         """The next response; by ``deadline`` (``time.monotonic``) if given, else within an
@@ -241,19 +243,12 @@ class BackendSession:
 
     def _receive_arrived(self) -> None:
         """Take into the reader what has arrived, without waiting."""
-        self.sock.settimeout(0.0)
-        try:
-            while True:
-                data = self.sock.recv(RECV_BYTES)
-                if not data:
-                    raise BackendFailure(FailureKind.LOST, "connection closed by server")
-                self.reader.receive_data(data)
-                if len(data) < RECV_BYTES:  # all there was: no read to find nothing
-                    return
-        except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
-            return
-        finally:
-            self.sock.settimeout(None)
+        while (data := self.waits.recv_now(RECV_BYTES)) is not None:
+            if not data:
+                raise BackendFailure(FailureKind.LOST, "connection closed by server")
+            self.reader.receive_data(data)
+            if len(data) < RECV_BYTES:  # all there was: no read to find nothing
+                return
 
     def _waiting_response(self, response: Response) -> None:
         if response.tag in self.pending:

@@ -82,6 +82,11 @@ class ConnectionCache(Generic[S]):
     def active_count(self) -> int:
         return self.size - len(self._free) - len(self._by_age)
 
+    def counts(self) -> tuple[int, int]:
+        """``(active_count, cached_count)`` in one call (the gauges, at every checkout)."""
+        cached = len(self._by_age)
+        return len(self.slots) - len(self._free) - cached, cached
+
     def acquire(self) -> tuple[Slot[S] | None, S | None]:
         """An ACTIVE slot for a new session, and the evicted session to log out, if any.
 

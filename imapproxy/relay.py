@@ -225,11 +225,9 @@ class Relay:
             return Outcome.CLOSED
         finally:
             self._close()
-            self.session.sock.settimeout(None)
 
     def _client_loop(self) -> Outcome:
-        self.client.settimeout(self.settings.idle_timeout)
-        self.session.sock.settimeout(self.settings.idle_timeout)  # None again once done
+        self.client.settimeout(self.settings.idle_timeout)  # the wait of a send to it
         if self.sent_early is not None:  # sent behind the reuse check: one wait for both
             self._started_early(self.sent_early)  # outstanding before its reply is copied
             self.counters.backend_waited()
@@ -352,7 +350,11 @@ class Relay:
     def _send_backend(self, out: list[bytes]) -> None:
         if out:
             try:
-                send_all(self.session.sock, b"".join(out) if len(out) > 1 else out[0])
+                send_all(
+                    self.session.sock,
+                    b"".join(out) if len(out) > 1 else out[0],
+                    self.settings.idle_timeout,
+                )
             except OSError as error:
                 raise BackendFailure(FailureKind.LOST, f"write error: {error}") from None
             out.clear()

@@ -1,20 +1,45 @@
-"""Sending on gevent sockets without a system call too many.
+"""Sending on gevent sockets without a system call, or a Python layer, too many.
 
 gevent's ``sendall`` asks the kernel for ``SO_SNDBUF`` (a ``getsockopt``) before every write,
-to size its chunks. The proxy's writes almost always fit the socket buffer, so ``send_all``
-tries one plain ``send`` first and leaves the rare remainder to ``sendall``.
+to size its chunks, and its ``send`` is a Python function around the raw socket's. The proxy's
+writes almost always fit the socket buffer, so ``send_all`` makes one ``send`` on the raw
+(non-blocking) socket of a plain TCP connection, and leaves the rare remainder, a full socket
+buffer, to gevent's ``sendall``, within ``timeout`` if one is given, else the socket's own.
+A TLS socket is written through gevent (its records are encrypted there).
 """
 
 from __future__ import annotations
 
 from gevent import socket
 
+_PLAIN = socket.socket  # gevent's; a TLS socket is a subclass and never written to raw
 
-def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
+
+def send_all(
+    sock: socket.socket, data: bytes | bytearray | memoryview, timeout: float | None = None
+) -> None:
     """Send all of ``data``, as ``sendall`` does, usually in one system call."""
-    sent = sock.send(data)
+    if type(sock) is _PLAIN:
+        try:
+            sent: int = sock._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+    else:
+        sent = sock.send(data)
     if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
+        _send_rest(sock, memoryview(data)[sent:], timeout)
+
+
+def _send_rest(sock: socket.socket, rest: memoryview, timeout: float | None) -> None:
+    before = sock.gettimeout()
+    if timeout is None or timeout == before:
+        sock.sendall(rest)
+        return
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(rest)
+    finally:
+        sock.settimeout(before)
 
 
 def send_quietly(sock: socket.socket, data: bytes | bytearray | memoryview) -> bool:

@@ -159,7 +159,7 @@ class Proxy:
     # -- sessions -------------------------------------------------------------------------------
 
     def _update_gauges(self) -> None:
-        self.counters.set_server_connections(self.cache.active_count, self.cache.cached_count)
+        self.counters.set_server_connections(*self.cache.counts())
 
     def checkout(
         self,

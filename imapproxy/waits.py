@@ -61,6 +61,17 @@ class SocketWaits:
             except BlockingIOError:
                 self.wait_readable(seconds)
 
+    def recv_now(self, size: int) -> bytes | None:
+        """What has arrived (b"" at the end of the stream), without waiting; None if nothing."""
+        raw = self._raw
+        try:
+            if raw is not None:
+                data: bytes = raw.recv(size)
+                return data
+            return self._tls_read(lambda: self.sock.recv(size), 0.0)
+        except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
+            return None
+
     def wait_readable(self, seconds: float) -> None:
         """Until the socket is readable (maybe only its end), ``seconds`` at most."""
         self.waits += 1
