@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imapproxy.protocol.scanner import INITIAL_CARRY, MAX_TAGGED_PREFIX_BYTES, ResponseScanner
+from imapproxy.protocol import scanner as scanner_module
+from imapproxy.protocol.scanner import (
+    INITIAL_CARRY,
+    MAX_TAGGED_PREFIX_BYTES,
+    PythonResponseScanner,
+    ResponseScanner,
+)
 from tests.support.feed import scan_stream, split
 
 FETCH = (
@@ -128,3 +134,108 @@ def test_skipping_more_than_the_literal_is_refused() -> None:
         scanner.skipped(8)
     scanner.skipped(7)
     assert scanner.literal_remaining == 0
+
+
+# -- the C loop (``_scan.c``) against the Python loop -------------------------------------------
+
+needs_native = pytest.mark.skipif(not scanner_module.NATIVE, reason="the C scanner is not built")
+
+# pieces of a server's stream, the awkward ones included: markers that are almost markers,
+# lines that break the stream, tags at the start of literals' contents
+_PIECES = [
+    b"* 3 EXISTS\r\n",
+    b"+ idling\r\n",
+    b"+\r\n",
+    b"t1 OK done\r\n",
+    b"t2 no [X] lower-case word\r\n",
+    b"* FLAGS (\\Seen)\r\n",
+    b"* OK [PERMANENTFLAGS (\\Seen)] ok\r\n",
+    b"* FLAGSX\r\n",
+    b"* OK [UIDNEXT 5] next\r\n",
+    b"{12345678901}\r\n",
+    b"{5+}\r\n",
+    b"~{3}\r\nabc",
+    b"{}\r\n",
+    b"{7}\r",
+    b"\r\n\r\n",
+    b" t3 OK\r\n",
+    b"\r\n \r\n",
+    b"t\rx OK\r\n",
+    b"x" * 1100,
+    b"\r\nA9 ",
+    b"\r\n*",
+]
+
+
+def lockstep(chunks: list[bytes], skip: int | None = None) -> None:
+    """Both loops, fed the same chunks the copier's way, agree after every call: carry, events,
+    literal_remaining, at_boundary and broken."""
+    native, python = ResponseScanner(), PythonResponseScanner()
+    carry = INITIAL_CARRY
+    for index, chunk in enumerate(chunks):
+        buf = bytearray(carry + chunk + bytes(MAX_TAGGED_PREFIX_BYTES))
+        end = len(carry) + len(chunk)
+        kept = native.scan(bytearray(buf), end)
+        assert kept == python.scan(buf, end)
+        assert native.events == python.events
+        for attribute in ("literal_remaining", "at_boundary", "broken"):
+            assert getattr(native, attribute) == getattr(python, attribute), attribute
+        native.events.clear()
+        python.events.clear()
+        carry = bytes(buf[end - kept : end])
+        if skip is not None and index == skip and python.literal_remaining:
+            count = python.literal_remaining // 2  # as splice would have moved them
+            native.skipped(count)
+            python.skipped(count)
+            carry = b""
+
+
+@needs_native
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(_PIECES),
+            st.binary(max_size=60).map(lambda b: b"* 1 FETCH (BODY[] {%d}\r\n" % len(b) + b),
+            st.binary(max_size=20),
+        ),
+        max_size=40,
+    ),
+    st.integers(min_value=1, max_value=70),
+    st.one_of(st.none(), st.integers(min_value=0, max_value=20)),
+)
+def test_the_c_loop_is_the_python_loop(pieces: list[bytes], step: int, skip: int | None) -> None:
+    lockstep(split(b"".join(pieces), step), skip)
+
+
+@needs_native
+@given(st.binary(max_size=2000), st.integers(min_value=1, max_value=300))
+def test_the_c_loop_is_the_python_loop_on_any_bytes(data: bytes, step: int) -> None:
+    lockstep(split(data, step))
+
+
+@needs_native
+@pytest.mark.parametrize("step", [1, 7, 16384])
+def test_the_c_loop_on_a_webmail_fetch(step: int) -> None:
+    header = b"From: a@example.org\r\nSubject: \r\nA1 OK not this\r\n\r\n"
+    reply = b"".join(
+        b"* %d FETCH (UID %d BODY[HEADER] {%d}\r\n%s)\r\n" % (n, n, len(header), header)
+        for n in range(1, 51)
+    )
+    lockstep(split(reply + b"A1 OK Fetch completed.\r\n", step))
+
+
+@needs_native
+def test_the_c_loop_refuses_what_it_cannot_scan() -> None:
+    from imapproxy.protocol import _scan  # type: ignore[attr-defined]
+
+    with pytest.raises(ValueError):
+        _scan.scan(bytearray(4), 5, 0, [])
+    with pytest.raises(TypeError):
+        _scan.scan(bytearray(4), 4, 0, ())
+    with pytest.raises(TypeError):
+        _scan.scan(bytearray(4), 4)
+
+
+def test_pure_python_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAPPROXY_PURE_PYTHON", "1")
+    assert scanner_module._load_native() is None

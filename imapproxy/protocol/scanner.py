@@ -12,6 +12,11 @@ contents) is skipped in C. Work in Python is per literal and per tagged line, ne
 * An untagged ``FLAGS`` or ``OK [PERMANENTFLAGS``: the selected mailbox's flags changed (new
   keywords), which the SELECT cache must know; reported as ``FLAGS_CHANGE``.
 
+The loop is written twice: in C (``_scan.c``, one call per read; a page's FETCH reply is some
+fifty literals, and the regex engine walks every byte of the lines between them) and in Python
+(``_scan_python``), used where the C module is not built or ``IMAPPROXY_PURE_PYTHON`` is set.
+Both give the same events for any stream (``tests/test_scanner.py``).
+
 The caller owns the buffer (``recv_into``): ``scan(buf, end)`` looks at ``buf[:end]``, whose
 first ``carry`` bytes were kept from the previous call (already reported and forwarded), and
 returns how many trailing bytes to keep in front of the next read, so that a marker split
@@ -21,8 +26,29 @@ between two reads is still seen. The very first buffer starts with a fake ``\\r\
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
 from typing import Final
+
+# scan(buf, end, literal_remaining, events) -> (carry, literal_remaining, at_boundary, broken)
+_Native = Callable[[bytearray, int, int, list[tuple[bytes, bytes]]], tuple[int, int, bool, bool]]
+
+
+def _load_native() -> _Native | None:
+    """The C loop (``_scan.c``), unless it is not built or ``IMAPPROXY_PURE_PYTHON`` is set."""
+    if os.environ.get("IMAPPROXY_PURE_PYTHON"):
+        return None
+    try:
+        from imapproxy.protocol import _scan  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    native: _Native = _scan.scan
+    return native
+
+
+_native = _load_native()
+NATIVE: Final = _native is not None  # the C loop is in use
 
 INITIAL_CARRY: Final = b"\r\n"
 
@@ -60,6 +86,17 @@ class ResponseScanner:
 
     def scan(self, buf: bytearray, end: int) -> int:
         """Scan ``buf[:end]``; return the number of trailing bytes to carry into the next call."""
+        if _native is None:
+            return self._scan_python(buf, end)
+        carry, self.literal_remaining, self.at_boundary, broken = _native(
+            buf, end, self.literal_remaining, self.events
+        )
+        if broken:
+            self.broken = True
+        return carry
+
+    def _scan_python(self, buf: bytearray, end: int) -> int:
+        """``scan`` in Python: what ``_scan.c`` does, where it is not built."""
         pos = resume = 0
         if self.literal_remaining:
             if self.literal_remaining >= end:
@@ -118,6 +155,15 @@ class ResponseScanner:
             return line
         self.events.append((tag, bytes(buf[tag_end + 1 : word_end]).upper()))
         return word_end
+
+
+class PythonResponseScanner(ResponseScanner):
+    """The scanner without its C loop (``_scan``): the tests hold the two to the same events."""
+
+    __slots__ = ()
+
+    def scan(self, buf: bytearray, end: int) -> int:
+        return self._scan_python(buf, end)
 
 
 def _word_end(buf: bytearray, start: int, limit: int) -> int:
