@@ -15,6 +15,7 @@ import contextlib
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -53,6 +54,13 @@ def archive(revision: str, into: Path) -> None:
         ["git", "-C", str(targets.REPO), "archive", revision], check=True, capture_output=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
+    if (into / "imapproxy" / "protocol" / "_scan.c").exists():  # its C scanner, as pip builds it
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            cwd=into,
+            check=True,
+            capture_output=True,
+        )
     subprocess.run(["chmod", "-R", "a+rX", str(into)], check=True)
 
 

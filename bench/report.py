@@ -438,8 +438,15 @@ def machine() -> list[list[str]]:
         ["Python", platform.python_version()],
         ["Dovecot", command_output(["dovecot", "--version"])],
         ["up-imapproxy", command_output(["dpkg-query", "-W", "-f=${Version}", "imapproxy"])],
-        ["imapproxy", command_output(["git", "describe", "--always", "--dirty"])],
+        ["imapproxy", f"{command_output(['git', 'describe', '--always', '--dirty'])}{_scanner()}"],
     ]
+
+
+def _scanner() -> str:
+    """Which response scanner loop the proxies of this tree run (``protocol/_scan.c``)."""
+    from imapproxy.protocol import scanner
+
+    return " (response scanner in C)" if scanner.NATIVE else " (response scanner in Python)"
 
 
 def summary(results: Results, plan: Plan, date: str, elapsed_s: float, command: str) -> str:

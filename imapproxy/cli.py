@@ -47,6 +47,7 @@ from imapproxy.listeners import (
     bind_listeners,
     bind_metrics_listeners,
 )
+from imapproxy.protocol import scanner
 from imapproxy.route import RouteSource
 from imapproxy.router import Router, ServersFile, build_source
 from imapproxy.server import Proxy
@@ -248,10 +249,11 @@ def write_pidfile(path: str) -> None:
 
 def run(config: Config, startup: Startup) -> int:
     LOGGER.info(
-        "imapproxy %s starting; SELECT caching %s, admin commands %s",
+        "imapproxy %s starting; SELECT caching %s, admin commands %s, response scanner in %s",
         __version__,
         "enabled" if config.enable_select_cache else "disabled",
         "enabled" if config.enable_admin_commands else "disabled",
+        "C" if scanner.NATIVE else "Python",
     )
     workers = supervisor.worker_count(config.workers)
     with _daemon_errors():

@@ -226,7 +226,7 @@ def test_the_c_loop_on_a_webmail_fetch(step: int) -> None:
 
 @needs_native
 def test_the_c_loop_refuses_what_it_cannot_scan() -> None:
-    from imapproxy.protocol import _scan  # type: ignore[attr-defined]
+    from imapproxy.protocol import _scan
 
     with pytest.raises(ValueError):
         _scan.scan(bytearray(4), 5, 0, [])

@@ -40,7 +40,7 @@ def _load_native() -> _Native | None:
     if os.environ.get("IMAPPROXY_PURE_PYTHON"):
         return None
     try:
-        from imapproxy.protocol import _scan  # type: ignore[attr-defined]
+        from imapproxy.protocol import _scan
     except ImportError:
         return None
     native: _Native = _scan.scan
