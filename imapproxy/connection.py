@@ -39,7 +39,6 @@ from imapproxy.session import (
     AdminRequested,
     Closed,
     LoginRequested,
-    PreLoginPolicy,
     PreLoginSession,
     Reply,
     StartTLSRequested,
@@ -71,6 +70,7 @@ class SessionBroker(admin.AdminView, Protocol):
     def snapshot(self) -> Greeter: ...  # read only: it is replaced, never changed here
 
     client_tls: ssl.SSLContext | None
+    relay_settings: RelaySettings  # from the configuration in force
     stopping: bool
     throttle: LoginThrottle
     metrics: Metrics | None
@@ -139,9 +139,11 @@ class ClientConnection:
         sock: socket.socket,
         address: tuple[object, ...],
         implicit_tls: bool = False,
+        local: tuple[object, ...] | None = None,
     ) -> None:
         self.proxy = proxy
         self.sock = sock
+        self.local = local  # the address connected to, when the listener has only one
         self.raw_sock = sock  # StreamServer closes this one; a TLS wrapper is ours to close
         self.address = address  # the client's: from the PROXY header when there is one
         self.connected_to: tuple[object, ...] | None = None  # from the PROXY header
@@ -155,14 +157,7 @@ class ClientConnection:
         self._tls_relay: socket.socket | None = None  # a TLS client's way to its owner worker
         self._waits: SocketWaits | None = None  # once logged in (``_client_waits``)
         self.tls = False
-        self.session = PreLoginSession(
-            PreLoginPolicy(
-                capabilities=lambda: proxy.snapshot.capability_line(*self._capability_state()),
-                admin_enabled=lambda: admin.allowed(proxy.config, self.address),
-                starttls_offered=self._starttls_offered,
-                login_allowed=lambda: self.tls or not proxy.config.client_tls_required,
-            )
-        )
+        self.session = PreLoginSession(self)  # the connection is its policy (session.Policy)
 
     @classmethod
     def handed(
@@ -181,14 +176,25 @@ class ClientConnection:
         connection._handed_login = LoginRequested(handed.tag, handed.credentials)
         return connection
 
-    def _starttls_offered(self) -> bool:
+    # -- session.Policy: what the pre-login dialogue asks of this connection ---------------------
+
+    def capabilities(self) -> bytes:
+        return self.proxy.snapshot.capability_line(*self._capability_state())
+
+    def admin_enabled(self) -> bool:
+        return admin.allowed(self.proxy.config, self.address)
+
+    def starttls_offered(self) -> bool:
         return (
             not self.tls and self.proxy.client_tls is not None and self.proxy.config.client_starttls
         )
 
+    def login_allowed(self) -> bool:
+        return self.tls or not self.proxy.config.client_tls_required
+
     def _capability_state(self) -> tuple[bool, bool]:
         """(STARTTLS offered, LOGINDISABLED) for this connection now."""
-        return self._starttls_offered(), not self.tls and self.proxy.config.client_tls_required
+        return self.starttls_offered(), not self.tls and self.proxy.config.client_tls_required
 
     def run(self) -> None:
         counters = self.proxy.counters
@@ -276,7 +282,9 @@ class ClientConnection:
         if self._origin is None:
             if not self.session_id:
                 self.session_id = new_session_id()
-            local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()  # TLS: wrapper
+            local: tuple[Any, ...] = (  # TLS: the wrapper's
+                self.connected_to or self.local or self.sock.getsockname()
+            )
             client: tuple[Any, ...] = self.address
             trusted = in_networks(str(client[0]), self.proxy.config.forward_trusted_networks)
             client_ip, local_ip = unmapped(str(client[0])), unmapped(str(local[0]))
@@ -360,7 +368,7 @@ class ClientConnection:
 
     def _handed_message(self, request: LoginRequested) -> HandedClient:
         """What the owner worker needs to go on with this login as if it had arrived there."""
-        local: tuple[Any, ...] = self.connected_to or self.sock.getsockname()
+        local: tuple[Any, ...] = self.connected_to or self.local or self.sock.getsockname()
         client: tuple[Any, ...] = self.address
         return HandedClient(
             tag=request.tag,
@@ -513,12 +521,6 @@ class ClientConnection:
         return self._waits
 
     def _relay(self, session: BackendSession, reused: bool) -> Relay:
-        config = self.proxy.config
-        settings = RelaySettings(
-            response_timeout=config.server_response_timeout,
-            idle_timeout=config.client_idle_timeout,
-            select_cache=config.enable_select_cache,
-        )
         tracer = self.proxy.tracer
         trace = tracer.for_user(session.username, session.sd) if tracer else None
         if trace is not None:
@@ -532,7 +534,7 @@ class ClientConnection:
             self.sock,
             session,
             self.session.framer,
-            settings,
+            self.proxy.relay_settings,
             self.proxy.counters,
             trace,
             sent_early,

@@ -9,6 +9,7 @@ backend connection), and the expiry greenlet. Each accepted client is run by a
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from imapproxy.credentials import CredentialHasher, Credentials
 from imapproxy.errors import BackendFailure, FailureKind, why
 from imapproxy.forwarding import ClientOrigin
 from imapproxy.protocol import capability
-from imapproxy.relay import Outcome
+from imapproxy.relay import Outcome, RelaySettings
 from imapproxy.router import Router, Target
 from imapproxy.send import send_quietly
 from imapproxy.session import id_command_args
@@ -79,6 +80,25 @@ class Snapshot:
         return b"* CAPABILITY " + self.capabilities(starttls, login_disabled)
 
 
+def bound_address(listener: socket.socket) -> tuple[object, ...] | None:
+    """The address every connection to ``listener`` is made to, if it is one address: then no
+    connection needs to ask the kernel (``getsockname``); None for a wildcard listener."""
+    try:
+        address: tuple[object, ...] = listener.getsockname()
+        unspecified = ipaddress.ip_address(str(address[0]).split("%", 1)[0]).is_unspecified
+    except (OSError, ValueError, IndexError):  # not an IP socket (a test's socket pair)
+        return None
+    return None if unspecified else address
+
+
+def relay_settings(config: Config) -> RelaySettings:
+    return RelaySettings(
+        response_timeout=config.server_response_timeout,
+        idle_timeout=config.client_idle_timeout,
+        select_cache=config.enable_select_cache,
+    )
+
+
 def _now() -> float:
     return time.monotonic()
 
@@ -106,6 +126,7 @@ class Proxy:
         hasher: CredentialHasher | None = None,
     ) -> None:
         self.config = config
+        self.relay_settings = relay_settings(config)  # made once per configuration, not per page
         self.backend = backend
         self.router = router or Router(config, backend, clock)
         self.counters = counters
@@ -441,6 +462,7 @@ class Proxy:
         New connections and logins see them; cached sessions stay.
         """
         self.config = config
+        self.relay_settings = relay_settings(config)
         self.client_tls = client_tls
         self.throttle.base_delay = config.auth_failure_delay
         self.client_limit = self._client_limit(config)
@@ -460,19 +482,25 @@ class Proxy:
                 self.workers.serve, self._handed, self._admin_part, self._handed_session
             )
         for group, implicit_tls in ((listeners, False), (tls_listeners, True)):
-            handle = functools.partial(self._handle, implicit_tls=implicit_tls)
             for listener in group:
+                handle = functools.partial(
+                    self._handle, implicit_tls=implicit_tls, local=bound_address(listener)
+                )
                 server = StreamServer(listener, handle, spawn=self.clients.spawn)
                 server.start()
                 self.servers.append(server)
 
     def _handle(
-        self, client: socket.socket, address: tuple[object, ...], implicit_tls: bool
+        self,
+        client: socket.socket,
+        address: tuple[object, ...],
+        implicit_tls: bool,
+        local: tuple[object, ...] | None = None,
     ) -> None:
         if len(self.clients) > self.client_limit:  # this greenlet is one of them
             self._refuse(client, address, implicit_tls)
             return
-        ClientConnection(self, client, address, implicit_tls).run()
+        ClientConnection(self, client, address, implicit_tls, local).run()
 
     def _handed(self, handed: HandedClient, client: socket.socket) -> None:
         """A client that another worker accepted for a user of ours."""

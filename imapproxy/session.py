@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from imapproxy.credentials import MAX_PASSWORD_BYTES, MAX_USERNAME_BYTES, Credentials
 from imapproxy.errors import ClientProtocolError, LimitExceeded
@@ -103,9 +104,22 @@ class _Auth(enum.Enum):
     LOGIN_PASSWORD = 3  # ... and for the password
 
 
+class Policy(Protocol):
+    """What the I/O layer tells the session about the proxy's set-up and this connection:
+    ``PreLoginPolicy``, or the connection itself (``connection.ClientConnection``)."""
+
+    def capabilities(self) -> bytes: ...  # the current "* CAPABILITY ..." list text
+
+    def admin_enabled(self) -> bool: ...
+
+    def starttls_offered(self) -> bool: ...  # STARTTLS possible now
+
+    def login_allowed(self) -> bool: ...  # False: TLS first (LOGINDISABLED)
+
+
 @dataclass
 class PreLoginPolicy:
-    """What the I/O layer tells the session about the proxy's set-up and this connection."""
+    """A ``Policy`` made of callables."""
 
     capabilities: Callable[[], bytes]  # current "* CAPABILITY ..." list text, refreshed live
     admin_enabled: Callable[[], bool] = lambda: False
@@ -120,7 +134,7 @@ PRIVACY_REQUIRED = "[PRIVACYREQUIRED] Plaintext authentication disallowed on non
 class PreLoginSession:
     """The proxy's side of a client connection until the client is logged in."""
 
-    def __init__(self, policy: PreLoginPolicy) -> None:
+    def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.framer = CommandFramer(PRELOGIN_MAX_LINE_BYTES)
         self.client_id: tuple[bytes | None, ...] | None = None

@@ -198,6 +198,8 @@ def test_client_id_is_replayed_on_new_and_reused_sessions(
         r"imap-login: Info: ID sent: x-originating-ip=127\.0\.0\.1, .*name=test-webmail, round=0",
         log,
     ), log
+    # where the client connected: the listener's address, known without asking the kernel
+    assert f"x-connected-ip=127.0.0.1, x-connected-port={proxy.port}," in log, log
     before_replay = log.split("ID sent: name=test-webmail, round=1")[0]
     assert f"imap({user.name})" in before_replay.rsplit("\n", 1)[-1]
 
