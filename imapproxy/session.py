@@ -36,7 +36,12 @@ from imapproxy.protocol.framing import (
     LiteralData,
     Marker,
 )
-from imapproxy.protocol.grammar import Arguments, encode_string_list, split_command_line
+from imapproxy.protocol.grammar import (
+    Arguments,
+    encode_string_list,
+    split_command_line,
+    two_astrings,
+)
 
 # Before login the proxy holds whole commands in memory, so both are small. up-imapproxy's
 # BUFSIZE is 8192; a base64 PLAIN response with the longest password needs ~11 KiB.
@@ -243,6 +248,10 @@ class PreLoginSession:
 
     def _command(self, lines: list[bytes], literals: list[bytes]) -> Action | None:
         start = split_command_line(lines[0])
+        if start.name == b"LOGIN" and not literals:  # the usual LOGIN, read in one match
+            arguments = two_astrings(start.rest)
+            if arguments is not None:
+                return self._credentials(start.tag, *arguments, "LOGIN")
         args = Arguments(lines, literals, start.tag)
         handler = _HANDLERS.get(start.name)
         if start.name in ADMIN_COMMANDS:

@@ -16,6 +16,7 @@ from imapproxy.protocol.grammar import (
     is_valid_tag,
     quote,
     split_command_line,
+    two_astrings,
 )
 
 
@@ -140,3 +141,55 @@ def _quoted_outcome(line: bytes, fast: bool) -> tuple[object, ...]:
 @given(st.binary(max_size=40).map(lambda tail: b'"' + tail))
 def test_quoted_fast_path_says_what_the_byte_walk_says(line: bytes) -> None:
     assert _quoted_outcome(line, fast=True) == _quoted_outcome(line, fast=False)
+
+
+# -- two_astrings: LOGIN's arguments in one match, read as Arguments reads them -----------------
+
+
+def read_by_tokens(text: bytes) -> tuple[bytes, bytes] | None:
+    """LOGIN's two astrings read by ``Arguments``, token by token; None where it refuses."""
+    args = Arguments([b"a LOGIN " + text], [], b"a")
+    try:
+        args.space()
+        first = args.astring()
+        args.space()
+        second = args.astring()
+        args.expect_end()
+    except ClientProtocolError:
+        return None
+    return first, second
+
+
+_LOGIN_BYTES = st.sampled_from(list(b'ab "\\\\ ]{}()%*\x00\x01\x7f\xe9+~\r'))
+
+
+@given(st.lists(_LOGIN_BYTES, max_size=24).map(bytes))
+def test_two_astrings_reads_what_the_tokens_read(text: bytes) -> None:
+    fast = two_astrings(text)
+    if fast is not None:  # what the match takes is read the same, never more leniently
+        assert read_by_tokens(text) == fast
+
+
+@given(st.binary(max_size=30), st.binary(max_size=30))
+def test_two_astrings_takes_every_quoted_pair(user: bytes, password: bytes) -> None:
+    """Any two values the proxy would quote (no NUL, CR or LF) are taken, and exactly."""
+    values = (user.replace(b"\x00", b""), password.replace(b"\x00", b""))
+    values = tuple(v.replace(b"\r", b"").replace(b"\n", b"") for v in values)
+    text = b" ".join(b'"' + v.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"' for v in values)
+    assert two_astrings(text) == values == read_by_tokens(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"alice secret", b'"alice" "se cret"', b'alice "p\\"w"', b"a] b", b'"" ""'],
+)
+def test_two_astrings_on_the_usual_forms(text: bytes) -> None:
+    assert two_astrings(text) is not None
+    assert two_astrings(text) == read_by_tokens(text)
+
+
+@pytest.mark.parametrize(
+    "text", [b"alice", b"a  b", b"a b c", b'"a" ', b"\xe9 x", b"a{ b", b'"a\\x" b', b"{5}"]
+)
+def test_two_astrings_leaves_the_rest_to_the_tokens(text: bytes) -> None:
+    assert two_astrings(text) is None

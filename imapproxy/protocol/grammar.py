@@ -39,6 +39,30 @@ MAX_QUOTED_BYTES = 1000
 _TAG_CHARS = bytes(b for b in range(256) if b not in _TAG_SPECIALS and b not in _8BIT)
 
 
+_ASTRING_CHARS = bytes(b for b in range(256) if b not in _ASTRING_SPECIALS and b not in _8BIT)
+_QUOTED_OR_ATOM = rb'(?:"((?:[^"\\\x00]|\\["\\])*)"|([' + re.escape(_ASTRING_CHARS) + rb"]+))"
+_TWO_ASTRINGS = re.compile(_QUOTED_OR_ATOM + b" " + _QUOTED_OR_ATOM + rb"\Z")
+
+
+def two_astrings(text: bytes) -> tuple[bytes, bytes] | None:
+    """Two astrings, quoted or atoms, one SP apart, and nothing else: LOGIN's arguments as
+    clients send them, read in one match. None for anything else (a literal, an error):
+    ``Arguments`` then reads them token by token and names the fault; what this accepts, it
+    reads the same (tests/test_grammar.py)."""
+    match = _TWO_ASTRINGS.match(text)
+    if match is None:
+        return None
+    quoted1, atom1, quoted2, atom2 = match.groups()
+    return (
+        _unquoted(quoted1) if quoted1 is not None else atom1,
+        _unquoted(quoted2) if quoted2 is not None else atom2,
+    )
+
+
+def _unquoted(value: bytes) -> bytes:
+    return _ESCAPED.sub(rb"\1", value) if b"\\" in value else value
+
+
 def is_valid_tag(tag: bytes) -> bool:
     return bool(tag) and not tag.translate(None, _TAG_CHARS)
 
@@ -179,8 +203,7 @@ class Arguments:
         match = _QUOTED.match(self._line, self._pos, self._end)
         if match is not None:
             self._pos = match.end()
-            value = match.group(1)
-            return _ESCAPED.sub(rb"\1", value) if b"\\" in value else value
+            return _unquoted(match.group(1))
         return self._quoted_slowly()
 
     def _quoted_slowly(self) -> bytes:
