@@ -159,7 +159,8 @@ class BackendSession:
             if deadline is None:
                 data = self.sock.recv(RECV_BYTES)
             else:
-                data = self.waits.recv(RECV_BYTES, max(deadline - time.monotonic(), 0.001))
+                left = max(deadline - time.monotonic(), 0.001)
+                data = self.waits.recv(RECV_BYTES, left, once=True)
             self.reader.receive_data(data)
 
     def command(self, line: bytes, timeout: float) -> tuple[list[Response], Response]:

@@ -24,9 +24,13 @@ _READY, _TIMED_OUT = True, False
 
 
 class SocketWaits:
-    """Waits on one socket (``recv``, ``recv_into``, ``readable``), each within ``seconds``:
-    ``TimeoutError`` when it passes with nothing to read. ``waits`` counts the times the
-    caller had to wait (a read that found data at once is not one)."""
+    """Waits on one socket (``recv``, ``recv_into``, ``wait_readable``), each within
+    ``seconds``: ``TimeoutError`` when it passes with nothing to read. ``waits`` counts the
+    times the caller had to wait (a read that found data at once is not one).
+
+    ``seconds`` is a duration used again and again (a setting: its timer is kept for the next
+    wait), unless ``once`` says it is what is left of a deadline (a timer made for that wait
+    and closed after it: the kept ones must stay few)."""
 
     __slots__ = ("sock", "waits", "_raw", "_watch", "_timers", "_loop")
 
@@ -50,7 +54,7 @@ class SocketWaits:
             except BlockingIOError:
                 self.wait_readable(seconds)
 
-    def recv(self, size: int, seconds: float) -> bytes:
+    def recv(self, size: int, seconds: float, *, once: bool = False) -> bytes:
         raw = self._raw
         if raw is None:
             return self._tls_read(lambda: self.sock.recv(size), seconds)
@@ -59,7 +63,7 @@ class SocketWaits:
                 data: bytes = raw.recv(size)
                 return data
             except BlockingIOError:
-                self.wait_readable(seconds)
+                self.wait_readable(seconds, once=once)
 
     def recv_now(self, size: int) -> bytes | None:
         """What has arrived (b"" at the end of the stream), without waiting; None if nothing."""
@@ -72,10 +76,11 @@ class SocketWaits:
         except (BlockingIOError, ssl.SSLWantReadError, TimeoutError):
             return None
 
-    def wait_readable(self, seconds: float) -> None:
+    def wait_readable(self, seconds: float, *, once: bool = False) -> None:
         """Until the socket is readable (maybe only its end), ``seconds`` at most."""
         self.waits += 1
-        watch, timer = self._watch, self.timer(seconds)
+        watch = self._watch
+        timer = self._loop.timer(seconds) if once else self.timer(seconds)
         waiter: Waiter[bool] = Waiter()
         watch.start(waiter.switch, _READY)
         timer.start(waiter.switch, _TIMED_OUT)
@@ -83,7 +88,10 @@ class SocketWaits:
             ready = waiter.get()
         finally:
             watch.stop()
-            timer.stop()
+            if once:
+                timer.close()
+            else:
+                timer.stop()
         if ready is _TIMED_OUT:
             raise TimeoutError("timed out")
 

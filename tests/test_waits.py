@@ -87,3 +87,17 @@ def test_a_wait_leaves_the_watcher_free_for_gevents_own_reads(
     gevent.spawn_later(0.01, theirs.sendall, b"x")
     ours.settimeout(5.0)
     assert ours.recv(1) == b"x"  # gevent's recv waits on the same watcher
+
+
+def test_what_is_left_of_a_deadline_keeps_no_timer(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    waits = SocketWaits(ours)
+    for n in range(20):
+        gevent.spawn_later(0.001, theirs.sendall, b"%d\r\n" % n)
+        assert waits.recv(100, 5.0 - n / 1000, once=True) == b"%d\r\n" % n
+    with pytest.raises(TimeoutError):
+        waits.recv(100, 0.01, once=True)
+    assert waits.waits == 21
+    assert not waits._timers  # one per wait, closed after it: none kept
