@@ -5,7 +5,8 @@ to size its chunks, and its ``send`` is a Python function around the raw socket'
 writes almost always fit the socket buffer, so ``send_all`` makes one ``send`` on the raw
 (non-blocking) socket of a plain TCP connection, and leaves the rare remainder, a full socket
 buffer, to gevent's ``sendall``, within ``timeout`` if one is given, else the socket's own.
-A TLS socket is written through gevent (its records are encrypted there).
+A TLS socket is written through gevent (its records are encrypted there), within the same
+time limit.
 """
 
 from __future__ import annotations
@@ -19,25 +20,25 @@ def send_all(
     sock: socket.socket, data: bytes | bytearray | memoryview, timeout: float | None = None
 ) -> None:
     """Send all of ``data``, as ``sendall`` does, usually in one system call."""
-    if type(sock) is _PLAIN:
-        try:
-            sent: int = sock._sock.send(data)
-        except BlockingIOError:
-            sent = 0
-    else:
-        sent = sock.send(data)
+    if type(sock) is not _PLAIN:  # TLS: every write through gevent, within the time limit
+        _send_through_gevent(sock, memoryview(data), timeout)
+        return
+    try:
+        sent: int = sock._sock.send(data)
+    except BlockingIOError:
+        sent = 0
     if sent < len(data):
-        _send_rest(sock, memoryview(data)[sent:], timeout)
+        _send_through_gevent(sock, memoryview(data)[sent:], timeout)
 
 
-def _send_rest(sock: socket.socket, rest: memoryview, timeout: float | None) -> None:
+def _send_through_gevent(sock: socket.socket, data: memoryview, timeout: float | None) -> None:
     before = sock.gettimeout()
     if timeout is None or timeout == before:
-        sock.sendall(rest)
+        sock.sendall(data)
         return
     sock.settimeout(timeout)
     try:
-        sock.sendall(rest)
+        sock.sendall(data)
     finally:
         sock.settimeout(before)
 

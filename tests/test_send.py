@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import gevent
 import pytest
-from gevent import socket
+import trustme
+from gevent import socket, ssl
 
 from imapproxy.send import send_all, send_quietly
 
@@ -68,3 +69,35 @@ def test_a_closed_socket_is_an_error_and_quietly_false(
     with pytest.raises(OSError):
         send_all(ours, b"x")
     assert send_quietly(ours, b"x") is False
+
+
+@pytest.fixture
+def tls_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A TLS connection over a socket pair: ours (the client end) and theirs."""
+    ca = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("imap.test").configure_cert(server_context)
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_context)
+    plain_ours, plain_theirs = socket.socketpair()
+    theirs = gevent.spawn(server_context.wrap_socket, plain_theirs, server_side=True)
+    ours = client_context.wrap_socket(plain_ours, server_hostname="imap.test")
+    yield ours, theirs.get(timeout=10)
+    ours.close()
+    theirs.value.close()
+
+
+def test_tls_goes_through_gevent_and_arrives(tls_pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = tls_pair
+    data = b"A1 OK " * 100_000
+    reader = gevent.spawn(read_exactly, theirs, len(data))
+    send_all(ours, data, timeout=10.0)
+    assert reader.get(timeout=10) == data
+
+
+def test_tls_writes_keep_the_time_limit(tls_pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, _ = tls_pair
+    assert ours.gettimeout() is None
+    with pytest.raises(TimeoutError):  # the peer reads nothing: no write may wait for ever
+        send_all(ours, bytes(BIG), timeout=0.05)
+    assert ours.gettimeout() is None
