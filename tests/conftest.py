@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from gevent import socket
 from hypothesis import HealthCheck, settings
 
 from tests.support.dovecot import DovecotInstance, User, make_message, running_dovecot
@@ -32,6 +33,15 @@ MASTER_USER, MASTER_PASSWORD = "master", "Master-pw-1"
 
 
 FIGURES: list[str] = []
+
+
+@pytest.fixture
+def socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Two connected gevent sockets (a Unix socket pair): ours, and the peer's."""
+    ours, theirs = socket.socketpair()
+    yield ours, theirs
+    ours.close()
+    theirs.close()
 
 
 @pytest.fixture

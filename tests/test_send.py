@@ -14,14 +14,6 @@ from imapproxy.send import send_all, send_quietly
 BIG = 8 << 20  # far more than a socket buffer holds
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    ours, theirs = socket.socketpair()
-    yield ours, theirs
-    ours.close()
-    theirs.close()
-
-
 def read_exactly(sock: socket.socket, count: int) -> bytes:
     data = bytearray()
     while len(data) < count:
@@ -32,17 +24,17 @@ def read_exactly(sock: socket.socket, count: int) -> bytes:
     return bytes(data)
 
 
-def test_a_small_write_arrives_whole(pair: tuple[socket.socket, socket.socket]) -> None:
-    ours, theirs = pair
+def test_a_small_write_arrives_whole(socket_pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = socket_pair
     send_all(ours, b"* OK [XPROXYREUSE]\r\n")
     send_all(ours, memoryview(b"A1 OK done\r\n"))
     assert read_exactly(theirs, 32) == b"* OK [XPROXYREUSE]\r\nA1 OK done\r\n"
 
 
 def test_what_the_buffer_cannot_take_goes_once_the_peer_reads(
-    pair: tuple[socket.socket, socket.socket],
+    socket_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    ours, theirs = pair
+    ours, theirs = socket_pair
     data = bytes(range(256)) * (BIG // 256)
     reader = gevent.spawn(read_exactly, theirs, BIG)
     send_all(ours, data, timeout=10.0)
@@ -50,9 +42,9 @@ def test_what_the_buffer_cannot_take_goes_once_the_peer_reads(
 
 
 def test_a_peer_that_reads_nothing_times_the_rest_out_and_the_timeout_is_put_back(
-    pair: tuple[socket.socket, socket.socket],
+    socket_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    ours, _ = pair
+    ours, _ = socket_pair
     ours.settimeout(7.0)
     with pytest.raises(TimeoutError):
         send_all(ours, bytes(BIG), timeout=0.05)
@@ -60,9 +52,9 @@ def test_a_peer_that_reads_nothing_times_the_rest_out_and_the_timeout_is_put_bac
 
 
 def test_a_closed_socket_is_an_error_and_quietly_false(
-    pair: tuple[socket.socket, socket.socket],
+    socket_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    ours, theirs = pair
+    ours, theirs = socket_pair
     theirs.close()
     assert send_quietly(ours, b"x" * 100_000) is False  # EPIPE or a reset
     ours.close()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import gevent
 import pytest
 from gevent import socket
@@ -11,18 +9,10 @@ from gevent import socket
 from imapproxy.waits import SocketWaits
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    ours, theirs = socket.socketpair()
-    yield ours, theirs
-    ours.close()
-    theirs.close()
-
-
 def test_data_already_there_is_read_without_a_wait(
-    pair: tuple[socket.socket, socket.socket],
+    socket_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    ours, theirs = pair
+    ours, theirs = socket_pair
     waits = SocketWaits(ours)
     theirs.sendall(b"* OK here\r\n")
     gevent.sleep(0)
@@ -30,8 +20,10 @@ def test_data_already_there_is_read_without_a_wait(
     assert waits.waits == 0
 
 
-def test_a_read_waits_for_what_comes_later(pair: tuple[socket.socket, socket.socket]) -> None:
-    ours, theirs = pair
+def test_a_read_waits_for_what_comes_later(
+    socket_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = socket_pair
     waits = SocketWaits(ours)
     gevent.spawn_later(0.01, theirs.sendall, b"A1 OK done\r\n")
     buffer = bytearray(100)
@@ -41,9 +33,9 @@ def test_a_read_waits_for_what_comes_later(pair: tuple[socket.socket, socket.soc
 
 
 def test_nothing_within_the_time_is_a_timeout_and_the_socket_stays_usable(
-    pair: tuple[socket.socket, socket.socket],
+    socket_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    ours, theirs = pair
+    ours, theirs = socket_pair
     waits = SocketWaits(ours)
     with pytest.raises(TimeoutError):
         waits.recv(100, 0.02)
@@ -51,17 +43,19 @@ def test_nothing_within_the_time_is_a_timeout_and_the_socket_stays_usable(
     assert waits.recv(100, 1.0) == b"late\r\n"  # watcher and timer were stopped, not spent
 
 
-def test_the_end_of_the_stream_is_an_empty_read(pair: tuple[socket.socket, socket.socket]) -> None:
-    ours, theirs = pair
+def test_the_end_of_the_stream_is_an_empty_read(
+    socket_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = socket_pair
     waits = SocketWaits(ours)
     gevent.spawn_later(0.01, theirs.shutdown, socket.SHUT_WR)
     assert waits.recv(100, 5.0) == b""
 
 
 def test_closing_the_socket_ends_a_wait_with_an_error(
-    pair: tuple[socket.socket, socket.socket],
+    socket_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    ours, _ = pair
+    ours, _ = socket_pair
     waits = SocketWaits(ours)
     gevent.spawn_later(0.01, ours.close)
     with pytest.raises(OSError) as raised:
@@ -69,8 +63,10 @@ def test_closing_the_socket_ends_a_wait_with_an_error(
     assert not isinstance(raised.value, TimeoutError)
 
 
-def test_a_timer_is_made_once_per_duration(pair: tuple[socket.socket, socket.socket]) -> None:
-    waits = SocketWaits(pair[0])
+def test_a_timer_is_made_once_per_duration(
+    socket_pair: tuple[socket.socket, socket.socket],
+) -> None:
+    waits = SocketWaits(socket_pair[0])
     assert waits.timer(1.5) is waits.timer(1.5)
     assert waits.timer(1.5) is not waits.timer(30.0)
     waits.close()
@@ -78,9 +74,9 @@ def test_a_timer_is_made_once_per_duration(pair: tuple[socket.socket, socket.soc
 
 
 def test_a_wait_leaves_the_watcher_free_for_gevents_own_reads(
-    pair: tuple[socket.socket, socket.socket],
+    socket_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    ours, theirs = pair
+    ours, theirs = socket_pair
     waits = SocketWaits(ours)
     with pytest.raises(TimeoutError):
         waits.wait_readable(0.01)
@@ -90,9 +86,9 @@ def test_a_wait_leaves_the_watcher_free_for_gevents_own_reads(
 
 
 def test_what_is_left_of_a_deadline_keeps_no_timer(
-    pair: tuple[socket.socket, socket.socket],
+    socket_pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    ours, theirs = pair
+    ours, theirs = socket_pair
     waits = SocketWaits(ours)
     for n in range(20):
         gevent.spawn_later(0.001, theirs.sendall, b"%d\r\n" % n)
