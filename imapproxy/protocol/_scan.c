@@ -119,6 +119,7 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     Py_ssize_t end;
     long long remaining;
+    (void)module;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "scan(buf, end, literal_remaining, events)");
         return NULL;
@@ -214,8 +215,11 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "imapproxy.protocol._scan",
-    "The response scanner's loop in C (see scanner.py).", -1, methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "imapproxy.protocol._scan",
+    .m_doc = "The response scanner's loop in C (see scanner.py).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__scan(void) { return PyModule_Create(&module); }
