@@ -140,10 +140,12 @@ class ClientConnection:
         address: tuple[object, ...],
         implicit_tls: bool = False,
         local: tuple[object, ...] | None = None,
+        nodelay: bool = False,
     ) -> None:
         self.proxy = proxy
         self.sock = sock
         self.local = local  # the address connected to, when the listener has only one
+        self.nodelay = nodelay  # TCP_NODELAY already on, from the listener
         self.raw_sock = sock  # StreamServer closes this one; a TLS wrapper is ours to close
         self.address = address  # the client's: from the PROXY header when there is one
         self.connected_to: tuple[object, ...] | None = None  # from the PROXY header
@@ -222,7 +224,7 @@ class ClientConnection:
         return send_quietly(self.sock, data)
 
     def _serve(self) -> None:
-        if self._handed_login is None:  # a handed one: set where accepted (or a local socket)
+        if not self.nodelay and self._handed_login is None:  # handed: set where accepted
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # a handed client is served even now: its login began in a worker still accepting,
         # and a stopping worker finishes its clients (a hand-over ships the session after)

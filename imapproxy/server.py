@@ -91,6 +91,16 @@ def bound_address(listener: socket.socket) -> tuple[object, ...] | None:
     return None if unspecified else address
 
 
+def set_nodelay(listener: socket.socket) -> bool:
+    """``TCP_NODELAY`` on a listener: Linux gives it to every connection accepted there, so no
+    connection sets it again (a system call each); False where it could not be set."""
+    try:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # not TCP (a test's socket pair)
+        return False
+    return True
+
+
 def relay_settings(config: Config) -> RelaySettings:
     return RelaySettings(
         response_timeout=config.server_response_timeout,
@@ -484,7 +494,10 @@ class Proxy:
         for group, implicit_tls in ((listeners, False), (tls_listeners, True)):
             for listener in group:
                 handle = functools.partial(
-                    self._handle, implicit_tls=implicit_tls, local=bound_address(listener)
+                    self._handle,
+                    implicit_tls=implicit_tls,
+                    local=bound_address(listener),
+                    nodelay=set_nodelay(listener),
                 )
                 server = StreamServer(listener, handle, spawn=self.clients.spawn)
                 server.start()
@@ -496,11 +509,12 @@ class Proxy:
         address: tuple[object, ...],
         implicit_tls: bool,
         local: tuple[object, ...] | None = None,
+        nodelay: bool = False,
     ) -> None:
         if len(self.clients) > self.client_limit:  # this greenlet is one of them
             self._refuse(client, address, implicit_tls)
             return
-        ClientConnection(self, client, address, implicit_tls, local).run()
+        ClientConnection(self, client, address, implicit_tls, local, nodelay).run()
 
     def _handed(self, handed: HandedClient, client: socket.socket) -> None:
         """A client that another worker accepted for a user of ours."""
