@@ -61,7 +61,6 @@ DROPPING_COMMANDS = frozenset(
     }
 )
 # Words that turn CONDSTORE on (RFC 7162 §3.1: CONDSTORE-enabling commands) or use QRESYNC.
-_CONDSTORE_WORDS = re.compile(rb"MODSEQ|CHANGEDSINCE|UNCHANGEDSINCE|CONDSTORE|QRESYNC", re.I)
 
 # Codes that only come with CONDSTORE/QRESYNC on (RFC 7162): such replies are not cached.
 _UNCACHEABLE_CODES = (b"[HIGHESTMODSEQ", b"[NOMODSEQ")
@@ -111,7 +110,16 @@ def mailbox_key(name: bytes) -> bytes:
 
 def drops_entry(name: bytes, rest: bytes) -> bool:
     """Whether a client command makes the cached reply unusable."""
-    return name in DROPPING_COMMANDS or _CONDSTORE_WORDS.search(rest) is not None
+    if name in DROPPING_COMMANDS:
+        return True
+    # CONDSTORE's words in any case, anywhere (UNCHANGEDSINCE contains CHANGEDSINCE)
+    upper = rest.upper()
+    return (
+        b"MODSEQ" in upper
+        or b"CHANGEDSINCE" in upper
+        or b"CONDSTORE" in upper
+        or b"QRESYNC" in upper
+    )
 
 
 def state_of(untagged: Sequence[Response]) -> MailboxState | None:

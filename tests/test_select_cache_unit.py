@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from imapproxy.protocol.framing import NEED_DATA
 from imapproxy.protocol.response import Response, ResponseReader
 from imapproxy.select_cache import (
@@ -93,3 +98,15 @@ def test_names_and_dropping_commands() -> None:
         b'STATUS "INBOX" (MESSAGES UIDNEXT UIDVALIDITY)',
         b"SEARCH RETURN (MIN) UNSEEN",
     )
+
+
+_CONDSTORE = re.compile(rb"MODSEQ|CHANGEDSINCE|UNCHANGEDSINCE|CONDSTORE|QRESYNC", re.I)
+_WORD_BITS = st.sampled_from(
+    [b"modseq", b"ChangedSince", b"UNCHANGEDSINCE", b"condStore", b"QRESYNC", b"SINCE", b"MOD"]
+)
+
+
+@given(st.lists(st.one_of(_WORD_BITS, st.binary(max_size=6)), max_size=8).map(b"".join))
+def test_condstore_words_are_found_in_any_case_anywhere(rest: bytes) -> None:
+    """The words that make a command drop the entry: as a case-blind search for them finds."""
+    assert drops_entry(b"FETCH", rest) == (_CONDSTORE.search(rest) is not None)
