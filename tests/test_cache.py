@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+
 from imapproxy.cache import ConnectionCache, SlotState
 from imapproxy.credentials import CredentialHasher, Credentials
 
@@ -114,3 +116,13 @@ def test_the_hand_over_takes_the_oldest_and_adopts_in_expiry_order() -> None:
     assert new.expire(125, 100) == ["s3", "s2"]
     assert new.take_cached(b"bob", digest(b"bob", b"pw")) is mine
     assert old.take_oldest() is not None and old.take_oldest() is None
+
+
+def test_the_digest_is_hmac_sha256_of_user_nul_password() -> None:
+    # a successor adopts the key and the digests (session_transfer): they must stay this
+    key = b"k" * 32
+    hasher = CredentialHasher(key)
+    for user, password in ((b"alice", b"secret"), (b"bob", b""), (b"\xff", b"p\x00w" * 900)):
+        expected = hmac.digest(key, user + b"\x00" + password, "sha256")
+        assert hasher.digest(Credentials(user, password)) == expected
+        assert hasher.digest(Credentials(user, password)) == expected  # the keyed copy is kept
