@@ -14,15 +14,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 from gevent import socket, ssl
 from gevent.event import Event
-from gevent.pool import Group
-from gevent.server import StreamServer
 
 from imapproxy import admin, affinity, daemon, forwarding, session_transfer, takeover
+from imapproxy.accept import ClientGreenlets, ClientListener
 from imapproxy.backend import Backend, BackendSession
 from imapproxy.backend_login import LoginResult, check_shared_secret
 from imapproxy.cache import ConnectionCache, Slot
@@ -52,6 +51,10 @@ STOP_MARGIN_S = 10.0  # beyond this process's longest stop (clients, then logout
 LOGOUT_CONCURRENCY = 64  # expiring/evicted sessions logged out at once, at most
 TOO_MANY_BYE = b"* BYE Too many connections, try again later\r\n"
 REFUSAL_LOG_INTERVAL_S = 10.0  # a flood of refusals makes one log line per interval
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -154,8 +157,8 @@ class Proxy:
         self.tracer = tracer
         self.metrics: Metrics | None = None  # with metrics_listen (it reads the proxy)
         self.client_tls = client_tls  # STARTTLS and the implicit-TLS port
-        self.servers: list[StreamServer] = []
-        self.clients: Group = Group()
+        self.servers: list[Closable] = []  # the client listeners, and metrics' servers
+        self.clients = ClientGreenlets()
         self._logouts = gevent.pool.Pool(LOGOUT_CONCURRENCY)
         self._expiry_wakeup = Event()
         self._expiry: gevent.Greenlet | None = None
@@ -499,7 +502,7 @@ class Proxy:
                     local=bound_address(listener),
                     nodelay=set_nodelay(listener),
                 )
-                server = StreamServer(listener, handle, spawn=self.clients.spawn)
+                server = ClientListener(listener, handle, self.clients)
                 server.start()
                 self.servers.append(server)
 
@@ -574,7 +577,7 @@ class Proxy:
         self._ship_or_drain()
         self._update_gauges()
         self.clients.join(timeout=timeout)
-        self.clients.kill(block=True, timeout=1)
+        self.clients.kill(timeout=1)
         self._logouts.join(timeout=max(1.0, timeout))
         if self._expiry is not None:
             self._expiry.kill()
