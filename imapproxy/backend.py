@@ -109,6 +109,7 @@ class BackendSession:
         "selected",
         "check",
         "check_tags",
+        "check_send_error",
         "news",
         "check_sent_at",
         "check_sent_monotonic",
@@ -132,6 +133,7 @@ class BackendSession:
         self.traits = ServerTraits()
         self.check: ReuseCheck | None = None  # a reuse check sent, its replies not yet read
         self.check_tags: list[bytes] = []
+        self.check_send_error: OSError | None = None  # the check could not be sent: gone
         self.news: list[Response] = []  # untagged replies that came while cached
         self.check_sent_at = 0.0  # time.perf_counter() when the reuse check left
         self.check_sent_monotonic = 0.0
@@ -261,16 +263,27 @@ class BackendSession:
         else:
             self.news.append(response)
 
-    def start_check(self, client_id_args: bytes | None) -> None:
-        """Before reuse: send the liveness check (``reuse_check``) without waiting for it.
+    def start_check(self, client_id_args: bytes | None, *, answered: bool = True) -> None:
+        """Before reuse: send the liveness check (``reuse_check``) without waiting for it,
+        once: called before the client's answer (``answered`` false) and after it.
+
+        A check that validates a SELECT cache entry goes before the answer: STATUS and
+        SEARCH take the server longer than the client takes to send its SELECT. A bare NOOP
+        goes after it: it is back before the client's command, and sent first, the server's
+        wake-up could delay the client's answer.
 
         Its replies are read by ``finish_check``, before anything else is sent or read on
-        this session. Raises ``OSError`` if the session is already gone.
+        this session; a session found gone here fails there.
         """
         entry = self.select_entry if self.selected else None
+        if self.check is not None or (entry is None and not answered):
+            return
         esearch = self.has_capability(b"ESEARCH") is True
         self.check = check = ReuseCheck(entry, client_id_args, esearch=esearch)
-        self.check_tags = self._send_tagged(check.lines)
+        try:
+            self.check_tags = self._send_tagged(check.lines)
+        except OSError as error:
+            self.check_send_error = error
         self.check_sent_at = time.perf_counter()
         self.check_sent_monotonic = time.monotonic()  # the clock of select_checked_at
 
@@ -286,6 +299,9 @@ class BackendSession:
         check, tags = self.check, self.check_tags
         assert check is not None
         self.check, self.check_tags = None, []
+        if (unsent := self.check_send_error) is not None:
+            self.check_send_error = None
+            raise exchange_failure(unsent, FailureKind.LOST)
         loop = gevent.get_hub().loop
         started = loop.now()  # the loop's clock moves only if this greenlet waits
         try:

@@ -84,6 +84,14 @@ class SessionBroker(admin.AdminView, Protocol):
         origin: ClientOrigin | None = None,
     ) -> tuple[Slot[BackendSession], bool]: ...
 
+    def start_check(
+        self,
+        slot: Slot[BackendSession],
+        client_id: tuple[bytes | None, ...] | None,
+        *,
+        answered: bool,
+    ) -> None: ...
+
     def confirm(
         self,
         slot: Slot[BackendSession],
@@ -425,6 +433,7 @@ class ClientConnection:
         reply = b"".join(login.untagged) + request.tag + b" " + login.reply + b"\r\n"
         sent = self._send(REUSE_NOTICE + reply if reused else reply)
         if reused:
+            self.proxy.start_check(slot, self.session.client_id, answered=True)
             username = request.credentials.username_text
             self.proxy.log_reuse(session, username, self.where, self._origin)
             confirmed = self._confirm(slot, request, sent)

@@ -206,9 +206,10 @@ class Proxy:
         client's address, ``origin``; ``reuse_same_client_address``: a cached one only if it
         was opened for the same address).
 
-        A cached session is handed over at once, its liveness check only sent
-        (``BackendSession.start_check``): the caller answers the client and calls ``confirm``
-        before the client's first command goes to the server.
+        A cached session is handed over at once, its liveness check sent now or after the
+        client's answer (``start_check``): the caller answers the client, calls
+        ``start_check`` again, and calls ``confirm`` before the client's first command goes to
+        the server.
 
         In static-identity mode the shared secret is checked first: before the cache (the
         setting may have changed on SIGHUP) and before a slot is made free for a new session.
@@ -228,13 +229,26 @@ class Proxy:
             assert session is not None
             try:
                 session.read_waiting()
-                session.start_check(id_command_args(client_id) if client_id else None)
             except (BackendFailure, OSError) as error:
                 self._dead(slot, credentials, where, error)
                 continue
+            self.start_check(slot, client_id, answered=False)
             self.counters.session_reused()
             return slot, True  # logged by ``log_reuse`` once the client has its answer
         return self._new_session(credentials, client_id, digest, where, target, origin), False
+
+    def start_check(
+        self,
+        slot: Slot[BackendSession],
+        client_id: tuple[bytes | None, ...] | None,
+        *,
+        answered: bool,
+    ) -> None:
+        """Send a reused session's liveness check, before or after the client's answer
+        (``BackendSession.start_check``)."""
+        session = slot.session
+        assert session is not None
+        session.start_check(id_command_args(client_id) if client_id else None, answered=answered)
 
     def log_reuse(
         self, session: BackendSession, username: str, where: str, origin: ClientOrigin | None
