@@ -67,6 +67,7 @@ _UNCACHEABLE_CODES = (b"[HIGHESTMODSEQ", b"[NOMODSEQ")
 _RECENT = re.compile(rb"^\* [0-9]+ RECENT\r\n", re.M)
 _NUMBER_CODE = re.compile(rb"^\[(UIDNEXT|UIDVALIDITY|UNSEEN) ([0-9]+)\]")
 _STATUS_ITEM = re.compile(rb"(MESSAGES|UIDNEXT|UIDVALIDITY) ([0-9]+)")
+_ESEARCH_MIN = re.compile(rb"\bMIN ([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def _first_unseen(responses: Sequence[Response]) -> int | None:
     """MIN of an ESEARCH reply, or the smallest number of a SEARCH reply; None if no match."""
     for response in responses:
         if response.word == b"ESEARCH":
-            match = re.search(rb"\bMIN ([0-9]+)", response.text.upper())
+            match = _ESEARCH_MIN.search(response.text.upper())
             return int(match.group(1)) if match else None
         if response.word == b"SEARCH":
             numbers = [int(n) for n in response.text.split() if n.isdigit()]
