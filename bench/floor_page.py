@@ -1,15 +1,16 @@
 """The floor of a gevent page proxy: the least CPU per webmail page any proxy on gevent can spend.
 
-``python -m bench.floor_page serve --listen PORT --backend HOST:PORT [--select-cache]`` runs
-the floor page proxy; ``python -m bench.floor_page [--rounds N] [--window S]
-[--concurrency 1 8] [--users N]`` measures it against imapproxy and up-imapproxy in one run
-(``measure``); ``python -m bench.floor_page syscalls`` counts the system calls per page of all
-six targets.
+``python -m bench.floor_page serve --listen PORT --backend HOST:PORT [--select-cache]
+[--check-and-log]`` runs the floor page proxy; ``python -m bench.floor_page [--rounds N]
+[--window S] [--concurrency 1 8] [--users N]`` measures it against imapproxy and
+up-imapproxy in one run (``measure``); ``python -m bench.floor_page syscalls`` counts the
+system calls per page of all eight targets.
 
 The floor page proxy does what a connection-caching proxy must do for the benchmark's page
 (LOGIN, SELECT INBOX, the header FETCH, LOGOUT) and nothing else, in the style of
-``bench.floor_relay``: a ``StreamServer`` on 127.0.0.1; per client, ``TCP_NODELAY`` and a
-canned greeting; the ``LOGIN`` line read whole; a backend session already logged in for
+``bench.floor_relay``: connections accepted on 127.0.0.1 and served on kept greenlets as
+imapproxy serves them (``imapproxy.accept``; the listener's ``TCP_NODELAY`` inherited); per
+client a canned greeting; the ``LOGIN`` line read whole; a backend session already logged in for
 exactly those LOGIN arguments (user and password as the client quoted them) taken from a
 per-login pool, with no liveness check, and answered ``* OK [XPROXYREUSE] ...`` and
 ``<tag> OK`` in one write; only the first time it connects to the backend and logs in for
@@ -23,7 +24,13 @@ and kept; every later ``SELECT INBOX`` on that session is answered from the kept
 re-tagged, without the backend. That is not exact (a new message or a flag changed elsewhere
 would not show): it is a floor, up-imapproxy's cache without even its checks, not a design.
 
-No parsing beyond the tag and those two commands, no logging, statistics, time-outs or limits.
+With ``--check-and-log`` it adds the least that a proxy fit to run must do on top, as
+imapproxy does it: a liveness check of each reused session (``NOOP``, sent after the client's
+answer and read before the client's first command goes to the backend; a session that fails
+it is closed and the client with it), and a log line on stderr per login and per logout (the
+LOGIN line with the user and the client's address, as up-imapproxy writes them).
+
+No parsing beyond the tag and those two commands, no statistics, time-outs or limits.
 Correct only for a client that waits for each reply before its next command and sends no
 literal (the benchmark's page): a LOGIN with a literal, pipelining or IDLE would break it. A
 first line that is not a LOGIN gets ``* BAD`` and a failed backend LOGIN ``NO``, and the
@@ -40,12 +47,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import gevent
 from gevent import socket
-from gevent.server import StreamServer
 
 from bench import syscalls
 from bench.figures import Summary, summarize
@@ -64,6 +72,7 @@ from bench.targets import (
     wait_listening,
 )
 from bench.workloads import Bench, Case, Results, prepare, rotated_rounds, warm_up
+from imapproxy.accept import ClientGreenlets, ClientListener
 from tests.support.dovecot import free_port
 
 GREETING = b"* OK [CAPABILITY IMAP4rev1] floor page proxy ready\r\n"
@@ -79,6 +88,8 @@ SELECT_INBOX = b"SELECT INBOX\r\n"
 BACKEND_TAG = b"L "  # of the floor's own LOGIN to the backend
 GREETING_TAG = b"* "  # a backend greeting is one untagged line: it "ends" like a reply
 MAX_LOGIN_BYTES = 8192  # a LOGIN line longer than this is refused (a bound on the read loop)
+CHECK_TAG = b"C "  # of the liveness check (``--check-and-log``)
+CHECK = CHECK_TAG + b"NOOP\r\n"
 
 Handler = Callable[[socket.socket, tuple[str, int]], None]
 
@@ -114,9 +125,11 @@ class BackendSession:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.buffer = bytearray(READ_BYTES)
         self.view = memoryview(self.buffer)
         self.select_reply: tuple[bytes, bytes] | None = None
+        self.checking = False  # a liveness check sent, its reply not read yet
 
     def read_reply(self, tag: bytes, forward: socket.socket | None = None) -> bytes | None:
         """Read until a read ends the reply to ``tag``; each read sent on to ``forward`` if
@@ -144,6 +157,7 @@ class Pool:
 
     backend_address: tuple[str, int]
     select_cache: bool = False
+    check_and_log: bool = False
     idle: dict[bytes, list[BackendSession]] = field(default_factory=dict)
 
     def take(self, arguments: bytes) -> BackendSession | None:
@@ -185,12 +199,41 @@ def read_line(client: socket.socket) -> bytes:
     return line if line.endswith(b"\n") else b""
 
 
+class Log:
+    """Log lines on stderr, the time's text made once a second (as imapproxy's log does)."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+        self.pid = os.getpid()
+
+    def line(self, text: str) -> None:
+        now = int(time.time())
+        if now != self.second:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            self.second, self.prefix = now, f"{stamp} floor[{self.pid}]: "
+        sys.stderr.write(self.prefix + text + "\n")
+        sys.stderr.flush()
+
+
+LOG = Log()
+
+
+def checked(session: BackendSession) -> bool:
+    """The liveness check's reply read, if one is out: False if the session failed it."""
+    if not session.checking:
+        return True
+    session.checking = False
+    reply = session.read_reply(CHECK_TAG)
+    return reply is not None and split_completion(reply, CHECK_TAG + b"OK") is not None
+
+
 def relay(client: socket.socket, session: BackendSession, select_cache: bool) -> bytes | None:
     """floor_relay's loop on a logged-in session; the tag of the client's LOGOUT, or None when
-    the client or the backend closed first."""
+    the client or the backend closed first (or the session failed its check)."""
     while True:
         request = client.recv(CLIENT_RECV_BYTES)
-        if not request:
+        if not request or not checked(session):
             return None
         tag = request[: request.find(b" ") + 1]  # b"b12 " (no space: any line ends the reply)
         command = request[len(tag) :]
@@ -225,7 +268,6 @@ def serve(pool: Pool) -> Handler:
     """The per-client handler: greeting, LOGIN from the pool (or for real), relay, LOGOUT."""
 
     def handle(client: socket.socket, address: tuple[str, int]) -> None:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with contextlib.suppress(OSError):  # a reset from either side: both just close
             send_all(client, GREETING)
             login = login_arguments(read_line(client))
@@ -235,6 +277,9 @@ def serve(pool: Pool) -> Handler:
             session = checked_out(client, pool, *login)
             if session is None:
                 return
+            if pool.check_and_log:
+                user = login[1].split(b" ", 1)[0].strip(b'"').decode("utf-8", "replace")
+                LOG.line(f"LOGIN: {user} ({address[0]}:{address[1]}) on sd [{session.fd}]")
             try:
                 tag = relay(client, session, pool.select_cache)
             except OSError:
@@ -245,6 +290,8 @@ def serve(pool: Pool) -> Handler:
                 return
             pool.give_back(login[1], session)
             send_all(client, LOGOUT_REPLY + tag + LOGOUT_DONE)
+            if pool.check_and_log:
+                LOG.line(f"LOGOUT: {user} from server sd [{session.fd}]")
 
     return handle
 
@@ -270,6 +317,9 @@ def checked_out(
     except OSError:
         pool.give_back(arguments, session)  # still clean: the client went first
         raise
+    if pool.check_and_log and reply.startswith(REUSED):  # after the answer, as imapproxy
+        send_all(session.sock, CHECK)
+        session.checking = True
     return session
 
 
@@ -278,19 +328,28 @@ def serve_main(argv: Sequence[str]) -> None:
     parser.add_argument("--listen", type=int, required=True, metavar="PORT")
     parser.add_argument("--backend", required=True, metavar="HOST:PORT")
     parser.add_argument("--select-cache", action="store_true", help="answer repeated SELECTs")
+    parser.add_argument(
+        "--check-and-log", action="store_true", help="check reused sessions, log logins"
+    )
     args = parser.parse_args(argv)
     host, _, port = args.backend.rpartition(":")
-    pool = Pool((host, int(port)), select_cache=args.select_cache)
-    server = StreamServer((LISTEN_HOST, args.listen), serve(pool))
-    server.serve_forever()  # until SIGTERM, whose default action ends the process
+    pool = Pool((host, int(port)), select_cache=args.select_cache, check_and_log=args.check_and_log)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Linux: every client's
+    listener.bind((LISTEN_HOST, args.listen))
+    listener.listen(1024)
+    ClientListener(listener, serve(pool), ClientGreenlets()).start()
+    gevent.wait()  # until SIGTERM, whose default action ends the process
 
 
 # -- the measurement ----------------------------------------------------------------------------
 #
 # One private Dovecot with the benchmark's users (``bench.run``'s 200 by default), the load
 # generator of ``bench.run`` (two processes, the ``webmail`` script: each thread draws its
-# users at random from all of them) with the quickack client, and six targets: the floor page
-# proxy, imapproxy and up-imapproxy, each SELECT cache off and on. ``bench.ab``'s in-process
+# users at random from all of them) with the quickack client, and eight targets: the floor page
+# proxy alone and with ``--check-and-log``, imapproxy and up-imapproxy, each SELECT cache off
+# and on. ``bench.ab``'s in-process
 # page loop is one client only; the load generator gives c=8 and the same page as the
 # benchmark's own figures. Each target is warmed as ``bench.run`` warms (``warm_up``: two
 # pages per user direct, which record each user's header bytes that every later page must
@@ -299,11 +358,25 @@ def serve_main(argv: Sequence[str]) -> None:
 # concurrency), so that no measured window pays for Dovecot logins. The rounds of a case
 # rotate the targets (``rotated_rounds``), and each round is accounted as in ``bench.run``
 # (``Bench.measure``: the proxy's user and system CPU from ``/proc``). Each of Dovecot's imap
-# processes serves one session, and the six targets keep two or more per user: Dovecot gets
+# processes serves one session, and the eight targets keep two or more per user: Dovecot gets
 # ``bench.run``'s limits (2,000 would stop logins at the fourth target's pairs).
 
-TARGET_ORDER = ("floor-off", "floor-on", "ipx-off", "ipx-on", "up-off", "up-on")
-PRODUCTS = {"floor": "floor page", "ipx": "imapproxy", "up": "up-imapproxy"}
+TARGET_ORDER = (
+    "floor-off",
+    "floor-on",
+    "chk-off",
+    "chk-on",
+    "ipx-off",
+    "ipx-on",
+    "up-off",
+    "up-on",
+)
+PRODUCTS = {
+    "floor": "floor page",
+    "chk": "floor page + check and log",
+    "ipx": "imapproxy",
+    "up": "up-imapproxy",
+}
 DEFAULT_ROUNDS = 4
 DEFAULT_WINDOW_S = 3.0
 DEFAULT_CONCURRENCIES = (1, 8)
@@ -311,26 +384,37 @@ LOADGEN_WORKERS = 2  # as bench.run: the machine has 2 cores
 
 
 def start_floor_page(
-    stack: contextlib.ExitStack, dovecot: BenchDovecot, workdir: Path, select_cache: bool
+    stack: contextlib.ExitStack,
+    dovecot: BenchDovecot,
+    workdir: Path,
+    select_cache: bool,
+    check_and_log: bool = False,
 ) -> tuple[Target, subprocess.Popen[bytes]]:
-    """The floor page proxy in front of ``dovecot`` (key ``floor-off`` or ``floor-on``)."""
-    key = f"floor-{'on' if select_cache else 'off'}"
+    """The floor page proxy in front of ``dovecot`` (key ``floor-off`` or ``floor-on``; with
+    ``check_and_log``, ``chk-off`` or ``chk-on``)."""
+    key = f"{'chk' if check_and_log else 'floor'}-{'on' if select_cache else 'off'}"
     port = free_port()
     directory = workdir / f"{key}-{port}"
     directory.mkdir(parents=True)
     backend = f"{dovecot.host}:{dovecot.port}"
     argv = [sys.executable, "-m", "bench.floor_page", "serve", "--listen", str(port)]
     argv += ["--backend", backend] + (["--select-cache"] if select_cache else [])
+    argv += ["--check-and-log"] if check_and_log else []
     process = start_process(stack, argv, directory / "output.log")
     wait_listening(process, port, "floor page", directory / "output.log")
-    return Target(key, "floor page", "127.0.0.1", port, process.pid, select_cache), process
+    product = PRODUCTS[key.split("-")[0]]
+    return Target(key, product, "127.0.0.1", port, process.pid, select_cache), process
 
 
 def start_targets(
     stack: contextlib.ExitStack, dovecot: BenchDovecot, workdir: Path
 ) -> list[tuple[Target, subprocess.Popen[bytes]]]:
-    """The six targets, in ``TARGET_ORDER``."""
-    started = [start_floor_page(stack, dovecot, workdir, cache) for cache in (False, True)]
+    """The eight targets, in ``TARGET_ORDER``."""
+    started = [
+        start_floor_page(stack, dovecot, workdir, cache, checked)
+        for checked in (False, True)
+        for cache in (False, True)
+    ]
     for product in ("imapproxy", "up-imapproxy"):
         for cache in (False, True):
             started.append(start_proxy(stack, product, dovecot, workdir, select_cache=cache))
@@ -349,7 +433,7 @@ def measure(plan: Plan, progress: Callable[[str], None]) -> dict[tuple[int, str]
             start_dovecot(stack, dovecot)
             loadgen = LoadGenerator(LOADGEN_WORKERS)
             stack.callback(loadgen.close)
-            progress("starting the floor page proxy, imapproxy and up-imapproxy")
+            progress("starting the floor page proxies, imapproxy and up-imapproxy")
             started = start_targets(stack, dovecot, root / "proxies")
             measured = [target for target, _ in started]
             processes = {target.key: process for target, process in started}
@@ -402,8 +486,9 @@ def table(summaries: dict[tuple[int, str], Summary]) -> str:
     """The Markdown table: a row per concurrency and target."""
     lines = [
         "| c | target | SELECT cache | pages/s | p50 ms | proxy CPU ms/page user | system "
-        "| total | ÷ up-imapproxy | ÷ floor | errors | Dovecot logins/page |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| total | ÷ up-imapproxy | ÷ floor | ÷ floor + check and log | errors "
+        "| Dovecot logins/page |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (concurrency, key), summary in sorted(
         summaries.items(), key=lambda item: (item[0][0], TARGET_ORDER.index(item[0][1]))
@@ -414,7 +499,8 @@ def table(summaries: dict[tuple[int, str], Summary]) -> str:
             f"| {concurrency} | {PRODUCTS[product]} | {cache} | {summary.rate:.0f} "
             f"| {summary.p50_s * 1000:.2f} | {user:.3f} | {system:.3f} | {total:.3f} "
             f"| {ratio(summaries, concurrency, key, 'up')} "
-            f"| {ratio(summaries, concurrency, key, 'floor')} | {summary.error_count} "
+            f"| {ratio(summaries, concurrency, key, 'floor')} "
+            f"| {ratio(summaries, concurrency, key, 'chk')} | {summary.error_count} "
             f"| {summary.backend_logins_per_unit or 0:.3f} |"
         )
     return "\n".join(lines)
@@ -462,7 +548,7 @@ def measure_main(argv: Sequence[str]) -> None:
 
 # -- system calls per page ---------------------------------------------------------------------
 #
-# ``python -m bench.floor_page syscalls [--pages N] [--users N]``: the six targets traced as
+# ``python -m bench.floor_page syscalls [--pages N] [--users N]``: the eight targets traced as
 # ``bench.syscalls`` traces the proxies (``strace -c -f`` attached during a fixed number of
 # pages at c=1, quickack client, after one page per user; its table), so that the floor's
 # calls per page stand beside imapproxy's and up-imapproxy's from the same run.
@@ -471,8 +557,8 @@ def measure_main(argv: Sequence[str]) -> None:
 def traced_target(
     stack: contextlib.ExitStack, product: str, dovecot: BenchDovecot, workdir: Path, cache: bool
 ) -> Target:
-    if product == "floor page":
-        return start_floor_page(stack, dovecot, workdir, cache)[0]
+    if product in (PRODUCTS["floor"], PRODUCTS["chk"]):
+        return start_floor_page(stack, dovecot, workdir, cache, product == PRODUCTS["chk"])[0]
     return start_proxy(stack, product, dovecot, workdir, select_cache=cache)[0]
 
 

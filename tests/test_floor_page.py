@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -29,11 +31,14 @@ class FloorPage:
     port: int
 
 
-def start_floor_page(dovecot: DovecotInstance, *options: str) -> Iterator[FloorPage]:
+def start_floor_page(
+    dovecot: DovecotInstance, *options: str, log: Path | None = None
+) -> Iterator[FloorPage]:
     port = free_port()
     argv = [sys.executable, "-m", "bench.floor_page", "serve", "--listen", str(port)]
     argv += ["--backend", f"{dovecot.host}:{dovecot.port}", *options]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log or os.devnull, "wb") as stderr:
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         wait_for_port("127.0.0.1", port, timeout=15)
         yield FloorPage("127.0.0.1", port)
@@ -210,3 +215,22 @@ def test_the_select_cache_answers_the_second_select_without_the_backend(
     assert untimed(second.fetch) == untimed(first.fetch)
     assert wait_selects(dovecot, user, direct_selects + 1) == 2  # the direct page's, the first
     assert logged_in(dovecot, user, 2)
+
+
+def test_check_and_log_checks_each_reuse_and_logs_each_page(
+    dovecot: DovecotInstance, make_user: Callable[..., User], tmp_path: Path
+) -> None:
+    user = make_user()
+    clear_recent(dovecot, user)
+    log = tmp_path / "floor.log"
+    for checked in start_floor_page(dovecot, "--check-and-log", log=log):
+        first = page(checked.host, checked.port, user)
+        second = page(checked.host, checked.port, user)
+        assert second.login[0].startswith(REUSED) and second.logout == LOGOUT_REPLY
+        assert untimed(second.fetch) == untimed(first.fetch)
+        assert wait_until(lambda: "C NOOP" in dovecot.rawlog_text(user.name), timeout=1)
+        assert dovecot.rawlog_text(user.name).count("C NOOP") == 1  # the reuse only
+        assert logged_in(dovecot, user, 2)
+        lines = log.read_text().splitlines()
+        assert [line.split(": ", 1)[1].split(" ")[0] for line in lines] == ["LOGIN:", "LOGOUT:"] * 2
+        assert f"LOGIN: {user.name} (127.0.0.1:" in lines[2]
