@@ -71,7 +71,16 @@ from bench.targets import (
     start_proxy,
     wait_listening,
 )
-from bench.workloads import Bench, Case, Results, prepare, rotated_rounds, warm_up
+from bench.workloads import (
+    JOB_MARGIN_S,
+    Bench,
+    Case,
+    Results,
+    page_job,
+    prepare,
+    rotated_rounds,
+    warm_up,
+)
 from imapproxy.accept import ClientGreenlets, ClientListener
 from tests.support.dovecot import free_port
 
@@ -362,6 +371,7 @@ def serve_main(argv: Sequence[str]) -> None:
 # ``bench.run``'s limits (2,000 would stop logins at the fourth target's pairs).
 
 TARGET_ORDER = (
+    "limit",
     "floor-off",
     "floor-on",
     "chk-off",
@@ -372,6 +382,7 @@ TARGET_ORDER = (
     "up-on",
 )
 PRODUCTS = {
+    "limit": "limit (a client that stays logged in)",
     "floor": "floor page",
     "chk": "floor page + check and log",
     "ipx": "imapproxy",
@@ -435,12 +446,13 @@ def measure(plan: Plan, progress: Callable[[str], None]) -> dict[tuple[int, str]
             stack.callback(loadgen.close)
             progress("starting the floor page proxies, imapproxy and up-imapproxy")
             started = start_targets(stack, dovecot, root / "proxies")
-            measured = [target for target, _ in started]
+            direct, limit = direct_targets(dovecot)
+            measured = [limit] + [target for target, _ in started]
             processes = {target.key: process for target, process in started}
             bench = Bench(
                 plan,
                 dovecot,
-                direct_targets(dovecot)[:1] + measured,
+                [direct, *measured],
                 processes,
                 loadgen,
                 root / "proxies",
@@ -448,12 +460,16 @@ def measure(plan: Plan, progress: Callable[[str], None]) -> dict[tuple[int, str]
             )
             progress("warm-up")
             warm_up(bench)
-            for target in measured:
+            for target in measured[1:]:
                 prepare(bench, target, "quickack")
             results = Results()
             for concurrency in plan.concurrencies:
                 case = Case("page", "quickack", concurrency)
                 progress(case.label)
+                # the limit's sessions, one per user, logged in by a window of 0 s (page_case)
+                bench.loadgen.run(
+                    page_job(bench, limit, "quickack", concurrency, 0.0), JOB_MARGIN_S
+                )
                 rotated_rounds(bench, results, case, measured)
             progress("stopping")
     finally:
@@ -475,6 +491,8 @@ def cpu_ms(summary: Summary) -> tuple[float, float, float]:
 
 def ratio(summaries: dict[tuple[int, str], Summary], concurrency: int, key: str, to: str) -> str:
     """``key``'s CPU per page over that of product ``to`` with the same SELECT cache."""
+    if key == "limit":
+        return "—"
     other = summaries.get((concurrency, f"{to}-{key.rsplit('-', 1)[1]}"))
     if other is None or key.startswith(f"{to}-"):
         return "—"
@@ -485,19 +503,21 @@ def ratio(summaries: dict[tuple[int, str], Summary], concurrency: int, key: str,
 def table(summaries: dict[tuple[int, str], Summary]) -> str:
     """The Markdown table: a row per concurrency and target."""
     lines = [
-        "| c | target | SELECT cache | pages/s | p50 ms | proxy CPU ms/page user | system "
-        "| total | ÷ up-imapproxy | ÷ floor | ÷ floor + check and log | errors "
+        "| c | target | SELECT cache | pages/s | p50 ms | p50 ÷ limit | proxy CPU ms/page user "
+        "| system | total | ÷ up-imapproxy | ÷ floor | ÷ floor + check and log | errors "
         "| Dovecot logins/page |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (concurrency, key), summary in sorted(
         summaries.items(), key=lambda item: (item[0][0], TARGET_ORDER.index(item[0][1]))
     ):
-        product, cache = key.rsplit("-", 1)
+        product, cache = key.rsplit("-", 1) if key != "limit" else (key, "—")
         user, system, total = cpu_ms(summary)
+        limit = summaries.get((concurrency, "limit"))
+        to_limit = f"{summary.p50_s / limit.p50_s:.2f}x" if limit and limit.p50_s else "—"
         lines.append(
             f"| {concurrency} | {PRODUCTS[product]} | {cache} | {summary.rate:.0f} "
-            f"| {summary.p50_s * 1000:.2f} | {user:.3f} | {system:.3f} | {total:.3f} "
+            f"| {summary.p50_s * 1000:.2f} | {to_limit} | {user:.3f} | {system:.3f} | {total:.3f} "
             f"| {ratio(summaries, concurrency, key, 'up')} "
             f"| {ratio(summaries, concurrency, key, 'floor')} "
             f"| {ratio(summaries, concurrency, key, 'chk')} | {summary.error_count} "
@@ -586,7 +606,7 @@ def syscalls_main(argv: Sequence[str]) -> None:
                 expected = loadgen.run(job, syscalls.JOB_TIMEOUT_S).tally.observed
             sequence = [names[i % len(names)] for i in range(args.pages)]
             found = []
-            for key in TARGET_ORDER:
+            for key in TARGET_ORDER[1:]:  # the limit: no proxy to trace
                 product, cache = PRODUCTS[key.rsplit("-", 1)[0]], key.endswith("-on")
                 target = traced_target(stack, product, dovecot, root / "proxies", cache)
                 syscalls.run_pages(loadgen, syscalls.page_job(target, names, expected, "warm"))
