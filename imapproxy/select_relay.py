@@ -17,7 +17,7 @@ from imapproxy.backend import BackendSession
 from imapproxy.errors import ClientProtocolError
 from imapproxy.protocol.framing import CommandFramer, Line, LiteralData
 from imapproxy.protocol.framing import Event as FramerEvent
-from imapproxy.protocol.grammar import Arguments, CommandStart
+from imapproxy.protocol.grammar import Arguments, CommandStart, one_astring
 from imapproxy.select_cache import SelectEntry, closed_line, entry_from_reply, mailbox_key
 from imapproxy.stats import Counters
 from imapproxy.trace import SessionTrace
@@ -137,6 +137,10 @@ def select_mailbox(tag: bytes, lines: list[bytes], literals: list[bytes]) -> byt
     """The mailbox of a plain ``SELECT mailbox``; None with options or bad syntax (relayed
     as they are, for the backend to judge, and never cached)."""
     stripped = [line.rstrip(b"\r\n") for line in lines]
+    if not literals:  # the usual "tag SELECT mailbox": one match
+        parts = stripped[0].split(b" ", 2)
+        if len(parts) == 3 and (mailbox := one_astring(parts[2])) is not None:
+            return mailbox
     try:
         args = Arguments(stripped, literals, tag)
         args.space()

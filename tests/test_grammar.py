@@ -14,6 +14,7 @@ from imapproxy.protocol.grammar import (
     build_command,
     encode_string_list,
     is_valid_tag,
+    one_astring,
     quote,
     split_command_line,
     two_astrings,
@@ -193,3 +194,41 @@ def test_two_astrings_on_the_usual_forms(text: bytes) -> None:
 )
 def test_two_astrings_leaves_the_rest_to_the_tokens(text: bytes) -> None:
     assert two_astrings(text) is None
+
+
+# -- one_astring: SELECT's mailbox in one match, read as Arguments reads it -----------------------
+
+
+def read_one_by_tokens(text: bytes) -> bytes | None:
+    args = Arguments([b"a SELECT " + text], [], b"a")
+    try:
+        args.space()
+        value = args.astring()
+        args.expect_end()
+    except ClientProtocolError:
+        return None
+    return value
+
+
+@given(st.lists(_LOGIN_BYTES, max_size=16).map(bytes))
+def test_one_astring_reads_what_the_tokens_read(text: bytes) -> None:
+    fast = one_astring(text)
+    if fast is not None:
+        assert read_one_by_tokens(text) == fast
+
+
+@given(st.binary(max_size=30))
+def test_one_astring_takes_every_quoted_value(value: bytes) -> None:
+    value = value.replace(b"\x00", b"").replace(b"\r", b"").replace(b"\n", b"")
+    text = b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    assert one_astring(text) == value == read_one_by_tokens(text)
+
+
+@pytest.mark.parametrize("text", [b"INBOX", b'"INBOX"', b'"Sent Items"', b"INBOX.Drafts", b'""'])
+def test_one_astring_on_the_usual_forms(text: bytes) -> None:
+    assert one_astring(text) is not None and one_astring(text) == read_one_by_tokens(text)
+
+
+@pytest.mark.parametrize("text", [b"INBOX (CONDSTORE)", b" INBOX", b"{5}", b'"a', b"\xe9"])
+def test_one_astring_leaves_the_rest_to_the_tokens(text: bytes) -> None:
+    assert one_astring(text) is None

@@ -7,7 +7,9 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
+from imapproxy.errors import ClientProtocolError
 from imapproxy.protocol.framing import NEED_DATA
+from imapproxy.protocol.grammar import Arguments
 from imapproxy.protocol.response import Response, ResponseReader
 from imapproxy.select_cache import (
     SelectEntry,
@@ -18,6 +20,7 @@ from imapproxy.select_cache import (
     mailbox_key,
     still_valid,
 )
+from imapproxy.select_relay import select_mailbox
 
 SELECT_REPLY = (
     b"* OK [CLOSED] Previous mailbox closed.\r\n"
@@ -110,3 +113,18 @@ _WORD_BITS = st.sampled_from(
 def test_condstore_words_are_found_in_any_case_anywhere(rest: bytes) -> None:
     """The words that make a command drop the entry: as a case-blind search for them finds."""
     assert drops_entry(b"FETCH", rest) == (_CONDSTORE.search(rest) is not None)
+
+
+@given(st.lists(st.sampled_from(list(b'ab "\\\\ ]{}()%*\x00\x7f\xe9+~')), max_size=16).map(bytes))
+def test_select_mailbox_reads_as_the_tokens_read(text: bytes) -> None:
+    """The one-match path of ``select_mailbox`` gives what ``Arguments`` alone gives."""
+    line = b"s1 SELECT " + text + b"\r\n"
+    args = Arguments([line.rstrip(b"\r\n")], [], b"s1")
+    try:
+        args.space()
+        expected: bytes | None = args.astring()
+        if not args.at_end():
+            expected = None
+    except ClientProtocolError:
+        expected = None
+    assert select_mailbox(b"s1", [line], []) == expected

@@ -42,6 +42,17 @@ _TAG_CHARS = bytes(b for b in range(256) if b not in _TAG_SPECIALS and b not in 
 _ASTRING_CHARS = bytes(b for b in range(256) if b not in _ASTRING_SPECIALS and b not in _8BIT)
 _QUOTED_OR_ATOM = rb'(?:"((?:[^"\\\x00]|\\["\\])*)"|([' + re.escape(_ASTRING_CHARS) + rb"]+))"
 _TWO_ASTRINGS = re.compile(_QUOTED_OR_ATOM + b" " + _QUOTED_OR_ATOM + rb"\Z")
+_ONE_ASTRING = re.compile(_QUOTED_OR_ATOM + rb"\Z")
+
+
+def one_astring(text: bytes) -> bytes | None:
+    """One astring, quoted or an atom, and nothing else (SELECT's mailbox as clients send
+    it), read in one match; None for anything else, which ``Arguments`` reads and judges."""
+    match = _ONE_ASTRING.match(text)
+    if match is None:
+        return None
+    quoted, atom = match.groups()
+    return _unquoted(quoted) if quoted is not None else atom
 
 
 def two_astrings(text: bytes) -> tuple[bytes, bytes] | None:

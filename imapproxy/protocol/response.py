@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from imapproxy.errors import BackendProtocolError
 from imapproxy.protocol.framing import NEED_DATA, Marker, parse_literal_marker
 
+_BRACE, _CR = ord("}"), ord("\r")
 # Large enough for any greeting, CAPABILITY, LOGIN or SELECT reply seen in the wild.
 MAX_CONTROL_RESPONSE_BYTES = 1 << 20
 
@@ -95,20 +96,23 @@ class ResponseReader:
             return NEED_DATA
         raw = bytes(self._buffer[:end])
         del self._buffer[:end]
-        first_line = raw[: raw.find(b"\n") + 1].rstrip(b"\r\n")
-        tag, word, text = parse_first_line(first_line)
+        tag, _, after = raw[: raw.find(b"\n")].rstrip(b"\r").partition(b" ")  # parse_first_line
+        word, _, text = after.partition(b" ")
         if not tag:
             raise BackendProtocolError("response without a tag")
-        return Response(raw, tag, word, text)
+        return Response(raw, tag, word.upper(), text)
 
     def _response_end(self) -> int | None:
         """Offset just past the end of the first complete response in the buffer, if any."""
-        pos = 0
+        buffer, pos = self._buffer, 0
         while True:
-            eol = self._buffer.find(b"\n", pos)
+            eol = buffer.find(b"\n", pos)
             if eol < 0:
                 return None
-            literal = parse_literal_marker(bytes(self._buffer[pos : eol + 1]))
+            last = buffer[eol - 1] if eol > pos else 0
+            if last != _BRACE and (last != _CR or eol - 2 < pos or buffer[eol - 2] != _BRACE):
+                return eol + 1  # no literal announced: the common case, without a copy
+            literal = parse_literal_marker(bytes(buffer[pos : eol + 1]))
             if literal is None:
                 return eol + 1
             if literal.size > self.max_response_bytes:
