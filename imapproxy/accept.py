@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket as stdlib_socket
 import sys
 from collections.abc import Callable
@@ -42,8 +43,14 @@ class _Job:
     __slots__ = ("function", "args")
 
     def __init__(self, function: Callable[..., object], args: tuple[Any, ...]) -> None:
-        self.function = function
+        self.function: Callable[..., object] | None = function
         self.args = args
+
+    def run(self) -> None:
+        function, args = self.function, self.args
+        self.function, self.args = None, ()  # emptied: a new greenlet's first switch keeps
+        assert function is not None  # its arguments (this job) for the greenlet's life
+        function(*args)
 
 
 class ClientGreenlets:
@@ -57,6 +64,7 @@ class ClientGreenlets:
         self._none_busy = Event()
         self._none_busy.set()
         self.max_idle = max_idle
+        self._killed = False  # after ``kill``: finished greenlets end instead of parking
 
     def __len__(self) -> int:
         return len(self._busy)
@@ -68,41 +76,61 @@ class ClientGreenlets:
     def spawn(self, function: Callable[..., object], *args: Any) -> None:
         """Run ``function(*args)`` on a client greenlet: at once from the hub (an accept),
         else from the hub's next turn (a greenlet switching straight in would never resume)."""
-        worker = self._idle.pop() if self._idle else greenlet(self._work, parent=self._hub)
-        self._busy.add(worker)  # counted from now: the client limit sees it at once
-        self._none_busy.clear()
+        worker = self._take()
         job = _Job(function, args)
         if getcurrent() is self._hub:
             worker.switch(job)
         else:
-            self._hub.loop.run_callback(worker.switch, job)
+            self._hub.loop.run_callback(self._start, worker, job)
 
-    def _work(self, job: _Job) -> None:
+    def _take(self) -> greenlet:
+        """An idle greenlet, or a new one, counted busy from now: the client limit sees it."""
+        worker = None
+        while self._idle and worker is None:
+            worker = self._idle.pop()
+            if worker.dead:  # ended while parked (``kill``)
+                worker = None
+        if worker is None:
+            worker = greenlet(self._work, parent=self._hub)
+        self._busy.add(worker)
+        self._none_busy.clear()
+        return worker
+
+    def _start(self, worker: greenlet, job: _Job) -> None:
+        """The hub's turn after a spawn from a greenlet: ``kill`` may have ended the idle
+        greenlet taken meanwhile, so a new one serves instead."""
+        if worker.dead:
+            self._busy.discard(worker)
+            worker = greenlet(self._work, parent=self._hub)
+            self._busy.add(worker)
+        worker.switch(job)
+
+    def _work(self, job: _Job | None) -> None:
         me = getcurrent()
-        while True:
+        while job is not None:
+            function = job.function
             try:
-                job.function(*job.args)
+                job.run()
             except GreenletExit:
-                self._done(me)
                 return
             except BaseException:  # what gevent does for a greenlet's uncaught exception
-                self._hub.handle_error(job.function, *sys.exc_info())
-            self._done(me)
-            del job  # no client's socket held while parked
-            if len(self._idle) >= self.max_idle:
+                self._hub.handle_error(function, *sys.exc_info())
+            finally:
+                self._done(me)
+            job = function = None  # no client's socket or credentials held while parked
+            if self._killed or len(self._idle) >= self.max_idle:
                 return
             self._idle.append(me)
-            parked = self._park()
-            if parked is None:
-                return
-            job = parked
+            job = self._park(me)
 
-    def _park(self) -> _Job | None:
-        """Wait for the next job; None: told to end while idle."""
+    def _park(self, me: greenlet) -> _Job | None:
+        """Wait for the next job; None: told to end while idle (and no longer idle)."""
         while True:
             try:
                 arrived = self._hub.switch()
             except GreenletExit:
+                if me in self._idle:
+                    self._idle.remove(me)
                 return None
             except BaseException as error:  # a stray throw left by an earlier client's code
                 LOGGER.warning("a kept client greenlet ignored a stray %r", error)
@@ -122,7 +150,9 @@ class ClientGreenlets:
 
     def kill(self, timeout: float | None = None) -> None:
         """End every client being served (``GreenletExit`` from the hub, as gevent's ``kill``
-        does), wait up to ``timeout`` for them; the idle ones end too."""
+        does), wait up to ``timeout`` for them; the idle ones end too, and none is kept after
+        (a client spawned later gets a new greenlet)."""
+        self._killed = True
         for worker in list(self._busy) + self._idle:
             self._hub.loop.run_callback(worker.throw, GreenletExit)
         self._idle.clear()
@@ -173,8 +203,16 @@ class ClientListener:
             return
         self._pause_s = 0.0
         raw = self._raw
-        client = socket.socket(raw.family, raw.type, raw.proto, fileno=fd)
-        self._greenlets.spawn(self._serve, client, address)
+        try:
+            client = socket.socket(raw.family, raw.type, raw.proto, fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            self._greenlets.spawn(self._serve, client, address)
+        except BaseException:  # no greenlet to be had (out of memory): the client goes
+            client.close()
+            raise
 
     def _serve(self, client: socket.socket, address: Any) -> None:
         try:

@@ -467,9 +467,10 @@ class ClientConnection:
         self, slot: Slot[BackendSession], request: LoginRequested, sent: bool
     ) -> Slot[BackendSession] | None:
         """The overlap of a reuse: the client's next command is awaited while the session's
-        check (sent at checkout) travels, then the check is read. A session that failed it is
-        replaced by a new one, opened with the credentials this connection still holds (and
-        drops afterwards); the client notices nothing. None if no session can be had."""
+        check (sent at checkout or just after the client's answer) travels, then the check is
+        read. A session that failed it is replaced by a new one, opened with the credentials
+        this connection still holds (and drops afterwards); the client notices nothing. None
+        if no session can be had."""
         framer = self.session.framer
         if sent and not framer.has_input:
             framer.receive_data(self._receive_first_command())

@@ -4,7 +4,9 @@ loopback sockets."""
 from __future__ import annotations
 
 import errno
+import gc
 import socket as stdlib_socket
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -238,3 +240,32 @@ def test_a_stdlib_listener_works_too() -> None:
         assert _talk(plain, b"hello\r\n") == b"you said hello\r\n"  # type: ignore[arg-type]
     finally:
         server.close()
+
+
+def test_a_parked_greenlet_holds_nothing_of_its_last_client() -> None:
+    greenlets = ClientGreenlets()
+
+    class Secret:
+        pass
+
+    for _ in range(2):  # the second job is the one a parked greenlet could still hold
+        secret = Secret()
+        kept = weakref.ref(secret)
+        greenlets.spawn(lambda value: None, secret)
+        assert greenlets.join(timeout=5)
+        del secret
+        gc.collect()
+        assert kept() is None and greenlets.idle == 1
+
+
+def test_after_kill_clients_still_run_and_no_greenlet_is_kept() -> None:
+    greenlets = ClientGreenlets()
+    ran: list[int] = []
+    greenlets.spawn(ran.append, 1)
+    assert greenlets.join(timeout=5) and greenlets.idle == 1
+    gevent.spawn(greenlets.spawn, ran.append, 2).join(timeout=5)  # queued for the hub's turn
+    greenlets.kill(timeout=5)  # the idle one ends before the queued client starts
+    assert greenlets.join(timeout=5)
+    greenlets.spawn(ran.append, 3)
+    assert greenlets.join(timeout=5)
+    assert ran == [1, 2, 3] and len(greenlets) == 0 and greenlets.idle == 0
