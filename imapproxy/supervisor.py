@@ -6,9 +6,9 @@ worker is a whole proxy on the shared listening sockets with its share of the ca
 (``affinity``), its block of the statistics file, and the inboxes to the other workers
 (``worker_channel``).
 
-The supervisor waits for signals with ``sigtimedwait`` (all of them blocked, none delivered
-to a handler) and, between them, sums the workers' counters into the totals of the statistics
-file that up-imapproxy's ``pimpstat`` reads (``stats.Totals``):
+The supervisor waits for signals on a pipe (``SignalInbox``) and, between them, sums the
+workers' counters into the totals of the statistics file that up-imapproxy's ``pimpstat``
+reads (``stats.Totals``); it looks for exited workers on every wake-up, not only on SIGCHLD:
 
 * a worker that dies is logged, counted (``WorkerRestarts``) and started again with the same
   index (so it serves the same users); one that dies within a second of its start waits
@@ -34,6 +34,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -78,6 +79,51 @@ def worker_count(configured: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class SignalInbox:
+    """The supervisor's signals, whichever of its threads the kernel delivers them to.
+
+    The supervisor has threads besides its main one (gevent's resolver pool, from start-up), and
+    the kernel may deliver a signal sent to the process to any thread that does not block it.
+    Blocking the signals in the main thread and taking them with ``sigtimedwait`` lost those
+    delivered elsewhere: a SIGCHLD that went to the resolver thread was ignored there, and a
+    worker that had exited was never reaped. Python's C-level handler runs in whichever thread
+    it is delivered to and writes the signal's number to the wake-up pipe (``set_wakeup_fd``).
+    """
+
+    def __init__(self, signals: tuple[int, ...]) -> None:
+        self.signals = signals
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        for signum in signals:
+            signal.signal(signum, _noted)
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # as a successor's parent left it
+
+    def wait(self, timeout: float) -> list[int]:
+        """The signals that came (each once, in order), after at most ``timeout`` seconds."""
+        ready, _, _ = select.select([self._read], [], [], timeout)
+        if not ready:
+            return []
+        try:
+            data = os.read(self._read, 4096)
+        except BlockingIOError:
+            return []
+        return [signum for signum in dict.fromkeys(data) if signum in self.signals]
+
+    def close(self) -> None:
+        """In a forked worker: the pipe and the handlers are the supervisor's."""
+        signal.set_wakeup_fd(-1)
+        for signum in self.signals:
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in (self._read, self._write):
+            os.close(fd)
+
+
+def _noted(signum: int, frame: object) -> None:
+    """The Python-level handler: the signal's number is in the wake-up pipe already."""
+
+
 @dataclass
 class _Worker:
     index: int
@@ -105,9 +151,10 @@ class Supervisor:
     handed_over: bool = False  # every worker handed over to a successor
     successor_pid: int = 0
     first_finished_at: float | None = None
+    inbox: SignalInbox | None = None
 
     def run(self) -> int:
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        self.inbox = SignalInbox(SIGNALS)
         self.workers = [_Worker(index) for index in range(self.count)]
         for worker in self.workers:
             self._start(worker)
@@ -121,16 +168,21 @@ class Supervisor:
             self._stop_all()
         return 0
 
-    def _wait_and_handle(self, timeout: float) -> None:
-        info = signal.sigtimedwait(SIGNALS, timeout)
+    def _wait(self, timeout: float) -> list[int]:
+        """The signals that came within ``timeout``; the counters summed and exited workers
+        reaped (without waiting for their SIGCHLD: a lost one must not leave a worker unseen)."""
+        signums = self.inbox.wait(timeout) if self.inbox is not None else []
         self.sample()
+        self._reap()
+        return signums
+
+    def _wait_and_handle(self, timeout: float) -> None:
+        for signum in self._wait(timeout):
+            self._handle(signum)
         self._due_restarts()
-        if info is None:
-            return
-        signum = info.si_signo
-        if signum == signal.SIGCHLD:
-            self._reap()
-        elif signum in (signal.SIGTERM, signal.SIGINT):
+
+    def _handle(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
         elif signum == signal.SIGHUP:
             LOGGER.info("supervisor: reload: telling every worker")
@@ -155,9 +207,12 @@ class Supervisor:
         LOGGER.info("SIGUSR2: started successor pid %d", self.successor_pid)
 
     def _start(self, worker: _Worker) -> None:
+        # blocked over the fork: the child takes its signals only once they are its own
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         pid = gevent.os.fork_gevent()
         if pid == 0:
-            os._exit(_child(worker.index, self.main))
+            os._exit(_child(worker.index, self.main, self.inbox))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         worker.pid, worker.started, worker.restart_at = pid, time.monotonic(), None
         self.started(worker.index, pid)
         LOGGER.info("supervisor: worker %d started, pid %d", worker.index, pid)
@@ -236,9 +291,7 @@ class Supervisor:
         self._tell_all(signal.SIGTERM)
         deadline = time.monotonic() + self.shutdown_timeout + STOP_MARGIN_S
         while any(w.pid for w in self.workers) and time.monotonic() < deadline:
-            signal.sigtimedwait(SIGNALS, SAMPLE_INTERVAL_S)
-            self.sample()
-            self._reap()
+            self._wait(SAMPLE_INTERVAL_S)
         for worker in self.workers:
             if worker.pid:
                 LOGGER.error("supervisor: worker %d did not stop: killed", worker.index)
@@ -249,14 +302,16 @@ class Supervisor:
         self.sample()
 
 
-def _child(index: int, main: WorkerMain) -> int:
+def _child(index: int, main: WorkerMain, inbox: SignalInbox | None = None) -> int:
     """In the forked worker: the signals back to normal, then the proxy."""
     try:
         os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears the supervisor only
         log.forked()
+        if inbox is not None:
+            inbox.close()
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         return main(index)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import textwrap
 
 from imapproxy import supervisor
 from imapproxy.supervisor import HANDED_OVER, Supervisor, _Worker
@@ -75,3 +78,59 @@ def test_workers_that_handed_over_alone_are_started_again_after_a_while() -> Non
     boss.first_finished_at -= supervisor.PARTIAL_HANDOVER_S + 1
     boss._due_restarts()
     assert starts == [0] and not boss.workers[0].finished and not boss.handed_over
+
+
+def run_python(script: str) -> str:
+    """``script`` in a new interpreter (signal handlers, forks and reaping stay out of pytest's)."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_signal_delivered_to_another_thread_reaches_the_supervisor() -> None:
+    """The supervisor has other threads (gevent's resolver pool): a signal the kernel gives one
+    of them is still in the inbox. The main thread blocks it here, so only the other can take it;
+    ``sigtimedwait`` in the main thread never saw such a signal."""
+    out = run_python(
+        """
+        import os, signal, threading, time
+        from imapproxy.supervisor import SignalInbox
+        inbox = SignalInbox((signal.SIGUSR1, signal.SIGCHLD))
+        threading.Thread(target=time.sleep, args=(10,), daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        os.kill(os.getpid(), signal.SIGUSR1)
+        print(inbox.wait(10), inbox.wait(0.01))
+        """
+    )
+    assert out == f"[{int(signal.SIGUSR1)}] []"
+
+
+def test_a_worker_is_reaped_even_when_no_sigchld_comes() -> None:
+    """A worker that handed over and exited is seen on the supervisor's next wake-up."""
+    out = run_python(
+        """
+        import os, time
+        from imapproxy.supervisor import HANDED_OVER, Supervisor, _Worker
+        class Silent:
+            def wait(self, timeout):
+                time.sleep(timeout)
+                return []
+        pid = os.fork()
+        if pid == 0:
+            os._exit(HANDED_OVER)
+        boss = Supervisor(1, lambda index: 0, 1.0)
+        boss.workers, boss.inbox = [_Worker(0, pid=pid)], Silent()
+        for _ in range(200):
+            boss._wait_and_handle(0.01)
+            if boss.handed_over:
+                break
+        print(boss.handed_over, boss.workers[0].finished, boss.workers[0].pid)
+        """
+    )
+    assert out == "True True 0"

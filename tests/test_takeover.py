@@ -3,6 +3,7 @@ sessions of the running proxy (``--take-over``, SIGUSR2), and the bad cases leav
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import logging
 import os
@@ -99,11 +100,37 @@ def read_pid(path: Path, other_than: int) -> int:
     return int(path.read_text())
 
 
+def exit_code(proxy: ProxyProcess, timeout: float) -> int:
+    """The old proxy's exit code once it has handed over; its log in the failure if it never ends."""
+    assert proxy.process is not None
+    try:
+        return proxy.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the old proxy did not exit in {timeout} s:\n{proxy.log_text()[-8000:]}")
+
+
+def successors_of(proxy: ProxyProcess) -> set[int]:
+    """The pids of the successors (``--take-over``) started on this proxy's configuration;
+    not their workers (their supervisor stops them)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            stat_fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # not a process, or gone
+            continue
+        if b"--take-over" in argv and str(proxy.config_path).encode() in argv:
+            parents[int(entry.name)] = int(stat_fields[1])
+    return {pid for pid, parent in parents.items() if parent not in parents}
+
+
 def end_both(proxy: ProxyProcess, successor_pid: int) -> None:
-    """Stop a successor started on SIGUSR2 (not the test's child) and the proxy it followed."""
-    if successor_pid:
-        os.kill(successor_pid, signal.SIGTERM)
-        assert wait_until(lambda: not Path(f"/proc/{successor_pid}").exists(), timeout=30)
+    """Stop a successor started on SIGUSR2 (not the test's child) and the proxy it followed;
+    also one the test did not get to learn of, when it failed before that."""
+    for pid in {successor_pid} - {0} | successors_of(proxy):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), timeout=30)
     proxy.stop()
     shutil.rmtree(proxy.root, ignore_errors=True)
 
@@ -654,7 +681,7 @@ def test_workers_hand_over_to_a_successor_with_another_number_of_workers(
         assert all(len(ids) == 1 for ids in sessions.values())
         proxy.config_path.write_text(proxy.config_path.read_text() + "workers 3\n")
         proxy.process.send_signal(signal.SIGUSR2)
-        assert proxy.process.wait(timeout=60) == 0
+        assert exit_code(proxy, timeout=60) == 0
         successor_pid = read_pid(pidfile, old_pid)
         log = proxy.log_text()
         assert log.count("handed over and finished") == 2
