@@ -131,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     foreground = args.foreground or config.foreground_mode
     log.setup(config, foreground=foreground)
+    # a mask is inherited across exec: signals the parent blocked would never reach us
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, supervisor.SIGNALS)
     try:
         return run(
             config, Startup(args.config, args.pidfile, foreground, args.take_over, os.getcwd())

@@ -216,6 +216,27 @@ def test_sd_notify_sighup_and_sigusr1(
         listener.close()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_signals_the_parent_blocked_still_reach_the_proxy(
+    service_dir: Path, dovecot: DovecotInstance, workers: int
+) -> None:
+    """A mask is inherited across exec, and a parent may have blocked signals (a supervisor
+    that takes its own with ``sigtimedwait``, say): SIGHUP still reloads, SIGTERM still stops."""
+    proxy = ProxyProcess(service_dir / "proxy", dovecot, workers=workers)
+    blocked = {signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
+    proxy.preexec_fn = lambda: signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    proxy.start()
+    try:
+        proxy.wait_for_log("normal server startup", count=workers)
+        assert proxy.process is not None
+        proxy.config_path.write_text(proxy.config_path.read_text() + "client_idle_timeout 99\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for_log("reload: client_idle_timeout changed", count=workers)
+        assert proxy.stop(timeout=15) == 0
+    finally:
+        proxy.stop()
+
+
 # -- installation, unit, init script ---------------------------------------------------------------
 
 

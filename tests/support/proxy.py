@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class ProxyProcess:
         self.config_path = write_config(root / "imapproxy.conf", self.settings)
         self.process: subprocess.Popen[bytes] | None = None
         self.args: list[str] = []  # more options (-p PIDFILE, --take-over)
+        self.preexec_fn: Callable[[], object] | None = None  # run in the child before exec
 
     def start(self, wait: bool = True) -> ProxyProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -101,6 +102,7 @@ class ProxyProcess:
                 stdout=log,
                 stderr=log,
                 env=env,
+                preexec_fn=self.preexec_fn,
             )
         if wait:
             try:
