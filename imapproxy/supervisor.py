@@ -209,10 +209,21 @@ class Supervisor:
     def _start(self, worker: _Worker) -> None:
         # blocked over the fork: the child takes its signals only once they are its own
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        pid = gevent.os.fork_gevent()
-        if pid == 0:
-            os._exit(_child(worker.index, self.main, self.inbox))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        try:
+            pid = gevent.os.fork_gevent()
+            if pid == 0:
+                os._exit(_child(worker.index, self.main, self.inbox))
+        except OSError as error:  # EAGAIN, ENOMEM: the others serve on meanwhile
+            LOGGER.error(
+                "supervisor: cannot start worker %d (%s); trying again in %d s",
+                worker.index,
+                error.strerror or error,
+                RESTART_DELAY_S,
+            )
+            worker.pid, worker.restart_at = 0, time.monotonic() + RESTART_DELAY_S
+            return
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         worker.pid, worker.started, worker.restart_at = pid, time.monotonic(), None
         self.started(worker.index, pid)
         LOGGER.info("supervisor: worker %d started, pid %d", worker.index, pid)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 from imapproxy import supervisor
 from imapproxy.supervisor import HANDED_OVER, Supervisor, _Worker
@@ -134,3 +137,21 @@ def test_a_worker_is_reaped_even_when_no_sigchld_comes() -> None:
         """
     )
     assert out == "True True 0"
+
+
+def test_a_worker_that_cannot_be_forked_is_tried_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fork fails (EAGAIN: the process limit): logged, the supervisor goes on, and the worker
+    is started again a second later; the signals are not left blocked."""
+
+    def no_fork() -> int:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(supervisor.gevent.os, "fork_gevent", no_fork)
+    boss = Supervisor(1, lambda index: 0, 1.0)
+    worker = _Worker(0)
+    boss._start(worker)
+    assert worker.pid == 0 and worker.restart_at is not None
+    assert worker.restart_at > supervisor.time.monotonic() + supervisor.RESTART_DELAY_S / 2
+    assert not set(supervisor.SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
