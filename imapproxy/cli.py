@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     foreground = args.foreground or config.foreground_mode
     log.setup(config, foreground=foreground)
     # a mask is inherited across exec: signals the parent blocked would never reach us
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, supervisor.SIGNALS)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
         return run(
             config, Startup(args.config, args.pidfile, foreground, args.take_over, os.getcwd())
@@ -543,6 +543,7 @@ def serve(
     gevent.signal_handler(
         signal.SIGUSR1, lambda: LOGGER.info("counters: %s", summary(proxy.counters))
     )
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, supervisor.HELD_UNTIL_SERVING)  # since a fork
     proxy.start(listeners, tls_listeners)
     names = ", ".join(
         f"{s.getsockname()[0]} port {s.getsockname()[1]}{' (TLS)' if s in tls_listeners else ''}"

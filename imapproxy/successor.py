@@ -39,6 +39,7 @@ def command() -> tuple[str, ...]:
 
 
 StatusOf = Callable[[], int | None]  # the successor's exit status, None while it runs
+_UNWAITED: list[object] = []  # the supervisor's successors (one per SIGUSR2 that started one)
 
 
 class SuccessorWatch:
@@ -102,7 +103,10 @@ def starter(
             import subprocess
 
             child = subprocess.Popen(list(command()), cwd=cwd, close_fds=True)
-            return child.pid, lambda: None  # reaped by the supervisor, which logs its status
+            # kept: a Popen dropped would waitpid it (``__del__``, ``subprocess._cleanup``)
+            # and take its status from the supervisor, which reaps it and logs that
+            _UNWAITED.append(child)
+            return child.pid, lambda: None
         return spawn_directly(command(), cwd)
 
     return start

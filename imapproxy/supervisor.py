@@ -63,6 +63,9 @@ STOP_MARGIN_S = 5.0  # beyond shutdown_timeout, before a worker is killed
 # inbox that nobody reads.
 PARTIAL_HANDOVER_S = 60.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Signals whose default action would end a worker that has no handlers for them yet: held
+# (blocked) from its fork until ``cli.serve`` has installed them.
+HELD_UNTIL_SERVING = {signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 
 HANDED_OVER = 3  # a worker's exit status after its hand-over to a successor
 WorkerMain = Callable[[int], int]  # runs worker ``index`` in the child; its exit status
@@ -82,6 +85,10 @@ def worker_count(configured: int) -> int:
 class SignalInbox:
     """The supervisor's signals, whichever of its threads the kernel delivers them to.
 
+    The supervisor must not use ``gevent.fork``, ``gevent.subprocess`` or ``gevent.os.waitpid``:
+    they install libev's SIGCHLD handler again, whose ``waitpid(-1)`` would take the workers'
+    exits from ``Supervisor._reap``.
+
     The supervisor has threads besides its main one (gevent's resolver pool, from start-up), and
     the kernel may deliver a signal sent to the process to any thread that does not block it.
     Blocking the signals in the main thread and taking them with ``sigtimedwait`` lost those
@@ -97,6 +104,7 @@ class SignalInbox:
             os.set_blocking(fd, False)
         for signum in signals:
             signal.signal(signum, _noted)
+            signal.siginterrupt(signum, False)  # SA_RESTART: syslog(3) and the like go on
         signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # as a successor's parent left it
 
@@ -156,8 +164,8 @@ class Supervisor:
     def run(self) -> int:
         self.inbox = SignalInbox(SIGNALS)
         self.workers = [_Worker(index) for index in range(self.count)]
-        for worker in self.workers:
-            self._start(worker)
+        for worker in self.workers:  # a fork that fails here ends the start-up, as it should:
+            self._start(worker, retry=False)  # a worker's first start may carry a hand-over
         self.all_started()
         LOGGER.info("supervisor: %d workers running", self.count)
         daemon.notify("READY=1")
@@ -178,6 +186,8 @@ class Supervisor:
 
     def _wait_and_handle(self, timeout: float) -> None:
         for signum in self._wait(timeout):
+            if self.stopping:  # what came with or after SIGTERM (a SIGUSR2, say) is moot
+                break
             self._handle(signum)
         self._due_restarts()
 
@@ -206,7 +216,7 @@ class Supervisor:
             return
         LOGGER.info("SIGUSR2: started successor pid %d", self.successor_pid)
 
-    def _start(self, worker: _Worker) -> None:
+    def _start(self, worker: _Worker, retry: bool = True) -> None:
         # blocked over the fork: the child takes its signals only once they are its own
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
@@ -214,6 +224,8 @@ class Supervisor:
             if pid == 0:
                 os._exit(_child(worker.index, self.main, self.inbox))
         except OSError as error:  # EAGAIN, ENOMEM: the others serve on meanwhile
+            if not retry:
+                raise
             LOGGER.error(
                 "supervisor: cannot start worker %d (%s); trying again in %d s",
                 worker.index,
@@ -322,7 +334,8 @@ def _child(index: int, main: WorkerMain, inbox: SignalInbox | None = None) -> in
             inbox.close()
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        # until ``cli.serve`` has its handlers, a SIGHUP the supervisor passes on would kill it
+        signal.pthread_sigmask(signal.SIG_SETMASK, HELD_UNTIL_SERVING)
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         return main(index)

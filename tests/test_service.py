@@ -227,11 +227,34 @@ def test_signals_the_parent_blocked_still_reach_the_proxy(
     proxy.preexec_fn = lambda: signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     proxy.start()
     try:
-        proxy.wait_for_log("normal server startup", count=workers)
+        proxy.wait_for_log("normal server startup", timeout=20, count=workers)
         assert proxy.process is not None
         proxy.config_path.write_text(proxy.config_path.read_text() + "client_idle_timeout 99\n")
         proxy.process.send_signal(signal.SIGHUP)
-        proxy.wait_for_log("reload: client_idle_timeout changed", count=workers)
+        proxy.wait_for_log("reload: client_idle_timeout changed", timeout=20, count=workers)
+        assert proxy.stop(timeout=15) == 0
+    finally:
+        proxy.stop()
+
+
+def test_a_sighup_while_the_workers_start_kills_none_of_them(
+    service_dir: Path, dovecot: DovecotInstance
+) -> None:
+    """The supervisor passes SIGHUP on to its workers at once. A worker that has no handler
+    yet (forked, building its proxy) holds the signal until it serves, and reloads then: the
+    signal's default action would have ended it."""
+    proxy = ProxyProcess(service_dir / "proxy", dovecot, workers=2)
+    proxy.start(wait=False)
+    try:
+        assert proxy.process is not None
+        deadline = time.monotonic() + 20  # as soon as the last worker is forked
+        while "supervisor: worker 1 started" not in proxy.log_text():
+            assert time.monotonic() < deadline, proxy.log_text()
+            time.sleep(0.001)
+        proxy.process.send_signal(signal.SIGHUP)
+        proxy.wait_for_log("normal server startup", timeout=20, count=2)
+        proxy.wait_for_log("reload: nothing changed", timeout=20, count=2)
+        assert "killed by signal" not in proxy.log_text()
         assert proxy.stop(timeout=15) == 0
     finally:
         proxy.stop()

@@ -129,10 +129,9 @@ def test_a_worker_is_reaped_even_when_no_sigchld_comes() -> None:
             os._exit(HANDED_OVER)
         boss = Supervisor(1, lambda index: 0, 1.0)
         boss.workers, boss.inbox = [_Worker(0, pid=pid)], Silent()
-        for _ in range(200):
+        deadline = time.monotonic() + 20
+        while not boss.handed_over and time.monotonic() < deadline:
             boss._wait_and_handle(0.01)
-            if boss.handed_over:
-                break
         print(boss.handed_over, boss.workers[0].finished, boss.workers[0].pid)
         """
     )
@@ -155,3 +154,19 @@ def test_a_worker_that_cannot_be_forked_is_tried_again_later(
     assert worker.pid == 0 and worker.restart_at is not None
     assert worker.restart_at > supervisor.time.monotonic() + supervisor.RESTART_DELAY_S / 2
     assert not set(supervisor.SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_nothing_that_came_with_sigterm_is_acted_on() -> None:
+    """SIGTERM and SIGUSR2 read in one wake-up: the supervisor stops and starts no successor."""
+    boss, _, _ = made(2)
+    started: list[int] = []
+    boss.start_successor = lambda: (started.append(1), (4242, lambda: None))[1]
+
+    class Both:
+        def wait(self, timeout: float) -> list[int]:
+            return [signal.SIGTERM, signal.SIGUSR2]
+
+    boss.inbox = Both()  # type: ignore[assignment]
+    boss._reap = lambda: None  # type: ignore[method-assign]
+    boss._wait_and_handle(0.0)
+    assert boss.stopping and started == [] and boss.successor_pid == 0

@@ -109,6 +109,15 @@ def exit_code(proxy: ProxyProcess, timeout: float) -> int:
         pytest.fail(f"the old proxy did not exit in {timeout} s:\n{proxy.log_text()[-8000:]}")
 
 
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: the successor is not our child, and this container's init may
+    not reap orphans at once)."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
 def successors_of(proxy: ProxyProcess) -> set[int]:
     """The pids of the successors (``--take-over``) started on this proxy's configuration;
     not their workers (their supervisor stops them)."""
@@ -130,7 +139,7 @@ def end_both(proxy: ProxyProcess, successor_pid: int) -> None:
     for pid in {successor_pid} - {0} | successors_of(proxy):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        assert wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), timeout=30)
+        assert wait_until(lambda pid=pid: gone(pid), timeout=30)
     proxy.stop()
     shutil.rmtree(proxy.root, ignore_errors=True)
 
