@@ -102,6 +102,8 @@ class SignalInbox:
         self._read, self._write = os.pipe()
         for fd in (self._read, self._write):
             os.set_blocking(fd, False)
+        self._poll = select.poll()
+        self._poll.register(self._read, select.POLLIN)
         for signum in signals:
             signal.signal(signum, _noted)
             signal.siginterrupt(signum, False)  # SA_RESTART: syslog(3) and the like go on
@@ -110,8 +112,9 @@ class SignalInbox:
 
     def wait(self, timeout: float) -> list[int]:
         """The signals that came (each once, in order), after at most ``timeout`` seconds."""
-        ready, _, _ = select.select([self._read], [], [], timeout)
-        if not ready:
+        # poll, not select: a successor holds every inherited session when it starts its
+        # workers, and the pipe's descriptor may be above select's 1024
+        if not self._poll.poll(timeout * 1000):
             return []
         try:
             data = os.read(self._read, 4096)

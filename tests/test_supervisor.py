@@ -170,3 +170,21 @@ def test_nothing_that_came_with_sigterm_is_acted_on() -> None:
     boss._reap = lambda: None  # type: ignore[method-assign]
     boss._wait_and_handle(0.0)
     assert boss.stopping and started == [] and boss.successor_pid == 0
+
+
+def test_the_inbox_works_above_select_s_descriptor_limit() -> None:
+    """A successor starts its workers holding every inherited session: the inbox's pipe may be
+    numbered above 1024, where ``select`` refuses to work."""
+    out = run_python(
+        """
+        import os, resource, signal
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+        held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+        from imapproxy.supervisor import SignalInbox
+        inbox = SignalInbox((signal.SIGUSR1,))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        print(inbox._read > 1024, inbox.wait(5), inbox.wait(0.01))
+        """
+    )
+    assert out == f"True [{int(signal.SIGUSR1)}] []"
