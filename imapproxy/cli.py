@@ -431,6 +431,7 @@ def run_workers(
     def all_started() -> None:  # the supervisor's copies of what the workers took
         if first[0] is not None:
             first[0].close_sessions()
+            first[0].close_channels()
             first[0] = None
 
     boss = supervisor.Supervisor(

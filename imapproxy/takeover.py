@@ -21,8 +21,10 @@ does the old process close its listeners (its copies), and go on as on SIGTERM: 
 clients get ``shutdown_timeout``, and the sessions they check in meanwhile are shipped too
 (``Handover.ship``). Then END, and it exits 0.
 
-Until READY nothing is lost: a successor that dies or says nothing gets the old process's
-sessions back into its cache (the sockets were only copied) and the old process serves on.
+Until READY nothing is lost: when a successor dies (its connection closed by every process of
+it) the sessions sent go back into the old process's cache (the sockets were only copied), and
+the old process serves on. A successor that is still there but says nothing in time may have
+adopted them: then the old process drops its copies rather than share a session with it.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ HELLO_TIMEOUT_S = 10.0  # a successor that connects says HELLO at once
 # step of milliseconds per thousand sessions.
 READY_TIMEOUT_S = 30.0
 SETTLE_TIMEOUT_S = 5.0  # the NOOP behind an UNSELECT still in flight
+# A session checked in after READY goes to the successor at once; a successor that reads
+# nothing for this long (it died, and a process of it still holds the connection) gets no more.
+SHIP_TIMEOUT_S = 10.0
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -105,6 +110,17 @@ def peer_uid(sock: socket.socket) -> int:
 # -- the channel ------------------------------------------------------------------------------
 
 
+class PeerClosed(TransferError):
+    """The other end of the hand-over connection is closed: no process of the successor has it
+    open any more (each of its workers holds a copy until it exits)."""
+
+
+def peer_gone(error: Exception) -> bool:
+    """Whether a failed hand-over means that no process of the successor is left to use what
+    it was sent (it closed the connection), as against one that may still (a time limit)."""
+    return isinstance(error, (PeerClosed, BrokenPipeError, ConnectionResetError))
+
+
 class Channel:
     """One hand-over connection: whole messages, each with its descriptors."""
 
@@ -130,7 +146,7 @@ class Channel:
             _close_fds(fds)
             raise TransferError("message or its descriptors cut short")
         if not data:
-            raise TransferError("the other process closed the connection")
+            raise PeerClosed("the other process closed the connection")
         try:
             return session_transfer.decode(data), fds
         except TransferError:
@@ -305,6 +321,7 @@ class Handover:
             return
         self.successor_pid = message.pid
         LOGGER.info("hand-over: successor pid %d connected", message.pid)
+        self._sent = self._sent_late = 0  # this successor's (an earlier one may have failed)
         kept: list[_Kept] = []
         started = time.perf_counter()
         try:
@@ -316,16 +333,29 @@ class Handover:
             if not (isinstance(ready, Marker) and ready.kind is Kind.READY):
                 raise TransferError(f"expected READY, got {type(ready).__name__}")
         except (TransferError, OSError) as error:
-            self._take_back(kept)
-            LOGGER.error(
-                "hand-over to pid %d failed (%s): the %d sessions sent taken back; still serving",
-                message.pid,
-                why(error),
-                len(kept),
-            )
+            self._failed(message.pid, error, kept)
             channel.close()
             return
         self._ready(channel, kept, time.perf_counter() - started)
+
+    def _failed(self, pid: int, error: Exception, kept: list[_Kept]) -> None:
+        """The sessions sent come back into the cache only if no process of the successor can
+        use them: one that is still there (it said nothing in time) may have adopted its
+        copies, and a session used by two processes mixes their commands."""
+        if not kept or peer_gone(error):
+            self._take_back(kept)
+            outcome = "taken back"
+        else:
+            for item in kept:  # without LOGOUT: the successor's copy may be serving
+                item.session.close()
+            outcome = "dropped (the successor may have adopted them)"
+        LOGGER.error(
+            "hand-over to pid %d failed (%s): the %d sessions sent %s; still serving",
+            pid,
+            why(error),
+            len(kept),
+            outcome,
+        )
 
     def _send_setup(self, channel: Channel) -> None:
         workers = self.proxy.workers
@@ -420,7 +450,8 @@ class Handover:
         if item is None or data is None:
             return True
         try:
-            self._send(channel, item, data)
+            with gevent.Timeout(SHIP_TIMEOUT_S, TransferError(f"not read for {SHIP_TIMEOUT_S} s")):
+                self._send(channel, item, data)
         except (TransferError, OSError) as error:
             LOGGER.warning("hand-over: the successor is gone (%s): sessions logged out", why(error))
             self._channel = None
@@ -515,6 +546,12 @@ class Received:
 
     def session_count(self) -> int:
         return len(self.sessions)
+
+    def close_channels(self) -> None:
+        """A process that does not talk to the running proxy (a successor's supervisor, once
+        its workers have their copies): the running proxy sees the end when they have too."""
+        for part in (self, *self.others):
+            part.channel.close()
 
     def close_sessions(self) -> None:
         """Close this process's copies of the sessions (the workers adopted theirs)."""

@@ -36,6 +36,7 @@ from imapproxy.session_transfer import (
     Hello,
     Kind,
     Listeners,
+    Marker,
     Refused,
     SessionRecord,
     TransferError,
@@ -244,6 +245,42 @@ def test_a_successor_that_dies_mid_transfer_leaves_every_session_in_place(
     proxy.wait_for_log("taken back; still serving")  # the ones sent: kept until READY
     for user in users:
         assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
+
+
+def test_a_successor_still_there_that_fails_keeps_what_it_was_sent(
+    start_proxy: Callable[..., ProxyProcess],
+    make_user: Callable[..., User],
+    dovecot: DovecotInstance,
+) -> None:
+    """A successor that took every session and answered SENT with something other than READY
+    is still there and may have adopted them: the old process drops its copies (no LOGOUT)
+    rather than share a session with it, and serves on with new ones."""
+    proxy = start_proxy()
+    users = [make_user() for _ in range(2)]
+    for user in users:
+        page(proxy.host, proxy.port, user.name, user.password)
+        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(proxy.socket_path()))
+        sock.send(encode(Hello(FORMAT_VERSION, 1)))
+        held: list[int] = []  # the sessions' copies: this successor keeps them open
+        while True:  # HELLO, LISTENERS, KEY, the sessions, SENT
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, 16)
+            held += fds
+            if isinstance(decode(data), Marker):
+                break
+        try:
+            sock.send(encode(Hello(FORMAT_VERSION, 1)))  # not READY
+            proxy.wait_for_log("the 2 sessions sent dropped (the successor may have adopted them)")
+            for user in users:
+                assert not page(proxy.host, proxy.port, user.name, user.password)[0].startswith(
+                    REUSED
+                )
+                assert dovecot.logins(user.name) == 2 and dovecot.logouts(user.name) == 0
+        finally:
+            for fd in held:
+                os.close(fd)
 
 
 def connect_as(uid: int, path: Path) -> str:
@@ -675,7 +712,11 @@ def test_workers_hand_over_to_a_successor_with_another_number_of_workers(
     """workers 2, then SIGUSR2 with the file saying workers 3: each old worker hands over in
     turn, each new worker adopts its own users' sessions (the owners change with N), and every
     user's next login is a reuse of the very session Dovecot opened before."""
-    proxy = ProxyProcess(Path(tempfile.mkdtemp(prefix="ipx-workers-")), dovecot, workers=2)
+    # room for every user in any one worker (each has cache_size / workers): the owners
+    # of 8 users among 3 workers are as uneven as their names make them
+    proxy = ProxyProcess(
+        Path(tempfile.mkdtemp(prefix="ipx-workers-")), dovecot, workers=2, cache_size=48
+    )
     pidfile = proxy.root / "imapproxy.pid"
     proxy.args = ["-p", str(pidfile)]
     proxy.start()
@@ -706,3 +747,11 @@ def test_workers_hand_over_to_a_successor_with_another_number_of_workers(
         assert sum(int(a) for a in adopted()) == len(users)
     finally:
         end_both(proxy, successor_pid)
+
+
+def test_only_a_closed_connection_means_the_successor_is_gone() -> None:
+    assert takeover.peer_gone(takeover.PeerClosed("closed"))
+    assert takeover.peer_gone(BrokenPipeError()) and takeover.peer_gone(ConnectionResetError())
+    assert not takeover.peer_gone(TransferError("nothing came within 30.0 s"))
+    assert not takeover.peer_gone(TransferError("expected READY, got Hello"))
+    assert not takeover.peer_gone(TimeoutError())
