@@ -121,6 +121,7 @@ SHUTDOWN_BYE = b"* BYE imapproxy shutting down\r\n"
 LOGIN_TIMEOUT_BYE = b"* BYE Login timeout\r\n"
 SESSION_LOST_BYE = b"* BYE IMAP server unavailable, try again later\r\n"
 PRELOGIN_RECV_BYTES = 16384
+SEND_MARGIN_S = 10  # beyond the time a client is given: a wait of a send to it is bounded
 
 LoggedIn = tuple[Slot[BackendSession], bool, LoginRequested]  # slot, reused, the login
 
@@ -234,6 +235,9 @@ class ClientConnection:
     def _serve(self) -> None:
         if not self.nodelay and self._handed_login is None:  # handed: set where accepted
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # the wait of a send to a client that does not read: the login's deadline covers the
+        # dialogue, not the BYE after it nor the login's reply (the relay sets its own)
+        self.sock.settimeout(self.proxy.config.client_login_timeout + SEND_MARGIN_S)
         # a handed client is served even now: its login began in a worker still accepting,
         # and a stopping worker finishes its clients (a hand-over ships the session after)
         if self.proxy.stopping and self._handed_login is None:
@@ -253,7 +257,8 @@ class ClientConnection:
         if self._login_done is not None:  # held by the connection, not by this frame:
             self._logged_in()  # _logged_in lets the credentials go once the reuse is sure
         elif self._tls_relay is not None:  # handed to the owner worker: carry its bytes
-            worker_channel.relay_tls_client(self.sock, self._tls_relay)
+            idle = self.proxy.config.client_idle_timeout  # the owner's, which ends it first
+            worker_channel.relay_tls_client(self.sock, self._tls_relay, idle + SEND_MARGIN_S)
 
     def _before_login(self) -> LoggedIn | None:
         """The PROXY header if from HAProxy, TLS first on the implicit-TLS port, the greeting,

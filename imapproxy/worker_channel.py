@@ -263,9 +263,11 @@ def _read_to_end(sock: socket.socket, worker: int) -> bytes:
     return b"".join(chunks)
 
 
-def relay_tls_client(client: socket.socket, local: socket.socket) -> None:
+def relay_tls_client(client: socket.socket, local: socket.socket, timeout: float) -> None:
     """Carry a TLS client's bytes to and from its owner worker's end of ``local`` until either
-    side ends: the owner applies every timeout and closes its end to end the relay."""
+    side ends: the owner applies every timeout and closes its end to end the relay; ``timeout``
+    (beyond the owner's) bounds a wait on a client that neither sends nor reads."""
+    client.settimeout(timeout)
     upward = gevent.spawn(_copy, client, local)
     try:
         _copy(local, client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import os
 import signal
@@ -11,9 +12,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import gevent
 import pytest
+from gevent import socket as gsocket
 
-from imapproxy import affinity, supervisor
+from imapproxy import affinity, supervisor, worker_channel
 from tests.support.client import RawClient, imaplib_reused
 from tests.support.dovecot import User, free_port, wait_for_port
 from tests.support.pki import write_pki
@@ -245,3 +248,27 @@ def test_trace_and_dumpicc_reach_every_worker_without_a_statistics_file(
     assert {line.split()[3].decode() for line in replies[:-1]} == {
         user.name for user in by_owner.values()
     }
+
+
+def test_the_tls_relay_lets_go_of_a_client_that_reads_nothing() -> None:
+    """A TLS client handed to its owner is carried by ``relay_tls_client``: one that neither
+    sends nor reads what the owner sends holds the relay (its greenlet, its descriptors) only
+    for the relay's time limit, not for as long as it stays connected."""
+    client, client_end = gsocket.socketpair()  # the client's end never reads
+    local, owner = gsocket.socketpair()
+
+    def owner_sends() -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(10_000):
+                owner.sendall(b"x" * 65536)
+
+    sending = gevent.spawn(owner_sends)
+    started = time.monotonic()
+    try:
+        with gevent.Timeout(10, AssertionError("the relay waited on the client beyond its limit")):
+            worker_channel.relay_tls_client(client, local, timeout=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        sending.kill()
+        for sock in (client, client_end, local, owner):
+            sock.close()
