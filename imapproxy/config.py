@@ -344,6 +344,9 @@ class Config:
     reuse_same_client_address: bool = setting(
         False, boolean, "reuse a cached session only for the address it was opened for"
     )
+    reuse_after_enable: bool = setting(
+        False, boolean, "cache a session on which the client sent ENABLE (one webmail only)"
+    )
     metrics_listen: tuple[str, int] | None = setting(
         None,
         host_port,

@@ -85,6 +85,7 @@ class RelaySettings:
     response_timeout: float  # server_response_timeout
     idle_timeout: float  # client_idle_timeout: also how long a command's reply may take
     select_cache: bool  # enable_select_cache: SELECTs on the control plane, mailbox kept
+    reuse_after_enable: bool = False  # a session on which ENABLE was sent may be cached
 
 
 class _Desync(Exception):
@@ -119,7 +120,11 @@ class Relay:
         self.settings = settings
         self.counters = counters
         self.trace = trace
-        self.state = RelayState(session, select_cache=settings.select_cache)
+        self.state = RelayState(
+            session,
+            select_cache=settings.select_cache,
+            reuse_after_enable=settings.reuse_after_enable,
+        )
         self.scanner = self.state.scanner
         self.copier = Copier(
             session.sock,
@@ -452,6 +457,8 @@ class Relay:
             self._copy(self.state.idle, self.settings.response_timeout)
         if not self.state.in_sync:
             raise _Desync("the server's replies did not match the client's commands")
+        if self.state.changed_by is not None:
+            raise _Desync(f"{self.state.changed_by.decode()} changed the connection for good")
 
     def _resync(self) -> None:
         """Settle, and with the SELECT cache off leave the mailbox (without waiting)."""

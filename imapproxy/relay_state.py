@@ -19,6 +19,8 @@ Rules it keeps:
   backend session and outlives the client; it changes here only: a SELECT or EXAMINE that
   fails deselects (RFC 9051 §6.3.1), CLOSE and UNSELECT deselect, flag changes and the
   ``select_cache.DROPPING_COMMANDS`` drop the entry, any command voids a check made at login.
+* A command that changes the connection for good (``CONNECTION_CHANGING``) keeps the session
+  out of the cache (``changed_by``).
 * A client that leaves mid-command leaves the session to be resynced: IDLE gets ``DONE``,
   AUTHENTICATE ``*`` (RFC 9051 §6.2.2), a literal the server waits for cannot be finished
   without inventing data, so that session is closed.
@@ -38,6 +40,13 @@ from imapproxy.protocol.scanner import CONTINUATION, FLAGS_CHANGE, ResponseScann
 from imapproxy.select_cache import SelectEntry, drops_entry
 
 DUPLEX_COMMANDS = frozenset({b"NOTIFY"})  # RFC 5465: the server may speak at any time after
+# Commands after which the session is not the one a new login gets, and nothing undoes that:
+# the next client would see the server answer another way (ENABLE, RFC 5161: QRESYNC's
+# VANISHED for EXPUNGE, CONDSTORE's MODSEQ, UTF8=ACCEPT's names), speak unprompted (NOTIFY,
+# RFC 5465) or as no one, or another user (UNAUTHENTICATE, RFC 8437). Such a session is not
+# cached. ``reuse_after_enable`` lets ENABLE's sessions be cached for sites whose one webmail
+# enables the same extensions on every login.
+CONNECTION_CHANGING = frozenset({b"ENABLE", b"NOTIFY", b"UNAUTHENTICATE"})
 IDLE_DONE = b"DONE\r\n"  # RFC 2177
 SASL_CANCEL = b"*\r\n"  # RFC 9051 §6.2.2
 
@@ -96,11 +105,19 @@ class RelayState:
         "continuations",
         "idle_tag",
         "duplex_for_good",
+        "changing",
+        "changed_by",
     )
 
-    def __init__(self, mailbox: Mailbox, *, select_cache: bool) -> None:
+    def __init__(
+        self, mailbox: Mailbox, *, select_cache: bool, reuse_after_enable: bool = False
+    ) -> None:
         self.mailbox = mailbox
         self.select_cache = select_cache
+        self.changing = (
+            CONNECTION_CHANGING - {b"ENABLE"} if reuse_after_enable else CONNECTION_CHANGING
+        )
+        self.changed_by: bytes | None = None  # the first such command the client sent
         self.scanner = ResponseScanner()
         self.outstanding: dict[bytes, bytes] = {}  # tag -> command name, awaiting completion
         self.continuations = 0  # "+" lines from the backend not yet answered
@@ -143,6 +160,8 @@ class RelayState:
             self.idle_tag = tag
         elif name in DUPLEX_COMMANDS:
             self.duplex_for_good = True
+        if name in self.changing and self.changed_by is None:
+            self.changed_by = name
         mailbox = self.mailbox
         mailbox.select_checked_at = None  # any command voids a check made at login
         if drops_entry(name, rest):
@@ -164,7 +183,8 @@ class RelayState:
         if name is None:
             self.scanner.broken = True  # a completion for no command of the client's
         elif name in (b"SELECT", b"EXAMINE"):
-            self.mailbox.selected = word == b"OK"  # failure deselects (RFC 9051 §6.3.1)
+            if word != b"BAD":  # NO deselects (RFC 9051 §6.3.1); BAD may leave it as it was
+                self.mailbox.selected = word == b"OK"
         elif name in (b"CLOSE", b"UNSELECT") and word == b"OK":
             self.mailbox.selected = False
         if tag == self.idle_tag:

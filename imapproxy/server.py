@@ -109,6 +109,7 @@ def relay_settings(config: Config) -> RelaySettings:
         response_timeout=config.server_response_timeout,
         idle_timeout=config.client_idle_timeout,
         select_cache=config.enable_select_cache,
+        reuse_after_enable=config.reuse_after_enable,
     )
 
 

@@ -143,6 +143,7 @@ def test_every_key_parses_a_value() -> None:
         "forward_client_address": ("no", False),
         "forward_trusted_networks": ("::1", (ipaddress.ip_network("::1/128"),)),
         "reuse_same_client_address": ("yes", True),
+        "reuse_after_enable": ("yes", True),
         "metrics_listen": ("[::1]:9117", ("::1", 9117)),
         "metrics_allow": ("192.0.2.9", (ipaddress.ip_network("192.0.2.9/32"),)),
         "takeover_socket": ("/run/ipx.takeover", "/run/ipx.takeover"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import imaplib
 import re
 import signal
 import subprocess
@@ -149,6 +150,32 @@ def test_dead_cached_session_is_replaced_invisibly(
     # Dovecot's log process writes the login line a moment after the login
     assert wait_until(lambda: dovecot.logins(user.name) == logins + 1, timeout=5)
     assert "is dead" in proxy.log_text()
+
+
+@pytest.mark.parametrize("reuse_after_enable", [False, True])
+def test_a_session_with_enable_is_not_handed_to_the_next_client(
+    start_proxy: Callable[..., ProxyProcess],
+    user: User,
+    dovecot: DovecotInstance,
+    reuse_after_enable: bool,
+) -> None:
+    """ENABLE CONDSTORE cannot be undone: the next client of the session would get MODSEQ in
+    its FETCH replies unasked. So the session is logged out, not cached; unless the site says
+    that its one webmail enables the same on every login (``reuse_after_enable``)."""
+    proxy = start_proxy(reuse_after_enable=reuse_after_enable)
+    client = imaplib.IMAP4(proxy.host, proxy.port)
+    client.login(user.name, user.password)
+    assert client.enable("CONDSTORE")[0] == "OK"
+    client.logout()
+    logins = dovecot.logins(user.name)
+    replies = page(proxy.host, proxy.port, user.name, user.password)
+    assert replies[0].startswith(b"* OK [XPROXYREUSE]") == reuse_after_enable
+    assert wait_until(lambda: dovecot.logins(user.name) == logins + (not reuse_after_enable))
+    if not reuse_after_enable:
+        assert "ENABLE changed the connection for good" in proxy.log_text()
+        assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(
+            b"* OK [XPROXYREUSE]"  # the new session, without ENABLE, is cached
+        )
 
 
 def test_backend_restart_byes_active_clients_and_serves_new_ones(

@@ -33,9 +33,17 @@ class Play:
     """Drives a ``RelayState`` as the relay would: client lines through a framer, server
     bytes through the scanner (kept carry and all)."""
 
-    def __init__(self, *, select_cache: bool = False, mailbox: FakeMailbox | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        select_cache: bool = False,
+        mailbox: FakeMailbox | None = None,
+        reuse_after_enable: bool = False,
+    ) -> None:
         self.mailbox = mailbox or FakeMailbox()
-        self.state = RelayState(self.mailbox, select_cache=select_cache)
+        self.state = RelayState(
+            self.mailbox, select_cache=select_cache, reuse_after_enable=reuse_after_enable
+        )
         self.framer = CommandFramer(65536)
         self.carry = INITIAL_CARRY
 
@@ -137,6 +145,33 @@ def test_select_examine_close_track_the_selected_state() -> None:
     play.client(b"s SELECT INBOX\r\nc CLOSE\r\n")
     play.server(b"s OK [READ-WRITE] done\r\nc OK closed\r\n")
     assert not play.mailbox.selected
+
+
+def test_a_select_refused_as_bad_leaves_the_selection_as_it_was() -> None:
+    play = Play()
+    play.client(b"s SELECT INBOX\r\n")
+    play.server(b"s OK [READ-WRITE] done\r\n")
+    play.client(b"t SELECT\r\n")  # no mailbox: a syntax error, nothing closed
+    play.server(b"t BAD Missing mailbox name\r\n")
+    assert play.mailbox.selected  # so UNSELECT still goes before the session is cached
+
+
+@pytest.mark.parametrize("command", [b"ENABLE QRESYNC", b"enable CONDSTORE", b"NOTIFY NONE"])
+def test_a_command_that_changes_the_connection_keeps_the_session_out_of_the_cache(
+    command: bytes,
+) -> None:
+    play = Play()
+    play.client(b"a NOOP\r\nb " + command + b"\r\nc NOOP\r\n")
+    assert play.state.changed_by == command.split(b" ")[0].upper()
+    assert Play().state.changed_by is None
+
+
+def test_unauthenticate_keeps_the_session_out_of_the_cache_even_with_reuse_after_enable() -> None:
+    play = Play(reuse_after_enable=True)
+    play.client(b"a ENABLE QRESYNC\r\n")
+    assert play.state.changed_by is None  # the site's one webmail enables it on every login
+    play.client(b"b UNAUTHENTICATE\r\n")
+    assert play.state.changed_by == b"UNAUTHENTICATE"
 
 
 def test_the_select_cache_entry_goes_with_flag_changes_and_dropping_commands() -> None:

@@ -14,7 +14,8 @@ from tests.support.proxy import ProxyProcess
 
 @pytest.fixture
 def proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
-    return start_proxy(enable_select_cache=True)
+    # sessions that saw ENABLE cached too (a site's choice): what the SELECT cache does then
+    return start_proxy(enable_select_cache=True, reuse_after_enable=True)
 
 
 def counters(proxy: ProxyProcess) -> tuple[int, int, int]:
