@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import gevent
+import gevent.lock
+import gevent.pool
 from gevent import socket, ssl
 from gevent.event import Event
 
@@ -160,7 +162,10 @@ class Proxy:
         self.client_tls = client_tls  # STARTTLS and the implicit-TLS port
         self.servers: list[Closable] = []  # the client listeners, and metrics' servers
         self.clients = ClientGreenlets()
-        self._logouts = gevent.pool.Pool(LOGOUT_CONCURRENCY)
+        # a spawn never waits (a login evicting a session must not block with its slot
+        # ACTIVE); the logouts themselves take turns
+        self._logouts = gevent.pool.Group()
+        self._logout_turns = gevent.lock.BoundedSemaphore(LOGOUT_CONCURRENCY)
         self._expiry_wakeup = Event()
         self._expiry: gevent.Greenlet | None = None
         self.stopping = False
@@ -415,7 +420,7 @@ class Proxy:
     def _logout_later(self, session: BackendSession, message: str) -> None:
         if message:
             LOGGER.info(message, session.sd)
-        self._logouts.spawn(session.logout)
+        self._logouts.spawn(self._logout, session)
 
     # -- hand-over (takeover) -------------------------------------------------------------------
 
@@ -458,13 +463,17 @@ class Proxy:
     def logout_later(self, session: BackendSession) -> None:
         self._logout_later(session, "")
 
+    def _logout(self, session: BackendSession) -> None:
+        with self._logout_turns:
+            session.logout()
+
     def _ship_or_drain(self) -> None:
         """Stopping: cached sessions go to a successor when there is one, else are logged out."""
         while self.ship is not None and (slot := self.cache.take_oldest()) is not None:
             if not self.ship(slot, slot.cached_at):
                 self.discard(slot, logout=True)
         for session in self.cache.drain():
-            self._logouts.spawn(session.logout)
+            self._logouts.spawn(self._logout, session)
 
     # -- expiry ---------------------------------------------------------------------------------
 
