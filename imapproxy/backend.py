@@ -586,6 +586,7 @@ class Backend:
     ) -> tuple[socket.socket, LoginResult]:
         """Drive a sans-I/O dialogue over ``sock`` (which STARTTLS may replace)."""
         value: Response | None = None
+        plain = sock
         try:
             while True:
                 try:
@@ -605,6 +606,10 @@ class Backend:
                     sock = self._start_tls(sock, reader)
         except StopIteration as done:
             return sock, done.value
+        except BaseException:
+            if sock is not plain:  # STARTTLS's socket: the caller closes only the plain one
+                sock.close()  # (detached), and the traceback would keep this one open
+            raise
 
     def _start_tls(self, sock: socket.socket, reader: ResponseReader) -> socket.socket:
         if reader.take_buffered():  # RFC 9051 §6.2.1: nothing may follow the STARTTLS reply

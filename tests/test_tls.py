@@ -4,14 +4,17 @@ of logging in (master user, SASL PLAIN to the backend, LOGIN then AUTHENTICATE r
 from __future__ import annotations
 
 import base64
+import contextlib
 import imaplib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,6 +97,35 @@ def test_starttls_to_a_backend_that_says_logindisabled(
     assert (
         ", TLS, session=" in tls_dovecot.log_text().split("Login: user=<alice>")[-1].split("\n")[0]
     )
+
+
+def test_a_failed_login_over_starttls_closes_its_server_connection_at_once(
+    start_proxy: Callable[..., ProxyProcess], tls_dovecot: DovecotInstance, pki: dict[str, Path]
+) -> None:
+    """A wrong password on a STARTTLS session: the server connection (the TLS socket STARTTLS
+    made) is closed when the login fails, not when the client's delayed NO is sent."""
+    proxy = start_proxy(("127.0.0.2", tls_dovecot.port), auth_failure_delay=6, **verifying(pki))
+    failed = threading.Event()
+
+    def wrong_password() -> None:
+        client = imaplib.IMAP4(proxy.host, proxy.port)
+        with contextlib.suppress(imaplib.IMAP4.error):
+            client.login("alice", "not-alice-pw")
+        failed.set()
+        client.shutdown()
+
+    before = closed_after_failure(tls_dovecot)
+    threading.Thread(target=wrong_password, daemon=True).start()
+    assert wait_until(lambda: closed_after_failure(tls_dovecot) > before, timeout=4), (
+        tls_dovecot.log_text()[-1500:]
+    )
+    assert not failed.is_set()  # the client still waits for its NO
+    assert failed.wait(10)
+
+
+def closed_after_failure(dovecot: DovecotInstance) -> int:
+    """Dovecot's lines for a login connection closed after a failed authentication."""
+    return len(re.findall(r"imap-login: .*Disconnected.*auth failed", dovecot.log_text()))
 
 
 def test_implicit_tls_backend(
