@@ -60,7 +60,8 @@ STOP_MARGIN_S = 5.0  # beyond shutdown_timeout, before a worker is killed
 # After one worker handed over, the others should follow at once (the successor says READY to
 # all of them together); a worker still serving this much later means the successor died in
 # between, and the workers that finished are started again, or their users would wait on an
-# inbox that nobody reads.
+# inbox that nobody reads. At least: a worker that handed over finishes its clients within
+# twice shutdown_timeout (``Proxy.stop``), and one that had none exits at once.
 PARTIAL_HANDOVER_S = 60.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Signals whose default action would end a worker that has no handlers for them yet: held
@@ -163,6 +164,7 @@ class Supervisor:
     successor_pid: int = 0
     first_finished_at: float | None = None
     inbox: SignalInbox | None = None
+    _successor_status: Callable[[], int | None] = lambda: None  # None while it runs
 
     def run(self) -> int:
         self.inbox = SignalInbox(SIGNALS)
@@ -209,15 +211,27 @@ class Supervisor:
         if self.start_successor is None:
             LOGGER.warning("SIGUSR2 ignored: hand-overs are off")
             return
-        if any(w.finished for w in self.workers):
+        if any(w.finished for w in self.workers) or self._successor_running():
             LOGGER.warning("SIGUSR2 ignored: a hand-over is under way")
             return
         try:
-            self.successor_pid, _ = self.start_successor()
+            self.successor_pid, self._successor_status = self.start_successor()
         except Exception as error:  # whatever it is, the workers serve on
             LOGGER.error("SIGUSR2: cannot start a successor: %s; still serving", error)
             return
         LOGGER.info("SIGUSR2: started successor pid %d", self.successor_pid)
+
+    def _successor_running(self) -> bool:
+        """The successor started last is still there (and has not detached): a second one
+        would compete with it for the workers' hand-overs."""
+        if not self.successor_pid:
+            return False
+        status = self._successor_status()
+        if status is not None:  # ended (through the privileged reader, which reaps it)
+            if status != 0:
+                LOGGER.error("successor pid %d exited with status %d", self.successor_pid, status)
+            self.successor_pid = 0
+        return bool(self.successor_pid)
 
     def _start(self, worker: _Worker, retry: bool = True) -> None:
         # blocked over the fork: the child takes its signals only once they are its own
@@ -254,8 +268,10 @@ class Supervisor:
             worker = next((w for w in self.workers if w.pid == pid), None)
             if worker is not None:
                 self._died(worker, status)
-            elif pid == self.successor_pid and status != 0:  # 0: it detached, or it is done
-                LOGGER.error("successor pid %d %s; still serving", pid, _how_it_ended(status))
+            elif pid == self.successor_pid:
+                self.successor_pid = 0
+                if status != 0:  # 0: it detached, or it is done
+                    LOGGER.error("successor pid %d %s; still serving", pid, _how_it_ended(status))
 
     def _died(self, worker: _Worker, status: int) -> None:
         pid, worker.pid = worker.pid, 0
@@ -284,9 +300,14 @@ class Supervisor:
         if all(w.finished for w in self.workers):
             self.handed_over = self.stopping = True
 
+    @property
+    def partial_handover_s(self) -> float:
+        return max(PARTIAL_HANDOVER_S, 2 * self.shutdown_timeout + 2 * STOP_MARGIN_S)
+
     def _partial_handover(self, now: float) -> None:
         """Some workers handed over, the others never did: start the finished ones again."""
-        if self.first_finished_at is None or now - self.first_finished_at < PARTIAL_HANDOVER_S:
+        limit = self.partial_handover_s
+        if self.first_finished_at is None or now - self.first_finished_at < limit:
             return
         self.first_finished_at = None
         for worker in self.workers:
@@ -294,7 +315,7 @@ class Supervisor:
                 LOGGER.error(
                     "supervisor: the hand-over did not reach every worker within %d s; "
                     "starting worker %d again",
-                    PARTIAL_HANDOVER_S,
+                    limit,
                     worker.index,
                 )
                 worker.finished, worker.restart_at = False, now

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_workers_that_handed_over_alone_are_started_again_after_a_while() -> Non
     boss._due_restarts()
     assert starts == []
     assert boss.first_finished_at is not None
-    boss.first_finished_at -= supervisor.PARTIAL_HANDOVER_S + 1
+    boss.first_finished_at -= boss.partial_handover_s + 1
     boss._due_restarts()
     assert starts == [0] and not boss.workers[0].finished and not boss.handed_over
 
@@ -188,3 +189,31 @@ def test_the_inbox_works_above_select_s_descriptor_limit() -> None:
         """
     )
     assert out == f"True [{int(signal.SIGUSR1)}] []"
+
+
+def test_a_second_sigusr2_while_the_successor_runs_starts_no_other() -> None:
+    """Two successors would compete for the workers' hand-overs: while the first one runs, a
+    second SIGUSR2 is only logged; once it has ended, a new one may start."""
+    boss, _, _ = made(2)
+    started: list[int] = []
+    status: list[int | None] = [None]
+
+    def start() -> tuple[int, Callable[[], int | None]]:
+        started.append(1)
+        return 4242 + len(started), lambda: status[0]
+
+    boss.start_successor = start
+    boss._start_successor()
+    boss._start_successor()  # the first still runs
+    assert started == [1] and boss.successor_pid == 4243
+    status[0] = 78  # it failed (a bad configuration, say)
+    boss._start_successor()
+    assert started == [1, 1] and boss.successor_pid == 4244
+
+
+def test_the_wait_for_a_partial_hand_over_outlasts_the_workers_finishing() -> None:
+    """A worker that handed over gives its clients up to twice shutdown_timeout: the others
+    are not taken for lost before that."""
+    boss = Supervisor(2, lambda index: 0, shutdown_timeout=100.0)
+    assert boss.partial_handover_s >= 200
+    assert Supervisor(2, lambda index: 0, 1.0).partial_handover_s == supervisor.PARTIAL_HANDOVER_S
