@@ -188,10 +188,17 @@ class Relay:
 
     def _backend_lost(self, why: str) -> None:
         self.backend_gone = why
-        if self.client_alive:
+        if self.client_alive and self._at_boundary():
             self.client_alive = send_quietly(self.client, BACKEND_LOST_BYE)
         with contextlib.suppress(OSError):
             self.client.shutdown(socket.SHUT_RDWR)  # in duplex mode, wakes the client side
+
+    def _at_boundary(self) -> bool:
+        """What the client got of the server's replies ends at a response's end: a BYE now is a
+        response of its own. In a line or a literal it would become part of it (a message
+        stored with the BYE in its body): the client then sees only the connection close."""
+        scanner = self.scanner
+        return scanner.at_boundary and not scanner.literal_remaining
 
     # -- duplex mode: the pump greenlet (``duplex``) ---------------------------------------------
 
@@ -225,7 +232,7 @@ class Relay:
         except (_Desync, BackendFailure) as error:
             LOGGER.info("closing session: %s", why(error))
             self._close()
-            if self.client_alive and not self.backend_gone:  # else it was told already
+            if self.client_alive and not self.backend_gone and self._at_boundary():
                 send_quietly(self.client, SESSION_FAILED_BYE)  # the detail is in the log
             return Outcome.CLOSED
         finally:

@@ -118,12 +118,26 @@ def test_backend_bye_while_cached_is_invisible(start_proxy: Callable[..., ProxyP
         assert backend.connections == 3
 
 
-def test_backend_garbage_mid_session_byes_the_client(
-    start_proxy: Callable[..., ProxyProcess],
+@pytest.mark.parametrize(
+    ("sent", "client_gets"),
+    [
+        # at a response's end: the client is told
+        (
+            b"* 1 FETCH (FLAGS ())\r\n",
+            b"* 1 FETCH (FLAGS ())\r\n* BYE IMAP server connection lost\r\n",
+        ),
+        # in a literal, or a line: a BYE would become the message's last bytes or the line's
+        # end, so the client sees only the connection close, and a reply cut short
+        (b"* 1 FETCH (BODY[] {5}\r\nab", b"* 1 FETCH (BODY[] {5}\r\nab"),
+        (b"* 1 FETCH (FLAGS (\\Se", b"* 1 FETCH (FLAGS (\\Se"),
+    ],
+)
+def test_backend_lost_mid_session_byes_the_client_only_between_responses(
+    start_proxy: Callable[..., ProxyProcess], sent: bytes, client_gets: bytes
 ) -> None:
     def script(conn: Conn, number: int) -> None:
         if serve_imap(conn, stop_after=b"FETCH" if number else None):
-            conn.send(b"* 1 FETCH (BODY[] {5}\r\nab")
+            conn.send(sent)
             conn.reset()
 
     with ScriptedBackend(script) as backend:
@@ -131,7 +145,7 @@ def test_backend_garbage_mid_session_byes_the_client(
         client, _ = login(proxy.host, proxy.port, "alice", "secret")
         client.send(b"f FETCH 1 BODY[]\r\n")
         assert client.is_closed()
-        assert client.buffer.endswith(b"* BYE IMAP server connection lost\r\n")
+        assert client.buffer.endswith(client_gets), client.buffer
         client.close()
         c = settle(proxy)
         assert c.RetainedServerConnections == 0 and c.TotalServerConnectionsDropped == 1
