@@ -69,6 +69,7 @@ class Keeper:
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock, self.pid = sock, pid
         self._lock = Semaphore()  # two SIGHUPs in a row: one question at a time
+        self._broken = ""  # why the conversation can no longer be trusted
 
     def read_files(self, config: Config) -> dict[str, bytes]:
         """As ``tls.read_files``, read as root; ``ConfigError`` names the file that failed."""
@@ -86,18 +87,35 @@ class Keeper:
         return contents
 
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One question, one answer. After a question that got no whole answer (a time limit,
+        a reply cut short, the asking greenlet killed), a late answer would be taken for the
+        next question's: the connection is closed (the reader exits) and every later
+        question fails."""
         with self._lock:
+            if self._broken:
+                raise KeeperError(
+                    f"the privileged reader (pid {self.pid}) is not asked again after an earlier "
+                    f"failure ({self._broken})"
+                )
             try:
                 self.sock.settimeout(REPLY_TIMEOUT_S)
                 _send(self.sock.sendall, json.dumps(request).encode())
                 reply = json.loads(_receive(self.sock.recv, MAX_REPLY_BYTES) or b"null")
             except (OSError, ValueError) as error:
+                self._break(f"no answer: {error}")
                 raise KeeperError(
                     f"the privileged reader (pid {self.pid}) did not answer: {error}"
                 ) from None
+            except BaseException:
+                self._break("left in the middle of a question")
+                raise
         if not isinstance(reply, dict):
             raise KeeperError(f"the privileged reader (pid {self.pid}) is gone")
         return reply
+
+    def _break(self, why: str) -> None:
+        self._broken = why
+        self.sock.close()
 
     def start_successor(self) -> int:
         """Have the reader start the successor (``--take-over``) as root; its pid."""

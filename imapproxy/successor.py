@@ -68,7 +68,11 @@ class SuccessorWatch:
         deadline = gevent.get_hub().loop.now() + SUCCESSOR_START_TIMEOUT_S
         reported = False
         while not self.handover.done.wait(STATUS_POLL_S):
-            status = None if reported else status_of()
+            try:
+                status = None if reported else status_of()
+            except keeper.KeeperError as error:  # the hand-over itself goes on without it
+                LOGGER.warning("SIGUSR2: successor pid %d no longer followed: %s", pid, error)
+                return
             if status is not None and status != 0:
                 when = "during" if self.handover.successor_pid == pid else "before taking over"
                 LOGGER.error(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from gevent import socket as gsocket
 
 from imapproxy import keeper
 from pimpstat.app import Monitor
@@ -767,3 +768,21 @@ def test_a_tls_session_to_the_server_is_logged_out_not_handed_over(
         assert not page(proxy.host, proxy.port, "alice", "alice-pw")
     finally:
         assert successor.stop() == 0
+
+
+def test_a_late_answer_of_the_privileged_reader_never_answers_the_next_question(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reader answered after the time limit: that answer was the first question's. The
+    conversation is closed, and the next question fails instead of taking it for its own."""
+    monkeypatch.setattr(keeper, "REPLY_TIMEOUT_S", 0.2)
+    ours, reader = gsocket.socketpair()
+    asker = keeper.Keeper(ours, pid=4242)
+    with pytest.raises(keeper.KeeperError, match="did not answer"):
+        asker.successor_status(1)
+    late = json.dumps({"status": 0}).encode()
+    with contextlib.suppress(OSError):
+        reader.sendall(len(late).to_bytes(4, "big") + late)  # the first question's answer
+    with pytest.raises(keeper.KeeperError, match="not asked again"):
+        asker.successor_status(2)
+    reader.close()
