@@ -20,6 +20,7 @@ a worker that is being restarted finds what was sent meanwhile waiting in its in
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -43,6 +44,7 @@ from imapproxy.worker_message import (
 
 LOGGER = logging.getLogger("imapproxy")
 
+INBOX_RETRY_S = 0.1  # after an error reading the inbox
 SEND_TIMEOUT_S = 5.0  # an owner that does not take a client for this long: serve it here
 SEEN_TIMEOUT_S = 2.0  # a stopping worker waits this long at most for the others' answers
 ADMIN_REPLY_TIMEOUT_S = 5.0  # a worker's part of an XPROXY_* answer
@@ -192,10 +194,17 @@ class WorkerChannel:
         handler (in a greenlet of its own for a client)."""
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self._inbox, worker_message.MAX_MESSAGE_BYTES, 4)
+                data, fds, flags, _ = socket.recv_fds(
+                    self._inbox, worker_message.MAX_MESSAGE_BYTES, 4
+                )
             except OSError as error:
                 LOGGER.error("worker %d inbox: %s", self.index, error)
-                return
+                if error.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    return  # closed: the worker is ending
+                gevent.sleep(INBOX_RETRY_S)  # out of memory, say: the other workers wait
+                continue
+            if flags & socket.MSG_CTRUNC:  # a descriptor dropped (this process at its limit)
+                LOGGER.error("worker %d inbox: a message's descriptor was lost", self.index)
             self._dispatch(data, fds, on_client, on_admin, on_session)
 
     def _dispatch(
