@@ -396,6 +396,8 @@ class Proxy:
     ) -> None:
         was_empty = self.cache.cached_count == 0
         self.cache.cache(slot, self.clock())
+        if was_empty:  # before the client's reply, whose send may wait on a slow client
+            self._expiry_wakeup.set()
         if then is not None:
             then()
         LOGGER.info(
@@ -404,8 +406,6 @@ class Proxy:
             session.sd,
         )
         self._update_gauges()
-        if was_empty:
-            self._expiry_wakeup.set()
 
     def discard(self, slot: Slot[BackendSession], *, logout: bool = False) -> None:
         session = self.cache.release(slot)
