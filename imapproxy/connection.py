@@ -230,14 +230,13 @@ class ClientConnection:
                 self.sock.close()
 
     def _send(self, data: bytes) -> bool:
-        return send_quietly(self.sock, data)
+        # bounded: the login's deadline covers the dialogue, not the BYE after it nor the
+        # login's reply (the socket's own timeout stays None: a read keeps no timer per wait)
+        return send_quietly(self.sock, data, self.proxy.config.client_login_timeout + SEND_MARGIN_S)
 
     def _serve(self) -> None:
         if not self.nodelay and self._handed_login is None:  # handed: set where accepted
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # the wait of a send to a client that does not read: the login's deadline covers the
-        # dialogue, not the BYE after it nor the login's reply (the relay sets its own)
-        self.sock.settimeout(self.proxy.config.client_login_timeout + SEND_MARGIN_S)
         # a handed client is served even now: its login began in a worker still accepting,
         # and a stopping worker finishes its clients (a hand-over ships the session after)
         if self.proxy.stopping and self._handed_login is None:

@@ -43,10 +43,13 @@ def _send_through_gevent(sock: socket.socket, data: memoryview, timeout: float |
         sock.settimeout(before)
 
 
-def send_quietly(sock: socket.socket, data: bytes | bytearray | memoryview) -> bool:
-    """Send to a client that may be gone; True if it took the data."""
+def send_quietly(
+    sock: socket.socket, data: bytes | bytearray | memoryview, timeout: float | None = None
+) -> bool:
+    """Send to a client that may be gone (or not read within ``timeout``); True if it took
+    the data."""
     try:
-        send_all(sock, data)
+        send_all(sock, data, timeout)
     except OSError:
         return False
     return True
