@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import gevent.os
 
 from imapproxy import daemon, log
+from imapproxy.successor import SUCCESSOR_START_TIMEOUT_S
 
 LOGGER = logging.getLogger("imapproxy")
 
@@ -165,6 +166,7 @@ class Supervisor:
     first_finished_at: float | None = None
     inbox: SignalInbox | None = None
     _successor_status: Callable[[], int | None] = lambda: None  # None while it runs
+    successor_started_at: float | None = None
 
     def run(self) -> int:
         self.inbox = SignalInbox(SIGNALS)
@@ -190,9 +192,11 @@ class Supervisor:
         return signums
 
     def _wait_and_handle(self, timeout: float) -> None:
-        for signum in self._wait(timeout):
-            if self.stopping:  # what came with or after SIGTERM (a SIGUSR2, say) is moot
-                break
+        signums = self._wait(timeout)
+        if signal.SIGTERM in signums or signal.SIGINT in signums:
+            self.stopping = True  # what came with it (a SIGUSR2, a SIGHUP) is moot
+            return
+        for signum in signums:
             self._handle(signum)
         self._due_restarts()
 
@@ -216,22 +220,33 @@ class Supervisor:
             return
         try:
             self.successor_pid, self._successor_status = self.start_successor()
+            self.successor_started_at = time.monotonic()
         except Exception as error:  # whatever it is, the workers serve on
             LOGGER.error("SIGUSR2: cannot start a successor: %s; still serving", error)
             return
         LOGGER.info("SIGUSR2: started successor pid %d", self.successor_pid)
 
     def _successor_running(self) -> bool:
-        """The successor started last is still there (and has not detached): a second one
-        would compete with it for the workers' hand-overs."""
-        if not self.successor_pid:
-            return False
-        status = self._successor_status()
-        if status is not None:  # ended (through the privileged reader, which reaps it)
-            if status != 0:
-                LOGGER.error("successor pid %d exited with status %d", self.successor_pid, status)
-            self.successor_pid = 0
-        return bool(self.successor_pid)
+        """The successor started last may still be taking over: a second one would compete
+        with it for the workers' hand-overs. One that detached (exit 0, its child goes on) is
+        taken to be starting until ``SUCCESSOR_START_TIMEOUT_S`` after its start."""
+        if self.successor_pid:
+            try:
+                status = self._successor_status()
+            except Exception as error:  # the privileged reader is gone: the workers serve on
+                LOGGER.warning("successor pid %d cannot be followed: %s", self.successor_pid, error)
+                status = 0
+            if status is not None:  # ended (reaped by the privileged reader)
+                if status != 0:
+                    LOGGER.error(
+                        "successor pid %d exited with status %d", self.successor_pid, status
+                    )
+                    self.successor_started_at = None  # failed: another may start
+                self.successor_pid = 0
+        if self.successor_pid:
+            return True
+        started = self.successor_started_at
+        return started is not None and time.monotonic() - started < SUCCESSOR_START_TIMEOUT_S
 
     def _start(self, worker: _Worker, retry: bool = True) -> None:
         # blocked over the fork: the child takes its signals only once they are its own
@@ -271,6 +286,7 @@ class Supervisor:
             elif pid == self.successor_pid:
                 self.successor_pid = 0
                 if status != 0:  # 0: it detached, or it is done
+                    self.successor_started_at = None  # failed: another may start
                     LOGGER.error("successor pid %d %s; still serving", pid, _how_it_ended(status))
 
     def _died(self, worker: _Worker, status: int) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from imapproxy import supervisor
+from imapproxy import keeper, supervisor
 from imapproxy.supervisor import HANDED_OVER, Supervisor, _Worker
 
 
@@ -157,15 +157,19 @@ def test_a_worker_that_cannot_be_forked_is_tried_again_later(
     assert not set(supervisor.SIGNALS) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
-def test_nothing_that_came_with_sigterm_is_acted_on() -> None:
-    """SIGTERM and SIGUSR2 read in one wake-up: the supervisor stops and starts no successor."""
+@pytest.mark.parametrize(
+    "signums", [[signal.SIGTERM, signal.SIGUSR2], [signal.SIGUSR2, signal.SIGHUP, signal.SIGTERM]]
+)
+def test_nothing_that_came_with_sigterm_is_acted_on(signums: list[int]) -> None:
+    """SIGTERM and SIGUSR2 read in one wake-up, in either order: the supervisor stops and
+    starts no successor."""
     boss, _, _ = made(2)
     started: list[int] = []
     boss.start_successor = lambda: (started.append(1), (4242, lambda: None))[1]
 
     class Both:
         def wait(self, timeout: float) -> list[int]:
-            return [signal.SIGTERM, signal.SIGUSR2]
+            return signums
 
     boss.inbox = Both()  # type: ignore[assignment]
     boss._reap = lambda: None  # type: ignore[method-assign]
@@ -217,3 +221,31 @@ def test_the_wait_for_a_partial_hand_over_outlasts_the_workers_finishing() -> No
     boss = Supervisor(2, lambda index: 0, shutdown_timeout=100.0)
     assert boss.partial_handover_s >= 200
     assert Supervisor(2, lambda index: 0, 1.0).partial_handover_s == supervisor.PARTIAL_HANDOVER_S
+
+
+def test_a_successor_that_detached_counts_as_starting_for_a_while() -> None:
+    """Exit 0: it detached and its child is taking over; a second SIGUSR2 meanwhile is ignored."""
+    boss, _, _ = made(2)
+    started: list[int] = []
+    boss.start_successor = lambda: (started.append(1), (4242, lambda: 0))[1]
+    boss._start_successor()
+    boss._start_successor()
+    assert started == [1]
+    assert boss.successor_started_at is not None
+    boss.successor_started_at -= supervisor.SUCCESSOR_START_TIMEOUT_S + 1
+    boss._start_successor()
+    assert started == [1, 1]
+
+
+def test_a_privileged_reader_that_cannot_be_asked_does_not_end_the_supervisor() -> None:
+    boss, _, _ = made(2)
+
+    def unanswered() -> int | None:
+        raise keeper.KeeperError("the privileged reader (pid 7) did not answer: timed out")
+
+    boss.start_successor = lambda: (4242, unanswered)
+    boss._start_successor()
+    boss.successor_started_at = None  # long ago
+    boss.start_successor = lambda: (4343, lambda: None)
+    boss._start_successor()  # logged; the second one starts
+    assert boss.successor_pid == 4343
