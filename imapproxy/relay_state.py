@@ -37,16 +37,18 @@ from imapproxy.errors import ClientProtocolError
 from imapproxy.protocol.framing import Line
 from imapproxy.protocol.grammar import CommandStart, split_command_line
 from imapproxy.protocol.scanner import CONTINUATION, FLAGS_CHANGE, ResponseScanner
-from imapproxy.select_cache import SelectEntry, drops_entry
+from imapproxy.select_cache import DROPPING_COMMANDS, SelectEntry, enables_condstore
 
 DUPLEX_COMMANDS = frozenset({b"NOTIFY"})  # RFC 5465: the server may speak at any time after
 # Commands after which the session is not the one a new login gets, and nothing undoes that:
 # the next client would see the server answer another way (ENABLE, RFC 5161: QRESYNC's
 # VANISHED for EXPUNGE, CONDSTORE's MODSEQ, UTF8=ACCEPT's names), speak unprompted (NOTIFY,
 # RFC 5465) or as no one, or another user (UNAUTHENTICATE, RFC 8437). Such a session is not
-# cached. ``reuse_after_enable`` lets ENABLE's sessions be cached for sites whose one webmail
-# enables the same extensions on every login.
+# cached; nor one that a command's CONDSTORE words (``enables_condstore``) may have turned
+# CONDSTORE on for. ``reuse_after_enable`` lets ENABLE's (and those) be cached for sites whose
+# one webmail enables the same extensions on every login.
 CONNECTION_CHANGING = frozenset({b"ENABLE", b"NOTIFY", b"UNAUTHENTICATE"})
+_CHANGING_BUT_ENABLE = CONNECTION_CHANGING - {b"ENABLE"}
 IDLE_DONE = b"DONE\r\n"  # RFC 2177
 SASL_CANCEL = b"*\r\n"  # RFC 9051 §6.2.2
 
@@ -114,9 +116,7 @@ class RelayState:
     ) -> None:
         self.mailbox = mailbox
         self.select_cache = select_cache
-        self.changing = (
-            CONNECTION_CHANGING - {b"ENABLE"} if reuse_after_enable else CONNECTION_CHANGING
-        )
+        self.changing = _CHANGING_BUT_ENABLE if reuse_after_enable else CONNECTION_CHANGING
         self.changed_by: bytes | None = None  # the first such command the client sent
         self.scanner = ResponseScanner()
         self.outstanding: dict[bytes, bytes] = {}  # tag -> command name, awaiting completion
@@ -160,11 +160,15 @@ class RelayState:
             self.idle_tag = tag
         elif name in DUPLEX_COMMANDS:
             self.duplex_for_good = True
-        if name in self.changing and self.changed_by is None:
-            self.changed_by = name
+        condstore = enables_condstore(rest)
+        if self.changed_by is None:
+            if name in self.changing:
+                self.changed_by = name
+            elif condstore and b"ENABLE" in self.changing:  # as ENABLE CONDSTORE would
+                self.changed_by = b"CONDSTORE"
         mailbox = self.mailbox
         mailbox.select_checked_at = None  # any command voids a check made at login
-        if drops_entry(name, rest):
+        if condstore or name in DROPPING_COMMANDS:
             mailbox.select_entry = None
 
     # -- what the scanner found in the server's replies -----------------------------------------

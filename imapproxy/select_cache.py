@@ -111,9 +111,14 @@ def mailbox_key(name: bytes) -> bytes:
 
 def drops_entry(name: bytes, rest: bytes) -> bool:
     """Whether a client command makes the cached reply unusable."""
-    if name in DROPPING_COMMANDS:
-        return True
-    # CONDSTORE's words in any case, anywhere (UNCHANGEDSINCE contains CHANGEDSINCE)
+    return name in DROPPING_COMMANDS or enables_condstore(rest)
+
+
+def enables_condstore(rest: bytes) -> bool:
+    """Whether a command's arguments may turn CONDSTORE on for the rest of the connection
+    (RFC 7162 §3.1: a SELECT's CONDSTORE, FETCH's MODSEQ or CHANGEDSINCE, STORE's
+    UNCHANGEDSINCE, SEARCH's MODSEQ, STATUS's HIGHESTMODSEQ; QRESYNC), in any case, anywhere
+    (a mailbox so named too: the cautious side)."""
     upper = rest.upper()
     return (
         b"MODSEQ" in upper

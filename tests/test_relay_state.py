@@ -166,6 +166,33 @@ def test_a_command_that_changes_the_connection_keeps_the_session_out_of_the_cach
     assert Play().state.changed_by is None
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        b"SELECT INBOX (CONDSTORE)",
+        b"FETCH 1:* (FLAGS) (CHANGEDSINCE 5)",
+        b"UID FETCH 1 (MODSEQ)",
+        b"STORE 1 (UNCHANGEDSINCE 9) +FLAGS (\\Seen)",
+        b"STATUS INBOX (HIGHESTMODSEQ)",
+        b"SELECT INBOX (QRESYNC (1 2))",
+    ],
+)
+def test_a_command_that_turns_condstore_on_keeps_the_session_out_of_the_cache(
+    command: bytes,
+) -> None:
+    """RFC 7162 §3.1: these turn CONDSTORE on as ENABLE CONDSTORE does (and with it MODSEQ in
+    every later FETCH), unless the site caches ENABLE's sessions anyway."""
+    play = Play()
+    play.client(b"a " + command + b"\r\n")
+    assert play.state.changed_by == b"CONDSTORE"
+    keeping = Play(reuse_after_enable=True)
+    keeping.client(b"a " + command + b"\r\n")
+    assert keeping.state.changed_by is None
+    plain = Play()
+    plain.client(b"a FETCH 1:* (FLAGS UID)\r\nb SELECT INBOX\r\n")
+    assert plain.state.changed_by is None
+
+
 def test_unauthenticate_keeps_the_session_out_of_the_cache_even_with_reuse_after_enable() -> None:
     play = Play(reuse_after_enable=True)
     play.client(b"a ENABLE QRESYNC\r\n")

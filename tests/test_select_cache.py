@@ -14,7 +14,13 @@ from tests.support.proxy import ProxyProcess
 
 @pytest.fixture
 def proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
-    # sessions that saw ENABLE cached too (a site's choice): what the SELECT cache does then
+    return start_proxy(enable_select_cache=True)
+
+
+@pytest.fixture
+def keeping_proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
+    """Sessions that saw ENABLE or CONDSTORE's words cached too (a site's choice,
+    ``reuse_after_enable``): what the SELECT cache must then do with them."""
     return start_proxy(enable_select_cache=True, reuse_after_enable=True)
 
 
@@ -216,8 +222,6 @@ def test_flagged_by_another_session_after_news_reached_the_client(
         [b"CLOSE"],
         [b"UNSELECT"],
         [b"CREATE Other", b"SELECT Other"],
-        [b"ENABLE CONDSTORE"],
-        [b"SELECT INBOX (CONDSTORE)"],
         [b"APPEND INBOX {9+}\r\nSubject: ", b"NOOP"],
     ],
 )
@@ -227,7 +231,23 @@ def test_commands_of_the_earlier_page_invalidate(
     dovecot: DovecotInstance,
     commands: list[bytes],
 ) -> None:
-    user = make_user()
+    invalidated_by(proxy, make_user(), dovecot, commands)
+
+
+@pytest.mark.parametrize("commands", [[b"ENABLE CONDSTORE"], [b"SELECT INBOX (CONDSTORE)"]])
+def test_condstore_on_the_earlier_page_invalidates(
+    keeping_proxy: ProxyProcess,
+    make_user: Callable[..., User],
+    dovecot: DovecotInstance,
+    commands: list[bytes],
+) -> None:
+    invalidated_by(keeping_proxy, make_user(), dovecot, commands)
+
+
+def invalidated_by(
+    proxy: ProxyProcess, user: User, dovecot: DovecotInstance, commands: list[bytes]
+) -> None:
+    """The first page runs ``commands``: the second one's SELECT is no hit, and exact."""
 
     def between(client: RawClient) -> None:
         for number, command in enumerate(commands):
@@ -242,7 +262,8 @@ def test_commands_of_the_earlier_page_invalidate(
     assert got == direct_figures(dovecot, user)
 
 
-def test_condstore_sessions_are_never_served(proxy: ProxyProcess, user: User) -> None:
+def test_condstore_sessions_are_never_served(keeping_proxy: ProxyProcess, user: User) -> None:
+    proxy = keeping_proxy
     client = open_page(proxy, user)
     client.command(b"e", b"ENABLE CONDSTORE")
     select(client)
