@@ -70,6 +70,8 @@ class Keeper:
         self.sock, self.pid = sock, pid
         self._lock = Semaphore()  # two SIGHUPs in a row: one question at a time
         self._broken = ""  # why the conversation can no longer be trusted
+        self._asked = 0  # the number of the latest question (the reader echoes it)
+        self._buffer = b""  # what came of a reply that a time limit cut short
 
     def read_files(self, config: Config) -> dict[str, bytes]:
         """As ``tls.read_files``, read as root; ``ConfigError`` names the file that failed."""
@@ -87,20 +89,27 @@ class Keeper:
         return contents
 
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One question, one answer. After a question that got no whole answer (a time limit,
-        a reply cut short, the asking greenlet killed), a late answer would be taken for the
-        next question's: the connection is closed (the reader exits) and every later
-        question fails."""
+        """One question, its answer. Each question is numbered and the reader echoes the
+        number: an answer that comes after its question's time limit is dropped when the next
+        question reads, never taken for that one's (what came of it is kept across the limit).
+        A reply that cannot be read (too big, not JSON) or a question left half-sent (the
+        asker killed) ends the conversation: the connection is closed and later questions
+        fail."""
         with self._lock:
             if self._broken:
                 raise KeeperError(
                     f"the privileged reader (pid {self.pid}) is not asked again after an earlier "
                     f"failure ({self._broken})"
                 )
+            self._asked += 1
             try:
                 self.sock.settimeout(REPLY_TIMEOUT_S)
-                _send(self.sock.sendall, json.dumps(request).encode())
-                reply = json.loads(_receive(self.sock.recv, MAX_REPLY_BYTES) or b"null")
+                _send(self.sock.sendall, json.dumps({**request, "id": self._asked}).encode())
+                reply = self._answer_to(self._asked)
+            except TimeoutError as error:
+                raise KeeperError(
+                    f"the privileged reader (pid {self.pid}) did not answer: {error}"
+                ) from None
             except (OSError, ValueError) as error:
                 self._break(f"no answer: {error}")
                 raise KeeperError(
@@ -112,6 +121,32 @@ class Keeper:
         if not isinstance(reply, dict):
             raise KeeperError(f"the privileged reader (pid {self.pid}) is gone")
         return reply
+
+    def _answer_to(self, number: int) -> object:
+        """The reply that echoes ``number`` (earlier ones, late, are dropped); None at the end
+        of the stream."""
+        while True:
+            message = self._next_message()
+            if message is None:
+                return None
+            reply = json.loads(message)
+            if not isinstance(reply, dict) or reply.get("id") == number:
+                return reply
+
+    def _next_message(self) -> bytes | None:
+        while True:
+            if len(self._buffer) >= LENGTH.size:
+                (size,) = LENGTH.unpack_from(self._buffer)
+                if size > MAX_REPLY_BYTES:
+                    raise ValueError(f"message of {size} bytes, over {MAX_REPLY_BYTES}")
+                end = LENGTH.size + size
+                if len(self._buffer) >= end:
+                    message, self._buffer = self._buffer[LENGTH.size : end], self._buffer[end:]
+                    return message
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
 
     def _break(self, why: str) -> None:
         self._broken = why
@@ -156,8 +191,20 @@ def _serve(fd: int, config_path: str, successor: Successor | None = None) -> Non
     _become_reader(fd)
     children: set[int] = set()
     while (request := _receive(lambda n: os.read(fd, n), MAX_REQUEST_BYTES)) is not None:
-        reply = _successor_answer(request, fd, successor, children)
-        _send(lambda data: _write_all(fd, data), reply or answer(request, config_path))
+        reply = _successor_answer(request, fd, successor, children) or answer(request, config_path)
+        _send(lambda data: _write_all(fd, data), _numbered(reply, request))
+
+
+def _numbered(reply: bytes, request: bytes) -> bytes:
+    """The reply with the request's number (``Keeper._ask`` drops late answers by it)."""
+    try:
+        number = json.loads(request).get("id")
+        body = json.loads(reply)
+    except (ValueError, AttributeError):
+        return reply
+    if not isinstance(body, dict) or not isinstance(number, int):
+        return reply
+    return json.dumps({**body, "id": number}).encode()
 
 
 def _successor_answer(
