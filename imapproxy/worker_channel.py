@@ -33,6 +33,7 @@ import gevent.event
 from gevent import socket
 
 from imapproxy import affinity, worker_message
+from imapproxy.send import send_all
 from imapproxy.session_transfer import SessionRecord
 from imapproxy.worker_message import (
     AdminCall,
@@ -275,21 +276,21 @@ def _read_to_end(sock: socket.socket, worker: int) -> bytes:
 def relay_tls_client(client: socket.socket, local: socket.socket, timeout: float) -> None:
     """Carry a TLS client's bytes to and from its owner worker's end of ``local`` until either
     side ends: the owner applies every timeout and closes its end to end the relay; ``timeout``
-    (beyond the owner's) bounds a wait on a client that neither sends nor reads."""
-    client.settimeout(timeout)
+    (beyond the owner's) bounds a send to a client that does not read (a client may be silent
+    as long as the owner lets it)."""
     upward = gevent.spawn(_copy, client, local)
     try:
-        _copy(local, client)
+        _copy(local, client, timeout)
     finally:
         upward.kill(block=True, timeout=1)
         with contextlib.suppress(OSError):
             local.close()
 
 
-def _copy(source: socket.socket, sink: socket.socket) -> None:
+def _copy(source: socket.socket, sink: socket.socket, timeout: float | None = None) -> None:
     try:
         while data := source.recv(RELAY_CHUNK_BYTES):
-            sink.sendall(data)
+            send_all(sink, data, timeout)
     except OSError:
         pass
     with contextlib.suppress(OSError):

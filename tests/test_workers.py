@@ -253,7 +253,7 @@ def test_trace_and_dumpicc_reach_every_worker_without_a_statistics_file(
 def test_the_tls_relay_lets_go_of_a_client_that_reads_nothing() -> None:
     """A TLS client handed to its owner is carried by ``relay_tls_client``: one that neither
     sends nor reads what the owner sends holds the relay (its greenlet, its descriptors) only
-    for the relay's time limit, not for as long as it stays connected."""
+    for the time limit of a send to it, not for as long as it stays connected."""
     client, client_end = gsocket.socketpair()  # the client's end never reads
     local, owner = gsocket.socketpair()
 
