@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import resource
 import signal
 import subprocess
 import sys
@@ -177,6 +178,9 @@ def test_nothing_that_came_with_sigterm_is_acted_on(signums: list[int]) -> None:
     assert boss.stopping and started == [] and boss.successor_pid == 0
 
 
+@pytest.mark.skipif(
+    resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1200, reason="descriptor limit below 1200"
+)
 def test_the_inbox_works_above_select_s_descriptor_limit() -> None:
     """A successor starts its workers holding every inherited session: the inbox's pipe may be
     numbered above 1024, where ``select`` refuses to work."""
