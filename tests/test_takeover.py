@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,20 +219,33 @@ def test_a_successor_of_another_format_version_is_refused(
     assert page(proxy.host, proxy.port, user.name, user.password)[0].startswith(REUSED)
 
 
+def cached_users(proxy: ProxyProcess, make_user: Callable[..., User], count: int) -> list[User]:
+    """``count`` new users, each with a session cached in ``proxy``."""
+    users = [make_user() for _ in range(count)]
+    for user in users:
+        page(proxy.host, proxy.port, user.name, user.password)
+        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
+    return users
+
+
+@contextlib.contextmanager
+def fake_successor(proxy: ProxyProcess) -> Iterator[socket.socket]:
+    """A successor written here, connected to ``proxy``'s hand-over socket: HELLO said."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(proxy.socket_path()))
+        sock.send(encode(Hello(FORMAT_VERSION, 1)))
+        yield sock
+
+
 def test_a_successor_that_dies_mid_transfer_leaves_every_session_in_place(
     start_proxy: Callable[..., ProxyProcess], make_user: Callable[..., User]
 ) -> None:
     """A successor that took the listeners and some sessions and then vanished before READY:
     the old process takes its sessions back and serves on; each user's next login reuses."""
     proxy = start_proxy()
-    users = [make_user() for _ in range(3)]
-    for user in users:
-        page(proxy.host, proxy.port, user.name, user.password)
-        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        sock.settimeout(10)
-        sock.connect(str(proxy.socket_path()))
-        sock.send(encode(Hello(FORMAT_VERSION, 1)))
+    users = cached_users(proxy, make_user, 3)
+    with fake_successor(proxy) as sock:
         received = []
         for _ in range(4):  # HELLO, LISTENERS, KEY, the first session: then gone
             data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, 16)
@@ -256,14 +269,8 @@ def test_a_successor_still_there_that_fails_keeps_what_it_was_sent(
     is still there and may have adopted them: the old process drops its copies (no LOGOUT)
     rather than share a session with it, and serves on with new ones."""
     proxy = start_proxy()
-    users = [make_user() for _ in range(2)]
-    for user in users:
-        page(proxy.host, proxy.port, user.name, user.password)
-        proxy.wait_for_log(f"LOGOUT: '{user.name}' from server sd")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-        sock.settimeout(10)
-        sock.connect(str(proxy.socket_path()))
-        sock.send(encode(Hello(FORMAT_VERSION, 1)))
+    users = cached_users(proxy, make_user, 2)
+    with fake_successor(proxy) as sock:
         held: list[int] = []  # the sessions' copies: this successor keeps them open
         while True:  # HELLO, LISTENERS, KEY, the sessions, SENT
             data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, 16)
