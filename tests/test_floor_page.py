@@ -231,6 +231,8 @@ def test_check_and_log_checks_each_reuse_and_logs_each_page(
         assert wait_until(lambda: "C NOOP" in dovecot.rawlog_text(user.name), timeout=1)
         assert dovecot.rawlog_text(user.name).count("C NOOP") == 1  # the reuse only
         assert logged_in(dovecot, user, 2)
+        # the LOGOUT line is written once the reply is sent: the client may read it first
+        assert wait_until(lambda: log.read_text().count(" LOGOUT: ") == 2, timeout=5)
         lines = log.read_text().splitlines()
         assert [line.split(": ", 1)[1].split(" ")[0] for line in lines] == ["LOGIN:", "LOGOUT:"] * 2
         assert f"LOGIN: {user.name} (127.0.0.1:" in lines[2]
