@@ -32,8 +32,9 @@ LOGGER = logging.getLogger("imapproxy")
 MAX_IDLE_GREENLETS = 64  # kept for the next clients; beyond, a finished greenlet ends
 PAUSE_MIN_S = 0.01  # after accept ran out of descriptors or memory, as gevent's server does
 PAUSE_MAX_S = 1.0
-# accept(2): the listener is gone; anything else not below is the one connection's trouble
-_LISTENER_GONE = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
+# a socket call on a socket that is gone (closed); for accept(2), anything else not below is
+# the one connection's trouble
+SOCKET_GONE = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -221,7 +222,7 @@ class ClientListener:
             client.close()
 
     def _failed(self, error: OSError) -> None:
-        if error.errno in _LISTENER_GONE:
+        if error.errno in SOCKET_GONE:
             LOGGER.error("listener %s failed: %s; no more connections on it", self._name(), error)
             self.close()
         elif error.errno in _OUT_OF_RESOURCES:

@@ -136,10 +136,7 @@ class Keeper:
     def _next_message(self) -> bytes | None:
         while True:
             if len(self._buffer) >= LENGTH.size:
-                (size,) = LENGTH.unpack_from(self._buffer)
-                if size > MAX_REPLY_BYTES:
-                    raise ValueError(f"message of {size} bytes, over {MAX_REPLY_BYTES}")
-                end = LENGTH.size + size
+                end = LENGTH.size + _size(self._buffer[: LENGTH.size], MAX_REPLY_BYTES)
                 if len(self._buffer) >= end:
                     message, self._buffer = self._buffer[LENGTH.size : end], self._buffer[end:]
                     return message
@@ -309,10 +306,16 @@ def _receive(recv: Any, limit: int) -> bytes | None:
     header = _read_exactly(recv, LENGTH.size)
     if header is None:
         return None
+    size = _size(header, limit)
+    return _read_exactly(recv, size) if size else b""
+
+
+def _size(header: bytes, limit: int) -> int:
+    """The length a message's header gives; ``ValueError`` if it is over ``limit``."""
     (size,) = LENGTH.unpack(header)
     if size > limit:
         raise ValueError(f"message of {size} bytes, over {limit}")
-    return _read_exactly(recv, size) if size else b""
+    return int(size)
 
 
 def _read_exactly(recv: Any, count: int) -> bytes | None:

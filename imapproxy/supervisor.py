@@ -370,10 +370,8 @@ def _child(index: int, main: WorkerMain, inbox: SignalInbox | None = None) -> in
     try:
         os.environ.pop("NOTIFY_SOCKET", None)  # systemd hears the supervisor only
         log.forked()
-        if inbox is not None:
+        if inbox is not None:  # its handlers back to the defaults too
             inbox.close()
-        for signum in SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
         # until ``cli.serve`` has its handlers, a SIGHUP the supervisor passes on would kill it
         signal.pthread_sigmask(signal.SIG_SETMASK, HELD_UNTIL_SERVING)
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -20,7 +20,6 @@ a worker that is being restarted finds what was sent meanwhile waiting in its in
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -33,6 +32,7 @@ import gevent.event
 from gevent import socket
 
 from imapproxy import affinity, worker_message
+from imapproxy.accept import SOCKET_GONE
 from imapproxy.send import send_all
 from imapproxy.session_transfer import SessionRecord
 from imapproxy.worker_message import (
@@ -200,7 +200,7 @@ class WorkerChannel:
                 )
             except OSError as error:
                 LOGGER.error("worker %d inbox: %s", self.index, error)
-                if error.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                if error.errno in SOCKET_GONE:
                     return  # closed: the worker is ending
                 gevent.sleep(INBOX_RETRY_S)  # out of memory, say: the other workers wait
                 continue
